@@ -1,0 +1,195 @@
+"""Datasets: load (Hub id, local json/jsonl/parquet file or folder, or `embedded:<kind>`), normalise to TRL's
+standard/conversational formats, and validate every row before any training starts.
+
+Formats recognised, per use:
+- text:       {"text"}
+- sft:        {"messages"} | {"prompt", "completion"} | {"text"} | hh-rlhf {"chosen": transcript}
+- preference: {"chosen", "rejected"} (+ "prompt"), standard or conversational | hh-rlhf transcripts
+- prompt:     {"prompt"} | {"messages"} | hh-rlhf {"chosen": transcript}
+hh-rlhf transcripts are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns; they become conversations,
+and for preference pairs the turns shared by chosen and rejected become the prompt.
+"""
+
+import os
+import re
+
+from datasets import Dataset, DatasetDict, load_dataset
+from trl.data_utils import extract_prompt
+
+from . import embedded
+
+USES = ("text", "sft", "preference", "prompt")
+EMBEDDED_PREFIX = "embedded:"
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the source, the row and the problem."""
+
+
+def load_splits(dataset_name: str, dataset_config: str | None = None, train_split: str = "train",
+                test_split: str = "test", seed: int = 0) -> tuple[Dataset, Dataset | None, str]:
+    """(train, test or None, a label naming the source) for any supported dataset name."""
+    if dataset_name is None:
+        raise DataError("no dataset given: set `dataset_name` in the recipe or with --dataset_name")
+    if dataset_name.startswith(EMBEDDED_PREFIX):
+        splits, label = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed), dataset_name
+    elif os.path.splitext(dataset_name)[1] in LOCAL_BUILDERS or os.path.isdir(dataset_name):
+        splits, label = _load_local(dataset_name), dataset_name
+    else:
+        splits, label = load_dataset(dataset_name, dataset_config), dataset_name
+    if train_split not in splits:
+        raise DataError(f"{label}: no '{train_split}' split (it has: {', '.join(splits)})")
+    return splits[train_split], splits.get(test_split), label
+
+
+def _load_local(path: str) -> DatasetDict:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    try:
+        if os.path.isdir(path):
+            return load_dataset(path)
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the file is empty")
+        return load_dataset(LOCAL_BUILDERS[os.path.splitext(path)[1]], data_files={"train": path})
+    except DataError:
+        raise
+    except Exception as error:  # datasets wraps parser errors in long chains: keep the first line
+        cause = error.__cause__ or error
+        raise DataError(f"{path}: could not be read ({type(cause).__name__}: {str(cause).splitlines()[0]})") from error
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """hh-rlhf's "\\n\\nHuman: ...\\n\\nAssistant: ..." string -> [{"role", "content"}, ...]."""
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not a Human/Assistant transcript")
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _is_transcript(value) -> bool:
+    return isinstance(value, str) and value.startswith("\n\nHuman:")
+
+
+def _check_text(value, field: str) -> None:
+    if value is None:
+        raise ValueError(f"'{field}' is missing (None)")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"'{field}' is empty")
+        return
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"'{field}' is an empty conversation")
+        for turn in value:
+            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+                raise ValueError(f"'{field}' has a turn that is not a {{'role', 'content'}} message")
+            if not isinstance(turn["content"], str) or not turn["content"].strip():
+                raise ValueError(f"'{field}' has a {turn['role']} turn with empty or non-string content")
+        return
+    raise ValueError(f"'{field}' is a {type(value).__name__}, expected a string or a list of messages")
+
+
+def _format(columns: list[str], first: dict, use: str) -> str:
+    """Name the dataset's format for `use`, or raise naming what is missing."""
+    has = set(columns)
+    if use == "text" and "text" in has:
+        return "text"
+    if use == "sft":
+        for fmt, needed in (("messages", {"messages"}), ("prompt-completion", {"prompt", "completion"}),
+                            ("text", {"text"})):
+            if needed <= has:
+                return fmt
+        if "chosen" in has and _is_transcript(first.get("chosen")):
+            return "hh-transcript"
+    if use == "preference" and {"chosen", "rejected"} <= has:
+        if "prompt" not in has and _is_transcript(first.get("chosen")):
+            return "hh-transcript"
+        return "preference"
+    if use == "prompt":
+        if "prompt" in has:
+            return "prompt"
+        if "messages" in has:
+            return "messages"
+        if "chosen" in has and _is_transcript(first.get("chosen")):
+            return "hh-transcript"
+    expected = {"text": "'text'", "sft": "'messages', 'prompt'+'completion', 'text' or hh-rlhf 'chosen'",
+                "preference": "'chosen'+'rejected' (optionally 'prompt')",
+                "prompt": "'prompt', 'messages' or hh-rlhf 'chosen'"}[use]
+    raise ValueError(f"missing columns for {use} data: expected {expected}, found {sorted(has) or 'none'}")
+
+
+def _prompt_of(conversation: list[dict]) -> list[dict]:
+    """The turns up to (not including) the last assistant turn."""
+    last = max((i for i, t in enumerate(conversation) if t["role"] == "assistant"), default=len(conversation))
+    return conversation[:last]
+
+
+def _normalise_row(row: dict, fmt: str, use: str) -> dict:
+    if use == "text":
+        _check_text(row["text"], "text")
+        return {"text": row["text"]}
+    if fmt == "hh-transcript":
+        if use == "preference":
+            pair = extract_prompt({"chosen": parse_transcript(row["chosen"]),
+                                   "rejected": parse_transcript(row["rejected"])})
+            row, fmt = pair, "preference"
+        elif use == "sft":
+            row, fmt = {"messages": parse_transcript(row["chosen"])}, "messages"
+        else:
+            row, fmt = {"prompt": _prompt_of(parse_transcript(row["chosen"]))}, "prompt"
+    if use == "prompt" and fmt == "messages":
+        row, fmt = {"prompt": _prompt_of(row["messages"])}, "prompt"
+    fields = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"],
+              "preference": (["prompt"] if "prompt" in row else []) + ["chosen", "rejected"],
+              "prompt": ["prompt"]}[fmt]
+    for field in fields:
+        _check_text(row[field], field)
+    if use == "preference" and row["chosen"] == row["rejected"]:
+        raise ValueError("'chosen' and 'rejected' are identical")
+    if use == "prompt" and isinstance(row["prompt"], list) and row["prompt"][-1]["role"] != "user":
+        raise ValueError("'prompt' does not end with a user turn")
+    return {field: row[field] for field in fields}
+
+
+def normalise(dataset: Dataset, use: str, source: str, invalid_rows: str = "error") -> Dataset:
+    """Validate every row and return the dataset in one of TRL's formats for `use`.
+
+    invalid_rows: "error" stops at the first bad row (naming source, row and problem); "drop" drops bad
+    rows and prints how many were dropped and why (the first reason).
+    """
+    if use not in USES:
+        raise ValueError(f"unknown use {use!r}; one of {USES}")
+    if len(dataset) == 0:
+        raise DataError(f"{source}: the dataset has no rows")
+    try:
+        fmt = _format(dataset.column_names, dataset[0], use)
+    except ValueError as error:
+        raise DataError(f"{source}: {error}") from None
+    rows, dropped, first_reason = [], 0, None
+    for index, row in enumerate(dataset):
+        try:
+            rows.append(_normalise_row(row, fmt, use))
+        except ValueError as error:
+            if invalid_rows != "drop":
+                raise DataError(f"{source}: row {index}: {error}") from None
+            dropped, first_reason = dropped + 1, first_reason or f"row {index}: {error}"
+    if dropped:
+        print(f"[data] {source}: dropped {dropped} of {len(dataset)} rows (first: {first_reason})")
+    if not rows:
+        raise DataError(f"{source}: no valid rows left")
+    return Dataset.from_list(rows)
+
+
+def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
+    """Load and normalise the train (and test, if any) split named by a stage's script arguments."""
+    train, test, source = load_splits(script_args.dataset_name, script_args.dataset_config,
+                                      script_args.dataset_train_split, script_args.dataset_test_split,
+                                      seed=script_args.embedded_seed)
+    invalid = script_args.invalid_rows
+    train = normalise(train, use, f"{source} [{script_args.dataset_train_split}]", invalid)
+    if test is not None:
+        test = normalise(test, use, f"{source} [{script_args.dataset_test_split}]", invalid)
+    return train, test, source

@@ -1,0 +1,131 @@
+"""A tiny world of movie reviews: the grammar that writes them and the gold oracle that judges them.
+
+Everything here is deterministic under a seed. The oracle plays the human: it is the ground truth for
+evaluation and the only source of preference labels (through the simulated raters in `build.py`).
+Nothing is trained on it directly.
+"""
+
+import random
+import re
+
+ADJECTIVES = ["Silent", "Crimson", "Hidden", "Broken", "Golden", "Frozen", "Wild", "Lost", "Iron", "Velvet"]
+NOUNS = ["Harbor", "Garden", "River", "Crown", "Signal", "Orchard", "Machine", "Voyage", "Empire", "Lantern"]
+TITLES = [f"The {a} {n}" for a in ADJECTIVES for n in NOUNS]  # 100 titles
+
+GENRES = ["thriller", "comedy", "drama", "western", "musical", "mystery", "romance", "documentary"]
+ASPECTS = ["acting", "story", "music", "ending", "dialogue", "camera work", "pacing", "cast"]
+REQUESTS = [
+    "Write a review of {title}.",
+    "What did you think of {title}?",
+    "Give me your opinion on {title}.",
+    "Review the movie {title}.",
+]
+
+# Polarity of each word: +1 positive, -1 negative, 0 neutral.
+POSITIVE = ["wonderful", "brilliant", "charming", "moving", "delightful", "superb"]
+NEGATIVE = ["dull", "boring", "clumsy", "tedious", "forgettable", "awful"]
+NEUTRAL = ["long", "quiet", "familiar", "modest", "recent", "unusual"]
+INTENSIFIERS = ["very", "truly", "really"]  # multiply a sentence's polarity by 1.5
+VERDICTS = {  # whole sentences with a fixed polarity
+    "I would recommend it.": 1.0,
+    "Go and see it.": 1.0,
+    "I loved it.": 1.0,
+    "I would not recommend it.": -1.0,
+    "Skip it.": -1.0,
+    "I did not like it.": -1.0,
+    "I saw it last week.": 0.0,
+    "It was in cinemas this year.": 0.0,
+}
+POLARITY = {**{w: 1.0 for w in POSITIVE}, **{w: -1.0 for w in NEGATIVE}, **{w: 0.0 for w in NEUTRAL}}
+SENTIMENT_CAP = 3.0
+
+
+def request(title: str, rng: random.Random) -> str:
+    return rng.choice(REQUESTS).format(title=title)
+
+
+def title_of_request(text: str) -> str | None:
+    """The title a request asks about (the last one named in it), or None."""
+    named = [t for t in TITLES if t in text]
+    return max(named, key=text.rfind) if named else None
+
+
+def _word(polarity: int, rng: random.Random) -> str:
+    return rng.choice({1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}[polarity])
+
+
+def sentence(subject: str, polarity: int, rng: random.Random) -> str:
+    """One sentence whose sentiment is `polarity` (+1, 0, -1); negations and intensifiers vary the wording."""
+    if rng.random() < 0.25:
+        return rng.choice([s for s, p in VERDICTS.items() if p == polarity])
+    intensifier = rng.choice(INTENSIFIERS) + " " if polarity != 0 and rng.random() < 0.3 else ""
+    negate = polarity != 0 and rng.random() < 0.25  # "not dull" says something positive
+    word = _word(-polarity if negate else polarity, rng)
+    adj = f"not {word}" if negate else f"{intensifier}{word}"
+    form = rng.randrange(3)
+    if form == 0:
+        article = "an" if adj[0] in "aeiou" else "a"
+        return f"{subject} is {article} {adj} {rng.choice(GENRES)}."
+    if form == 1:
+        return f"The {rng.choice(ASPECTS)} was {adj}."
+    return f"{subject} felt {adj}."
+
+
+def review(title: str, rng: random.Random, quality: str | None = None) -> str:
+    """A review of mixed quality: random sentiment, sometimes off topic, repeated or cut short."""
+    quality = quality or rng.choice(["positive", "negative", "neutral", "mixed"])
+    n = rng.randint(1, 4)
+    if quality == "mixed":
+        polarities = [rng.choice([1, -1, 0]) for _ in range(n)]
+    else:
+        polarities = [{"positive": 1, "negative": -1, "neutral": 0}[quality]] * n
+    subject = title if rng.random() > 0.15 else rng.choice(TITLES)  # sometimes about the wrong film
+    sentences = [sentence(subject if i == 0 else "It", p, rng) for i, p in enumerate(polarities)]
+    if rng.random() < 0.15:  # a careless writer repeats themselves
+        sentences.append(rng.choice(sentences))
+    text = " ".join(sentences)
+    if rng.random() < 0.1:  # ... or stops mid-sentence
+        text = text[: rng.randint(len(text) // 2, len(text) - 1)].rstrip()
+    return text
+
+
+_SENTENCE = re.compile(r"[^.?!]+[.?!]?")
+_PHRASE = re.compile(r"\b(not |very |truly |really )?(" + "|".join(POLARITY) + r")\b")
+
+
+def sentence_polarity(s: str) -> float:
+    s = s.strip()
+    if s in VERDICTS:
+        return VERDICTS[s]
+    total = 0.0
+    for modifier, word in _PHRASE.findall(s):
+        p = POLARITY[word]
+        if modifier == "not ":
+            p = -p
+        elif modifier:
+            p *= 1.5
+        total += p
+    return total
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The oracle: how much a reader who asked `prompt` likes `response`.
+
+    + sentiment: the sum of the sentences' polarities (negation flips, intensifiers x1.5), capped at +-3;
+    + 1 if the asked title is named, -1 if it is not, -1 for each other title named;
+    - 1 for each repeated sentence; - 1 if the text does not end a sentence; - 2 if it is empty.
+    """
+    text = response.strip()
+    if not text:
+        return -2.0
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    sentiment = sum(sentence_polarity(s) for s in sentences)
+    score = max(-SENTIMENT_CAP, min(SENTIMENT_CAP, sentiment))
+    asked = title_of_request(prompt)
+    named = {t for t in TITLES if t in text}
+    score += 1.0 if asked in named else -1.0
+    score -= len(named - {asked})
+    score -= len(sentences) - len(set(sentences))
+    if text[-1] not in ".?!":
+        score -= 1.0
+    return score

@@ -1,0 +1,50 @@
+"""The steps every stage shares: set-up, checkpoint detection, and the closing save/card/eval/push."""
+
+import json
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger("pipeline")
+
+
+def setup(training_args) -> None:
+    """Seed and logging, the way transformers' example scripts do it."""
+    transformers.set_seed(training_args.seed)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def last_checkpoint(training_args) -> str | None:
+    """The newest `checkpoint-N` in output_dir, to resume from (None for a fresh run)."""
+    if not os.path.isdir(training_args.output_dir):
+        return None
+    checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def write_results(output_dir: str, results: dict) -> None:
+    """`results.json` in the stage's output folder: what the pipeline runner collects."""
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
+def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[str]) -> None:
+    """Save the final model (+ tokenizer, generation config), write results and the model card, push."""
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_results(training_args.output_dir, metrics)
+        trainer.create_model_card(dataset_name=dataset_name, tags=tags)
+    trainer.accelerator.wait_for_everyone()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name, tags=tags)

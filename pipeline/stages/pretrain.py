@@ -1,0 +1,57 @@
+"""Stage 0, pretrain: a byte-level BPE tokenizer and a GPT-2 trained from scratch on a text corpus.
+
+The causal LM objective through TRL's SFTTrainer on plain text. This is how the embedded default gets a
+base model offline; with a Hub model (openai-community/gpt2) the pipeline starts at SFT instead.
+"""
+
+import math
+
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from trl import SFTTrainer
+
+from .. import data
+from ..models import fit_to_tokenizer, train_tokenizer
+from .common import finish, last_checkpoint, setup
+
+
+def main(script_args, training_args, model_args):
+    setup(training_args)
+    checkpoint = last_checkpoint(training_args)
+
+    train_dataset, eval_dataset, source = data.load_for("text", script_args)
+
+    if checkpoint:  # the tokenizer saved with the checkpoint is the one the weights were trained with
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    else:
+        tokenizer = train_tokenizer(train_dataset["text"], script_args.vocab_size)
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=script_args.n_positions,
+        n_embd=script_args.n_embd,
+        n_layer=script_args.n_layer,
+        n_head=script_args.n_head,
+        resid_pdrop=script_args.dropout,
+        embd_pdrop=script_args.dropout,
+        attn_pdrop=script_args.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = fit_to_tokenizer(GPT2LMHeadModel(config), tokenizer)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+        metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
+    trainer.log_metrics("final", metrics)
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "pretrain"])

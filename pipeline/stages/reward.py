@@ -1,0 +1,35 @@
+"""Stage 2, reward model: TRL's RewardTrainer on preference pairs, a 1-label sequence classifier."""
+
+from trl import RewardTrainer, get_peft_config
+
+from .. import data
+from ..models import load_scalar_head_model, load_tokenizer
+from .common import finish, last_checkpoint, setup
+
+
+def main(script_args, training_args, model_args):
+    setup(training_args)
+    checkpoint = last_checkpoint(training_args)
+
+    train_dataset, eval_dataset, source = data.load_for("preference", script_args)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
+    model = load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args)
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # On the embedded task the test pairs are ordered by the oracle without noise, so eval_accuracy is the
+    # reward model's agreement with the gold preference.
+    metrics = {"train_loss": train_result.training_loss}
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("final", metrics)
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "reward-model"])
