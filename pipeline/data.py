@@ -3,7 +3,8 @@ standard/conversational formats, and validate every row before any training star
 
 Formats recognised, per use:
 - text:       {"text"}
-- sft:        {"messages"} | {"prompt", "completion"} | {"text"} | hh-rlhf {"chosen": transcript}
+- sft:        {"messages"} | {"prompt", "completion"} | {"text"} | hh-rlhf {"chosen": transcript} (->
+              prompt/completion: the final assistant turn is the completion)
 - preference: {"chosen", "rejected"} (+ "prompt"), standard or conversational | hh-rlhf transcripts
 - prompt:     {"prompt"} | {"messages"} | hh-rlhf {"chosen": transcript}
 hh-rlhf transcripts are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns; they become conversations,
@@ -136,8 +137,10 @@ def _normalise_row(row: dict, fmt: str, use: str) -> dict:
             pair = extract_prompt({"chosen": parse_transcript(row["chosen"]),
                                    "rejected": parse_transcript(row["rejected"])})
             row, fmt = pair, "preference"
-        elif use == "sft":
-            row, fmt = {"messages": parse_transcript(row["chosen"])}, "messages"
+        elif use == "sft":  # learn the final assistant turn, given the conversation before it
+            conversation = parse_transcript(row["chosen"])
+            prompt = _prompt_of(conversation)
+            row, fmt = {"prompt": prompt, "completion": conversation[len(prompt):]}, "prompt-completion"
         else:
             row, fmt = {"prompt": _prompt_of(parse_transcript(row["chosen"]))}, "prompt"
     if use == "prompt" and fmt == "messages":

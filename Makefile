@@ -1,0 +1,26 @@
+# Set-up is part of every target: a virtual environment in .venv, made once and reused.
+# CPU by default (the torch==2.13.0 CPU wheel). On a GPU machine: make setup TORCH=torch (or a CUDA index).
+VENV   ?= .venv
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+PY      = $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m pipeline run recipes/tiny
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf outputs
