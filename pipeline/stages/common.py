@@ -42,6 +42,7 @@ def write_results(output_dir: str, results: dict) -> None:
 def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[str]) -> None:
     """Save the final model (+ tokenizer, generation config), write results and the model card, push."""
     trainer.save_model(training_args.output_dir)
+    metrics = {**metrics, "num_processes": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
         trainer.create_model_card(dataset_name=dataset_name, tags=tags)

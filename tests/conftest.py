@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+# Tiny settings: every stage runs a handful of steps, so the whole chain takes about a minute on 2 cores.
+TINY_OVERRIDES = {
+    "pretrain": {"vocab_size": 400, "n_layer": 1, "n_embd": 32, "n_head": 2, "max_steps": 15, "max_length": 64,
+                 "per_device_eval_batch_size": 64},
+    "sft": {"max_steps": 10, "max_length": 64},
+    "reward": {"max_steps": 10, "max_length": 64},
+    "ppo": {"total_episodes": 64, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+            "response_length": 16, "eval_max_prompts": 8, "eval_samples_per_prompt": 1},
+}
+
+
+def write_recipes(dest: Path, outputs: Path, overrides: dict = TINY_OVERRIDES) -> Path:
+    """recipes/tiny rewritten with small settings and every path under `outputs`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for stage, changes in overrides.items():
+        recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / f"{stage}.yaml").read_text())
+        recipe.update(changes, disable_tqdm=True, output_dir=str(outputs / stage))
+        for key in ("model_name_or_path", "sft_model_path", "reward_model_path"):
+            if key in recipe:
+                recipe[key] = str(outputs / Path(recipe[key]).name)
+        (dest / f"{stage}.yaml").write_text(yaml.safe_dump(recipe))
+    return dest
+
+
+def run_python(*args, check=True, timeout=900, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole chain (pretrain -> sft -> reward -> ppo) through the runner, on tiny settings."""
+    base = tmp_path_factory.mktemp("tiny")
+    recipes = write_recipes(base / "recipes", base / "outputs")
+    result = run_python("-m", "pipeline", "run", recipes)
+    return {"outputs": base / "outputs", "recipes": recipes, "log": result.stdout + result.stderr}

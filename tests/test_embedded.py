@@ -1,0 +1,56 @@
+"""The embedded world: deterministic under a seed, held-out prompts, an oracle that means what it says,
+and simulated raters whose labels are noisy (about 10% flipped) while the test labels are not."""
+
+import pytest
+
+from pipeline.embedded import build, gold_score, rater_flip_rate
+from pipeline.embedded import world
+
+ASK = "Write a review of The Lost River."
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    assert build("sft", seed=3)["train"][:50] == build("sft", seed=3)["train"][:50]
+    assert build("sft", seed=3)["train"][:50] != build("sft", seed=4)["train"][:50]
+
+
+def test_test_prompts_are_held_out_of_every_train_split():
+    test_prompts = {r["prompt"][0]["content"] for r in build("prompt")["test"]}
+    assert test_prompts
+    for kind in ("sft", "preference", "prompt"):
+        train_prompts = {r["prompt"][0]["content"] for r in build(kind)["train"]}
+        assert not train_prompts & test_prompts, kind
+
+
+@pytest.mark.parametrize("better, worse", [
+    ("The Lost River is a superb drama.", "The Lost River is a dull drama."),          # sentiment
+    ("The Lost River is a superb drama.", "The Iron Crown is a superb drama."),        # on topic
+    ("The Lost River is not dull.", "The Lost River is not superb."),                  # negation flips
+    ("The Lost River is a truly superb drama.", "The Lost River is a superb drama."),  # intensifier
+    ("The Lost River felt moving. I loved it.", "The Lost River felt moving. The Lost River felt moving."),
+    ("The Lost River is a superb drama.", "The Lost River is a superb dra"),           # ends properly
+    ("The Lost River is a long drama.", ""),                                           # says something
+])
+def test_oracle_orders_responses(better, worse):
+    assert gold_score(ASK, better) > gold_score(ASK, worse)
+
+
+def test_oracle_caps_sentiment_so_praise_cannot_grow_without_bound():
+    many = " ".join(f"It felt {w}." for w in world.POSITIVE)
+    assert gold_score(ASK, "The Lost River felt superb. " + many) == world.SENTIMENT_CAP + 1
+
+
+def test_raters_flip_about_ten_percent_and_test_labels_follow_the_oracle():
+    pairs = build("preference")
+    assert 0.07 < rater_flip_rate(pairs["train"]) < 0.13
+    assert rater_flip_rate(pairs["test"]) == 0.0
+    for row in pairs["test"].select(range(50)):
+        prompt = row["prompt"][0]["content"]
+        assert gold_score(prompt, row["chosen"][0]["content"]) > gold_score(prompt, row["rejected"][0]["content"])
+
+
+def test_sft_demonstrations_have_mixed_quality():
+    rows = build("sft")["train"].select(range(500))
+    scores = [gold_score(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in rows]
+    assert min(scores) < -1 and max(scores) > 2
+    assert sum(s > 0 for s in scores) / len(scores) < 0.8

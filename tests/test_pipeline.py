@@ -1,0 +1,106 @@
+"""Every stage on tiny settings, chained by the runner; checkpoints load in plain transformers."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import run_python
+
+REQUIRED = {
+    "reward": ["eval_accuracy"],
+    "ppo": ["gold_score_sft", "gold_score_ppo", "gold_win_rate_vs_sft", "kl_to_sft", "rm_score_sft", "rm_score_ppo"],
+}
+
+
+def test_runner_runs_every_stage_and_collects_results(tiny_run):
+    results = json.loads((tiny_run["outputs"] / "results.json").read_text())
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert results[stage]["wall_seconds"] > 0
+    for stage, keys in REQUIRED.items():
+        for key in keys:
+            assert isinstance(results[stage][key], float), (stage, key)
+    assert 0 <= results["reward"]["eval_accuracy"] <= 1
+    assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
+    assert "gold_win_rate_vs_sft" in tiny_run["log"]  # the summary table is printed
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo"])
+def test_policy_checkpoints_load_in_plain_transformers(tiny_run, stage):
+    path = tiny_run["outputs"] / stage
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Write a review of The Lost River."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (path / "README.md").exists()  # the model card
+
+
+@pytest.mark.parametrize("sub", ["reward", "ppo/value_model"])
+def test_reward_and_value_models_load_with_pad_token_id(tiny_run, sub):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_run["outputs"] / sub)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["outputs"] / sub.split("/")[0])
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_every_stage_reads_the_previous_stage_output(tiny_run):
+    recipes = tiny_run["recipes"]
+    outputs = tiny_run["outputs"]
+    assert yaml.safe_load((recipes / "sft.yaml").read_text())["model_name_or_path"] == str(outputs / "pretrain")
+    assert yaml.safe_load((recipes / "reward.yaml").read_text())["model_name_or_path"] == str(outputs / "sft")
+    ppo = yaml.safe_load((recipes / "ppo.yaml").read_text())
+    assert (ppo["sft_model_path"], ppo["reward_model_path"]) == (str(outputs / "sft"), str(outputs / "reward"))
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tiny_run, tmp_path):
+    reward = tmp_path / "reward"
+    shutil.copytree(tiny_run["outputs"] / "reward", reward)
+    config = json.loads((reward / "tokenizer_config.json").read_text())
+    (reward / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (reward / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_python("scripts/ppo.py", "--config", tiny_run["recipes"] / "ppo.yaml", "--reward_model_path", reward,
+                        "--output_dir", tmp_path / "ppo", check=False)
+    assert result.returncode == 2
+    assert "reward tokenizer differs from the policy tokenizer in its chat template" in result.stderr
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_missing_model_path_fails_in_one_line_and_keeps_earlier_results(tiny_run, tmp_path):
+    recipes = tmp_path / "recipes"
+    shutil.copytree(tiny_run["recipes"], recipes)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"sft": {"eval_loss": 1.0}}))
+    result = run_python("-m", "pipeline", "run", recipes, "--stages", "reward", "--results", results,
+                        "--", "--model_name_or_path", str(tmp_path / "missing"), check=False)
+    assert result.returncode == 2
+    assert "missing' does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert "--stages reward" in result.stderr  # how to rerun
+    assert json.loads(results.read_text()) == {"sft": {"eval_loss": 1.0}}
+
+
+def test_runner_checks_every_recipe_before_training(tmp_path, tiny_run):
+    recipes = tmp_path / "recipes"
+    shutil.copytree(tiny_run["recipes"], recipes)
+    ppo = yaml.safe_load((recipes / "ppo.yaml").read_text())
+    ppo["kl_coeff"] = 0.1
+    (recipes / "ppo.yaml").write_text(yaml.safe_dump(ppo))
+    result = run_python("-m", "pipeline", "run", recipes, check=False)
+    assert result.returncode == 2 and "kl_coeff" in result.stderr
+    assert "=== [1/4]" not in result.stdout  # nothing ran
+
+
+def test_ls_and_cp(tmp_path):
+    listing = run_python("-m", "pipeline", "ls").stdout
+    assert "tiny" in listing and "gpt2-hh" in listing
+    run_python("-m", "pipeline", "cp", "tiny", tmp_path / "mine")
+    assert (tmp_path / "mine" / "ppo.yaml").exists()
+    again = run_python("-m", "pipeline", "cp", "tiny", tmp_path / "mine", check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
