@@ -4,7 +4,11 @@ A recipe is a YAML file of those dataclasses' field names; `--field value` on th
 the YAML; an unknown key, in the YAML or on the command line, is an error that names it.
 """
 
+import difflib
+import os
 from dataclasses import dataclass, field
+
+import yaml
 
 from trl import ModelConfig, RewardConfig, ScriptArguments, SFTConfig, TrlParser
 from trl.experimental.ppo import PPOConfig
@@ -58,6 +62,27 @@ def parser(stage: str) -> TrlParser:
     return TrlParser((script_class, config_class, ModelConfig))
 
 
+def check_recipe(stage_parser: TrlParser, path: str) -> None:
+    """Fail on a missing recipe or an unknown key with the key's name and the closest known field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe '{path}' does not exist")
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe '{path}' must be a YAML mapping of field: value")
+    known = {action.dest for action in stage_parser._actions} | {"env"}
+    unknown = [key for key in recipe if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(f"recipe '{path}': unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
+
+
 def parse(stage: str, argv: list[str] | None = None):
     """(script_args, training_args, model_args) for `stage` from `--config recipe.yaml` and flags."""
-    return parser(stage).parse_args_and_config(argv)
+    stage_parser = parser(stage)
+    if argv is not None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        check_recipe(stage_parser, str(argv[argv.index("--config") + 1]))
+    return stage_parser.parse_args_and_config(argv)

@@ -8,7 +8,9 @@ from transformers import AutoModelForSequenceClassification
 
 from conftest import ROOT, run_python
 
-TOLERANCE = 1e-3  # absolute, on losses; weights are compared at 1e-4
+# Absolute, on losses; weights are compared at 1e-4. (Accuracy is not compared: a pair whose two rewards
+# differ by float noise can flip.)
+TOLERANCE = 1e-3
 
 
 def test_reward_stage_two_processes_match_one(tiny_run, tmp_path):
@@ -23,7 +25,6 @@ def test_reward_stage_two_processes_match_one(tiny_run, tmp_path):
     assert (one_results["num_processes"], two_results["num_processes"]) == (1, 2)
     assert abs(one_results["train_loss"] - two_results["train_loss"]) < TOLERANCE
     assert abs(one_results["eval_loss"] - two_results["eval_loss"]) < TOLERANCE
-    assert abs(one_results["eval_accuracy"] - two_results["eval_accuracy"]) < 0.01
     one = AutoModelForSequenceClassification.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two").state_dict()
     base = AutoModelForSequenceClassification.from_pretrained(tiny_run["outputs"] / "reward").state_dict()

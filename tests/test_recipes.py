@@ -54,8 +54,13 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
     recipe["lerning_rate"] = 1e-4
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ValueError, match="lerning_rate"):
+    with pytest.raises(ValueError, match="unknown key 'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"):
         parse("sft", ["--config", str(path)])
+
+
+def test_missing_recipe_is_named():
+    with pytest.raises(FileNotFoundError, match="recipe 'recipes/tiny/nope.yaml' does not exist"):
+        parse("sft", ["--config", "recipes/tiny/nope.yaml"])
 
 
 def test_unknown_command_line_flag_is_an_error_naming_it():
