@@ -21,6 +21,9 @@ def setup(training_args) -> None:
     logger.setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
+    if level > logging.INFO:  # keep the training bar, drop the bars of every small map/load/save
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def last_checkpoint(training_args) -> str | None:
