@@ -48,6 +48,8 @@ def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[
     metrics = {**metrics, "num_processes": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
+        # the log history (losses, rewards, KL per step) for the run report, even when no checkpoint was saved
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
         trainer.create_model_card(dataset_name=dataset_name, tags=tags)
     trainer.accelerator.wait_for_everyone()
     if training_args.push_to_hub:
