@@ -42,15 +42,17 @@ def write_results(output_dir: str, results: dict) -> None:
         json.dump(results, f, indent=2, sort_keys=True)
 
 
-def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[str]) -> None:
-    """Save the final model (+ tokenizer, generation config), write results and the model card, push."""
+def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[str], publication) -> None:
+    """Save the final model (+ tokenizer, generation config), write results, recipe.yaml and the model card,
+    then push the output folder if the recipe asked for it (`publication`, from `hub.prepare`; a failed
+    push exits with code 3 and keeps everything on disk)."""
     trainer.save_model(training_args.output_dir)
     metrics = {**metrics, "num_processes": trainer.accelerator.num_processes}
     if trainer.accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
         # the log history (losses, rewards, KL per step) for the run report, even when no checkpoint was saved
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
-        trainer.create_model_card(dataset_name=dataset_name, tags=tags)
+        publication.write_files(metrics, dataset_name, tags)
     trainer.accelerator.wait_for_everyone()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name, tags=tags)
+    if trainer.accelerator.is_main_process:
+        publication.push()

@@ -11,7 +11,7 @@ import os
 from trl import get_peft_config
 from trl.experimental.ppo import PPOTrainer
 
-from .. import data, embedded
+from .. import data, embedded, hub
 from ..evaluate import compare_policies
 from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
 from .common import finish, logger, setup
@@ -36,6 +36,7 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, source: str):
 
 def main(script_args, training_args, model_args):
     setup(training_args)
+    publication = hub.prepare("ppo", script_args, training_args, model_args)  # before the trainer
     peft_config = get_peft_config(model_args)
 
     prompts, eval_prompts, source = data.load_for("prompt", script_args)
@@ -74,7 +75,7 @@ def main(script_args, training_args, model_args):
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
         trainer.accelerator.unwrap_model(trainer.model).value_model.save_pretrained(
             os.path.join(training_args.output_dir, "value_model"))
-    finish(trainer, training_args, source, metrics, tags=["pipeline", "ppo", "rlhf"])
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "ppo", "rlhf"], publication=publication)
 
 
 def evaluate_against_sft(trainer, script_args, training_args, model_args, tokenizer, prompts) -> dict:

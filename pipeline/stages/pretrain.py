@@ -9,13 +9,14 @@ import math
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trl import SFTTrainer
 
-from .. import data
+from .. import data, hub
 from ..models import fit_to_tokenizer, train_tokenizer
 from .common import finish, last_checkpoint, setup
 
 
 def main(script_args, training_args, model_args):
     setup(training_args)
+    publication = hub.prepare("pretrain", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
     train_dataset, eval_dataset, source = data.load_for("text", script_args)
@@ -54,4 +55,4 @@ def main(script_args, training_args, model_args):
         metrics.update(trainer.evaluate())
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     trainer.log_metrics("final", metrics)
-    finish(trainer, training_args, source, metrics, tags=["pipeline", "pretrain"])
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "pretrain"], publication=publication)

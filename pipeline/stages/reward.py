@@ -2,13 +2,14 @@
 
 from trl import RewardTrainer, get_peft_config
 
-from .. import data
+from .. import data, hub
 from ..models import load_scalar_head_model, load_tokenizer
 from .common import finish, last_checkpoint, setup
 
 
 def main(script_args, training_args, model_args):
     setup(training_args)
+    publication = hub.prepare("reward", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
     train_dataset, eval_dataset, source = data.load_for("preference", script_args)
@@ -32,4 +33,4 @@ def main(script_args, training_args, model_args):
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.log_metrics("final", metrics)
-    finish(trainer, training_args, source, metrics, tags=["pipeline", "reward-model"])
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "reward-model"], publication=publication)

@@ -4,13 +4,14 @@ import math
 
 from trl import SFTTrainer, get_peft_config
 
-from .. import data
+from .. import data, hub
 from ..models import load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, setup
 
 
 def main(script_args, training_args, model_args):
     setup(training_args)
+    publication = hub.prepare("sft", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
     train_dataset, eval_dataset, source = data.load_for("sft", script_args)
@@ -33,4 +34,4 @@ def main(script_args, training_args, model_args):
         metrics.update(trainer.evaluate())
         metrics["eval_perplexity"] = math.exp(metrics["eval_loss"])
     trainer.log_metrics("final", metrics)
-    finish(trainer, training_args, source, metrics, tags=["pipeline", "sft"])
+    finish(trainer, training_args, source, metrics, tags=["pipeline", "sft"], publication=publication)
