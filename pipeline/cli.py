@@ -3,6 +3,11 @@
   run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [-- --field value ...]
         run every stage that has a recipe in DIR (pretrain, sft, reward, ppo), in order, each in its own
         process (through `accelerate launch` when a config is given); flags after `--` go to every stage
+  eval suite DIR | policy MODEL | compare A B | reward MODEL | perplexity MODEL | fewshot MODEL
+        evaluate any checkpoint (a local folder or a Hub id); prints JSON (--output FILE writes it)
+  generate MODEL PROMPT...   answer prompts (greedy, sampling or beam search)
+  chat MODEL                 talk to a model; the conversation is kept in its chat template
+  push OUTPUT_DIR --repo_id ID   push a stage's output folder to the Hub (retry a failed push)
   ls    list the recipes shipped in recipes/
   cp NAME DEST
         copy a recipe folder (e.g. tiny, gpt2-hh) to DEST to edit it
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 from .config import STAGES, parse
+from .hub import PUSH_FAILED  # a stage's exit code when training succeeded and only its Hub push failed
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = {
@@ -40,7 +46,7 @@ def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_con
 
 
 def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str | None = None,
-        overrides: list[str] = (), results_path: str | None = None) -> dict:
+        overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True) -> dict:
     """Run the stages in order; returns (and writes, after every stage) the collected results."""
     recipe_dir = Path(recipe_dir)
     if not recipe_dir.is_dir():
@@ -60,13 +66,16 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     started = time.time()
+    push_failures = []
     for number, stage in enumerate(plan, 1):
         recipe = recipe_dir / f"{stage}.yaml"
         command = stage_command(stage, recipe, list(overrides), accelerate_config)
         print(f"\n=== [{number}/{len(plan)}] {stage}: {recipe} -> {output_dirs[stage]}", flush=True)
         stage_start = time.time()
         code = subprocess.call(command)
-        if code != 0:
+        if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
+            push_failures.append(stage)
+        elif code != 0:
             print(f"\nstage {stage} failed (exit {code}); after fixing it, rerun from this stage with:\n  "
                   f"python -m pipeline run {recipe_dir} --stages {','.join(plan[number - 1:])}", file=sys.stderr)
             raise SystemExit(code)
@@ -75,9 +84,25 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         results[stage] = {**stage_results, "wall_seconds": round(time.time() - stage_start, 1)}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    if evaluate:
+        print(f"\n=== evaluation: {recipe_dir}", flush=True)
+        eval_start = time.time()
+        code = subprocess.call([sys.executable, "-m", "pipeline", "eval", "--output",
+                                str(results_path.with_name("eval.json")), "suite", str(recipe_dir), "--", *overrides])
+        if code != 0:
+            raise SystemExit(code)
+        results["eval"] = {**json.loads(results_path.with_name("eval.json").read_text()),
+                           "wall_seconds": round(time.time() - eval_start, 1)}
     results["wall_seconds_total"] = round(time.time() - started, 1)
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    from .report import write_report
+
+    report = write_report(results_path.parent, output_dirs, results_path)
     print_summary(results, results_path)
+    print(f"report (plots and samples): {report}")
+    if push_failures:
+        print(f"the push of {', '.join(push_failures)} failed; the commands above retry it", file=sys.stderr)
+        raise SystemExit(PUSH_FAILED)
     return results
 
 
@@ -89,6 +114,15 @@ def print_summary(results: dict, results_path: Path) -> None:
     rows = [(stage, key, _fmt(results[stage][key]))
             for stage in STAGES if stage in results
             for key in HEADLINE[stage] + ["wall_seconds"] if key in results[stage]]
+    evaluation = results.get("eval", {})
+    if "reward_model" in evaluation:
+        rows.append(("eval", f"reward_model.accuracy ({evaluation['reward_model']['reference']})",
+                     _fmt(evaluation["reward_model"]["accuracy"])))
+    for stage, value in evaluation.get("perplexity", {}).items():
+        rows.append(("eval", f"perplexity.{stage}", _fmt(value)))
+    for stage, by_k in evaluation.get("few_shot_sentiment", {}).items():
+        rows.append(("eval", f"few_shot_sentiment.{stage}",
+                     " ".join(f"{k}={_fmt(v)}" for k, v in by_k.items())))
     width = max(len(f"{s}.{k}") for s, k, _ in rows)
     print(f"\n{'result':<{width}}  value")
     for stage, key, value in rows:
@@ -109,27 +143,194 @@ def copy_recipe(name: str, dest: str) -> None:
     print(f"copied {source} -> {dest}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+def _model_arguments(parser):
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+
+
+def _decoding_arguments(parser):
+    from .decoding import STRATEGIES, Decoding
+
+    defaults = Decoding()
+    parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="0: no top-k filter")
+    parser.add_argument("--top_p", type=float, default=defaults.top_p)
+    parser.add_argument("--num_beams", type=int, default=defaults.num_beams, help="with --strategy beam")
+    parser.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _policy_arguments(parser):
+    parser.add_argument("--dataset", default="embedded:prompt", help="prompts: Hub id, local file or embedded:prompt")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--reward_model", help="reward model to score the answers with")
+    parser.add_argument("--max_prompts", type=int, default=None)
+    parser.add_argument("--samples_per_prompt", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load(args, path: str, kind: str = "lm", padding_side: str = "left"):
+    from trl import ModelConfig
+
+    from .models import load_causal_lm, load_scalar_head_model, load_tokenizer
+
+    model_args = ModelConfig(model_name_or_path=path, dtype=getattr(args, "dtype", None))
+    tokenizer = load_tokenizer(path, model_args, padding_side=padding_side)
+    loader = load_causal_lm if kind == "lm" else load_scalar_head_model
+    return loader(path, tokenizer, model_args).eval(), tokenizer
+
+
+def _split(name: str, split: str, use: str):
+    from . import data
+
+    train, test, source = data.load_splits(name, test_split=split)
+    rows = test if test is not None else train
+    return data.normalise(rows, use, f"{source} [{split if test is not None else 'train'}]")
+
+
+def evaluate_command(args, overrides: list[str]) -> dict:
+    """The `eval` subcommands; returns the JSON-able result."""
+    from . import embedded, evaluate
+    from .embedded.fewshot import sentiment_task
+
+    oracle = embedded.gold_score if getattr(args, "dataset", "").startswith("embedded:") else None
+    if args.what == "suite":
+        from .suite import evaluate_run
+
+        return evaluate_run(args.recipe_dir, overrides)
+    if args.what in ("policy", "compare"):
+        prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
+        policy, tokenizer = _load(args, args.model)
+        reward_model = _load(args, args.reward_model, "reward")[0] if args.reward_model else None
+        common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, oracle=oracle,
+                      samples_per_prompt=args.samples_per_prompt, seed=args.seed)
+        if args.what == "policy":
+            reference = _load(args, args.reference)[0] if args.reference else None
+            return evaluate.evaluate_policy(policy, tokenizer, prompts, reward_model=reward_model,
+                                            reference=reference, **common)
+        other, _ = _load(args, args.other)
+        return evaluate.compare_policies(policy, other, reward_model, tokenizer, prompts, names=("a", "b"), **common)
+    if args.what == "reward":
+        model, tokenizer = _load(args, args.model, "reward", padding_side="right")
+        return evaluate.evaluate_reward_model(model, tokenizer, _split(args.dataset, args.split, "preference"),
+                                              oracle=oracle)
+    model, tokenizer = _load(args, args.model, padding_side="right")
+    if args.what == "perplexity":
+        texts = _split(args.dataset, args.split, "text")["text"][: args.max_texts]
+        return {"perplexity": evaluate.perplexity(model, tokenizer, texts), "texts": len(texts)}
+    shots = [int(k) for k in args.shots.split(",")]
+    return evaluate.few_shot_accuracy(model, tokenizer, sentiment_task(args.seed, args.examples), shots)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="run every stage of a recipe folder in order")
+
+    run_parser = commands.add_parser("run", help="run every stage of a recipe folder in order, then evaluate")
     run_parser.add_argument("recipe_dir")
     run_parser.add_argument("--stages", help="comma-separated subset, e.g. reward,ppo")
     run_parser.add_argument("--accelerate_config", help="launch each stage with `accelerate launch --config_file`")
     run_parser.add_argument("--results", help="results file (default: results.json beside the stage outputs)")
+    run_parser.add_argument("--skip_eval", action="store_true", help="do not run the evaluation suite after")
+
+    eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")
+    eval_parser.add_argument("--output", help="also write the JSON result to this file")
+    what = eval_parser.add_subparsers(dest="what", required=True)
+    suite = what.add_parser("suite", help="everything the pipeline evaluates after a run of RECIPE_DIR")
+    suite.add_argument("recipe_dir")
+    policy = what.add_parser("policy", help="a policy's answers: RM/gold score, KL, length, EOS, distinct-n")
+    policy.add_argument("model")
+    policy.add_argument("--reference", help="reference policy for the KL")
+    _policy_arguments(policy)
+    compare = what.add_parser("compare", help="win rate of policy A against policy B on the same prompts")
+    compare.add_argument("model")
+    compare.add_argument("other")
+    _policy_arguments(compare)
+    reward = what.add_parser("reward", help="a reward model on preference pairs: accuracy, margin, scores")
+    reward.add_argument("model")
+    reward.add_argument("--dataset", default="embedded:preference")
+    reward.add_argument("--split", default="test")
+    ppl = what.add_parser("perplexity", help="perplexity of a causal LM on held-out text")
+    ppl.add_argument("model")
+    ppl.add_argument("--dataset", default="embedded:corpus")
+    ppl.add_argument("--split", default="test")
+    ppl.add_argument("--max_texts", type=int, default=None)
+    fewshot = what.add_parser("fewshot", help="zero/one/few-shot accuracy on the embedded sentiment task")
+    fewshot.add_argument("model")
+    fewshot.add_argument("--shots", default="0,1,2")
+    fewshot.add_argument("--examples", type=int, default=100)
+    fewshot.add_argument("--seed", type=int, default=0)
+    for sub in (policy, compare, reward, ppl, fewshot):
+        _model_arguments(sub)
+
+    generate = commands.add_parser("generate", help="answer prompts with a model")
+    generate.add_argument("model")
+    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("--no_chat", action="store_true", help="continue the raw text, no chat template")
+    _decoding_arguments(generate)
+    _model_arguments(generate)
+    chat = commands.add_parser("chat", help="talk to a model in its chat template")
+    chat.add_argument("model")
+    _decoding_arguments(chat)
+    _model_arguments(chat)
+
+    push = commands.add_parser("push", help="push a stage's output folder to the Hub (or retry a failed push)")
+    push.add_argument("output_dir")
+    push.add_argument("--repo_id", required=True)
+    push.add_argument("--revision")
+    push.add_argument("--private", action="store_true", default=None)
+
     commands.add_parser("ls", help="list the shipped recipes")
     cp_parser = commands.add_parser("cp", help="copy a shipped recipe folder to edit it")
     cp_parser.add_argument("name")
     cp_parser.add_argument("dest")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _decoding(args):
+    from .decoding import Decoding
+
+    return Decoding(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                    repetition_penalty=args.repetition_penalty)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             run(args.recipe_dir, args.stages.split(",") if args.stages else None, args.accelerate_config,
-                overrides, args.results)
+                overrides, args.results, evaluate=not args.skip_eval)
+        elif args.command == "eval":
+            result = evaluate_command(args, overrides)
+            text = json.dumps(result, indent=2, sort_keys=True)
+            print(text)
+            if args.output:
+                Path(args.output).write_text(text)
+        elif args.command in ("generate", "chat"):
+            import torch
+
+            from .decoding import chat, generate
+
+            torch.manual_seed(args.seed)
+            model, tokenizer = _load(args, args.model)
+            if args.command == "chat":
+                chat(model, tokenizer, _decoding(args))
+            else:
+                inputs = args.prompts if args.no_chat else [[{"role": "user", "content": p}] for p in args.prompts]
+                for prompt, answer in zip(args.prompts, generate(model, tokenizer, inputs, _decoding(args))):
+                    print(f"prompt: {prompt}\nanswer: {answer}\n")
+        elif args.command == "push":
+            from .hub import push_command
+
+            sys.exit(push_command(args.output_dir, args.repo_id, args.revision, args.private))
         elif args.command == "ls":
             for folder in sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()):
                 print(f"{folder.name:<12} {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")

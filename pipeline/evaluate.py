@@ -1,17 +1,20 @@
-"""Policy evaluation on held-out prompts: reward-model score, gold score (when an oracle exists), KL to a
-reference policy, win rate of one policy against another, EOS rate and length.
+"""Evaluation: policies on held-out prompts (reward-model score, gold score when an oracle exists, KL to a
+reference, win rates, EOS rate, length, distinct-n), reward models on preference pairs, perplexity, and
+few-shot prompting.
 
 Rollouts use TRL's own PPO helpers (generation, truncation at EOS, reward-model scoring), so what is
 measured here is what PPO optimised.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from trl.experimental.ppo.ppo_trainer import batch_generation, forward, truncate_response
 from trl.experimental.utils import first_true_indices, get_reward
-from trl.trainer.utils import selective_log_softmax
+from trl.trainer.utils import pad, selective_log_softmax
 
 
 @dataclass
@@ -34,7 +37,11 @@ def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, tempera
            batch_size: int = 64) -> Rollouts:
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature + 1e-7, top_k=0, top_p=1.0,
                               do_sample=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    query_responses, _ = batch_generation(model, queries.to(model.device), batch_size, tokenizer.pad_token_id, config)
+    chunks = [batch_generation(model, queries[i:i + batch_size].to(model.device), batch_size, tokenizer.pad_token_id,
+                               config)[0]
+              for i in tqdm(range(0, len(queries), batch_size), desc="generating", unit="batch", leave=False)]
+    query_responses = pad(chunks, padding_value=tokenizer.pad_token_id, padding_side="right")
+    query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
     context_length = queries.shape[1]
     responses = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_responses[:, context_length:])
     return Rollouts(
@@ -70,38 +77,200 @@ def win_rate(scores_a, scores_b) -> float:
     return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
 
 
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of whitespace words, across the texts (diversity; 0 if none)."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def prompt_text(prompt) -> str:
+    """The last user turn of a conversational prompt (what an oracle judges against), or the string itself."""
+    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+
+def _policy_metrics(rollouts: Rollouts, prompts: list, pad: int, reward_model=None, oracle=None) -> dict:
+    metrics = {
+        "eos_rate": rollouts.has_eos.float().mean().item(),
+        "response_length": response_lengths(rollouts, pad).mean().item(),
+        "distinct_1": distinct_n(rollouts.responses, 1),
+        "distinct_2": distinct_n(rollouts.responses, 2),
+    }
+    if reward_model is not None:
+        metrics["rm_scores"] = reward_scores(reward_model, rollouts, pad)
+        metrics["rm_score"] = metrics["rm_scores"].mean().item()
+    if oracle is not None:
+        metrics["gold_scores"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rollouts.responses)]
+        metrics["gold_score"] = sum(metrics["gold_scores"]) / len(metrics["gold_scores"])
+    return metrics
+
+
+def _public(metrics: dict, suffix: str = "") -> dict:
+    return {f"{k}{suffix}": v for k, v in metrics.items() if not k.endswith("_scores")}
+
+
+def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, temperature: float, reward_model=None,
+                    reference=None, oracle=None, samples_per_prompt: int = 1, seed: int = 0) -> dict:
+    """One policy on held-out prompts: reward-model score, gold score, KL to `reference` (mean over the
+    policy's own samples of the summed per-token log-ratio), length, EOS rate, distinct-n, samples."""
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    torch.manual_seed(seed)
+    rollouts = sample(policy, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, temperature)
+    pad = tokenizer.pad_token_id
+    results = _public(_policy_metrics(rollouts, prompts, pad, reward_model, oracle))
+    if reference is not None:
+        results["kl_to_reference"] = (sequence_logprob(policy, rollouts, pad, temperature)
+                                      - sequence_logprob(reference, rollouts, pad, temperature)).mean().item()
+    results["eval_prompts"] = len(prompts)
+    results["samples"] = [{"prompt": prompt_text(p), "response": r}
+                          for p, r in list(zip(prompts, rollouts.responses))[::samples_per_prompt][:8]]
+    return results
+
+
 def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, max_new_tokens: int,
                      temperature: float, oracle=None, samples_per_prompt: int = 1, seed: int = 0,
                      names: tuple[str, str] = ("ppo", "sft")) -> dict:
-    """Both policies answer the same prompts; returns metrics keyed `<metric>_<name>` plus the comparison.
+    """Both policies answer the same prompts (same seed); metrics are keyed `<metric>_<name>`, plus the KL of
+    the first to the second and the first's win rate against the second by the reward model and the oracle.
 
     oracle: optional callable(prompt_text, response_text) -> float, the gold judge.
     """
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     queries = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
-    results, rollouts, gold = {}, {}, {}
+    results, rollouts, metrics = {}, {}, {}
     for name, model in zip(names, (policy, reference)):
         torch.manual_seed(seed)  # same randomness for both policies
-        rollouts[name] = r = sample(model, tokenizer, queries, max_new_tokens, temperature)
-        results[f"rm_score_{name}"] = reward_scores(reward_model, r, pad).mean().item()
-        results[f"eos_rate_{name}"] = r.has_eos.float().mean().item()
-        results[f"response_length_{name}"] = response_lengths(r, pad).mean().item()
-        if oracle is not None:
-            texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
-            gold[name] = [oracle(t, resp) for t, resp in zip(texts, r.responses)]
-            results[f"gold_score_{name}"] = sum(gold[name]) / len(gold[name])
+        rollouts[name] = sample(model, tokenizer, queries, max_new_tokens, temperature)
+        metrics[name] = _policy_metrics(rollouts[name], prompts, pad, reward_model, oracle)
+        results.update(_public(metrics[name], f"_{name}"))
     a, b = names
-    own = rollouts[a]
-    results[f"kl_to_{b}"] = (sequence_logprob(policy, own, pad, temperature)
-                             - sequence_logprob(reference, own, pad, temperature)).mean().item()
-    results[f"rm_win_rate_vs_{b}"] = win_rate(reward_scores(reward_model, own, pad),
-                                              reward_scores(reward_model, rollouts[b], pad))
+    results[f"kl_to_{b}"] = (sequence_logprob(policy, rollouts[a], pad, temperature)
+                             - sequence_logprob(reference, rollouts[a], pad, temperature)).mean().item()
+    if reward_model is not None:
+        results[f"rm_win_rate_vs_{b}"] = win_rate(metrics[a]["rm_scores"], metrics[b]["rm_scores"])
     if oracle is not None:
-        results[f"gold_win_rate_vs_{b}"] = win_rate(gold[a], gold[b])
+        results[f"gold_win_rate_vs_{b}"] = win_rate(metrics[a]["gold_scores"], metrics[b]["gold_scores"])
     results["eval_prompts"] = len(prompts)
     results["samples"] = [
-        {"prompt": p[-1]["content"] if isinstance(p, list) else p, a: ra, b: rb}
+        {"prompt": prompt_text(p), a: ra, b: rb}
         for p, ra, rb in list(zip(prompts, rollouts[a].responses, rollouts[b].responses))[::samples_per_prompt][:8]
     ]
+    return results
+
+
+@torch.no_grad()
+def score_texts(reward_model, tokenizer, conversations: list, batch_size: int = 64) -> torch.Tensor:
+    """Reward-model scores of full conversations (or strings), formatted as the RewardTrainer saw them:
+    through the chat template, or with EOS appended."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) if isinstance(c, list)
+             else c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token for c in conversations]
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="right")
+        scores.append(reward_model(**batch.to(reward_model.device)).logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
+def _answer(value) -> str:
+    return value[-1]["content"] if isinstance(value, list) else value
+
+
+def _with_prompt(row: dict, side: str):
+    return row[side] if row.get("prompt") is None else row["prompt"] + row[side]
+
+
+def evaluate_reward_model(reward_model, tokenizer, pairs, oracle=None, batch_size: int = 64) -> dict:
+    """Pairwise accuracy, mean margin and score distribution on preference pairs.
+
+    With an oracle, the reference ordering is the oracle's (pairs it scores equal are skipped), so the
+    accuracy is agreement with the gold preference; otherwise it is the dataset's chosen/rejected label.
+    """
+    rows = list(pairs)
+    if oracle is not None:
+        gaps = [oracle(prompt_text(r["prompt"]), _answer(r["chosen"])) - oracle(prompt_text(r["prompt"]),
+                                                                                 _answer(r["rejected"]))
+                for r in rows]
+        rows = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if gap < 0 else r
+                for r, gap in zip(rows, gaps) if gap != 0]
+    chosen = score_texts(reward_model, tokenizer, [_with_prompt(r, "chosen") for r in rows], batch_size)
+    rejected = score_texts(reward_model, tokenizer, [_with_prompt(r, "rejected") for r in rows], batch_size)
+    margin = chosen - rejected
+    scores = torch.cat([chosen, rejected])
+    return {
+        "accuracy": (margin > 0).float().mean().item(),
+        "mean_margin": margin.mean().item(),
+        "pairs": len(rows),
+        "reference": "oracle" if oracle is not None else "labels",
+        "score_mean": scores.mean().item(),
+        "score_std": scores.std().item(),
+        "score_quantiles": {str(q): scores.quantile(q).item() for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+        "chosen_score_mean": chosen.mean().item(),
+        "rejected_score_mean": rejected.mean().item(),
+    }
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 32) -> float:
+    """exp(mean negative log-likelihood per predicted token) of `texts`, each followed by EOS."""
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(0, len(texts), batch_size), desc="perplexity", unit="batch", leave=False):
+        batch = tokenizer([t + tokenizer.eos_token for t in texts[i:i + batch_size]], padding=True,
+                          truncation=True, max_length=max_length, return_tensors="pt", padding_side="right")
+        batch = batch.to(model.device)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += (targets != -100).sum().item()
+    return math.exp(total_nll / max(1, total_tokens))
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, contexts: list[str], choice: str, batch_size: int = 32) -> torch.Tensor:
+    """log p(choice | context) for every context, summed over the choice's tokens. A context longer than
+    the model's positions loses its oldest tokens."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    sequences, starts = [], []
+    for context in contexts:
+        context_ids = tokenizer(context)["input_ids"]
+        choice_ids = tokenizer(context + choice)["input_ids"][len(context_ids):]
+        if limit and len(context_ids) + len(choice_ids) > limit:
+            context_ids = context_ids[len(context_ids) + len(choice_ids) - limit:]
+        sequences.append(context_ids + choice_ids)
+        starts.append(len(context_ids))
+    totals = []
+    for i in range(0, len(sequences), batch_size):
+        batch = tokenizer.pad({"input_ids": sequences[i:i + batch_size]}, padding_side="right", return_tensors="pt")
+        batch = batch.to(model.device)
+        logprobs = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
+        token_logprobs = logprobs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        positions = torch.arange(token_logprobs.shape[1], device=model.device)[None]
+        lengths = batch["attention_mask"].sum(1, keepdim=True)
+        begin = torch.tensor(starts[i:i + batch_size], device=model.device)[:, None]
+        mask = (positions >= begin - 1) & (positions < lengths - 1)  # predictions of the choice's tokens
+        totals.append((token_logprobs * mask).sum(1).cpu())
+    return torch.cat(totals)
+
+
+def few_shot_accuracy(model, tokenizer, task: dict, shots: list[int]) -> dict:
+    """GPT-2/GPT-3-style in-context evaluation, no gradient: for each k, every test example is preceded by k
+    demonstrations, and the answer is the choice with the highest likelihood. Returns accuracy by k.
+
+    task: {"instruction": str, "template": "... {input} ...", "choices": [str], "demonstrations": [{"input",
+    "label"}], "examples": [{"input", "label"}]} (labels are indices into choices).
+    """
+    results = {}
+    labels = torch.tensor([example["label"] for example in task["examples"]])
+    for k in tqdm(shots, desc="few-shot", unit="k", leave=False):
+        contexts = []
+        for i, example in enumerate(task["examples"]):
+            demos = [task["demonstrations"][(i + j) % len(task["demonstrations"])] for j in range(k)]
+            contexts.append(task["instruction"] + "".join(
+                task["template"].format(input=d["input"]) + task["choices"][d["label"]] + "\n\n" for d in demos)
+                + task["template"].format(input=example["input"]))
+        scores = torch.stack([choice_logprobs(model, tokenizer, contexts, c) for c in task["choices"]], 1)
+        results[f"{k}_shot"] = (scores.argmax(1) == labels).float().mean().item()
+    results["chance"] = 1 / len(task["choices"])
     return results

@@ -12,9 +12,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # Tiny settings: every stage runs a handful of steps, so the whole chain takes about a minute on 2 cores.
 TINY_OVERRIDES = {
     "pretrain": {"vocab_size": 400, "n_layer": 1, "n_embd": 32, "n_head": 2, "max_steps": 15, "max_length": 64,
-                 "per_device_eval_batch_size": 64},
-    "sft": {"max_steps": 10, "max_length": 64},
-    "reward": {"max_steps": 10, "max_length": 64},
+                 "per_device_eval_batch_size": 64, "logging_steps": 2},
+    "sft": {"max_steps": 10, "max_length": 64, "logging_steps": 2},
+    "reward": {"max_steps": 10, "max_length": 64, "logging_steps": 2},
     "ppo": {"total_episodes": 64, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
             "response_length": 16, "eval_max_prompts": 8, "eval_samples_per_prompt": 1},
 }

@@ -25,6 +25,14 @@ def test_runner_runs_every_stage_and_collects_results(tiny_run):
     assert 0 <= results["reward"]["eval_accuracy"] <= 1
     assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
     assert "gold_win_rate_vs_sft" in tiny_run["log"]  # the summary table is printed
+    evaluation = results["eval"]
+    assert evaluation["reward_model"]["reference"] == "oracle"
+    assert set(evaluation["perplexity"]) == {"pretrain", "sft", "ppo"}
+    assert set(evaluation["few_shot_sentiment"]["sft"]) == {"0_shot", "1_shot", "2_shot", "chance"}
+    for stage in ("pretrain", "sft", "reward", "ppo"):  # TensorBoard by default
+        assert list((tiny_run["outputs"] / stage / "runs").glob("*/events.out.tfevents.*")), stage
+    report = tiny_run["outputs"] / "report"
+    assert (report / "report.md").exists() and (report / "ppo_training.png").exists()
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo"])

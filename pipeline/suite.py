@@ -1,0 +1,64 @@
+"""The evaluation the pipeline runs after its stages, on the models the recipes wrote:
+
+- the reward model on the held-out pairs of its recipe's dataset (against the oracle on the embedded task):
+  accuracy, mean margin, score distribution;
+- perplexity of every policy (pretrain, SFT, PPO) on the pretraining corpus's held-out text, which shows
+  what RL costs the language model ("alignment tax");
+- zero-, one- and few-shot accuracy of every policy on a held-out task of the embedded world.
+The policies' answers to held-out prompts (scores, KL, win rates, diversity) are measured by the PPO stage.
+"""
+
+import os
+
+from . import data, embedded
+from .config import parse
+from .embedded.fewshot import sentiment_task
+from .evaluate import evaluate_reward_model, few_shot_accuracy, perplexity
+from .models import load_causal_lm, load_scalar_head_model, load_tokenizer
+
+SHOTS = [0, 1, 2]  # the tiny model sees 128 positions: two demonstrations fit
+POLICY_STAGES = ("pretrain", "sft", "ppo")
+
+
+def _resolved(recipe_dir: str, overrides: list[str]) -> dict:
+    """The parsed recipes of the stages whose model exists (a partial run evaluates what it has)."""
+    stages = {stage: parse(stage, ["--config", os.path.join(recipe_dir, f"{stage}.yaml"), *overrides])
+              for stage in ("pretrain", "sft", "reward", "ppo")
+              if os.path.isfile(os.path.join(recipe_dir, f"{stage}.yaml"))}
+    return {stage: args for stage, args in stages.items()
+            if os.path.isfile(os.path.join(args[1].output_dir, "config.json"))}
+
+
+def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 500, fewshot_examples: int = 100) -> dict:
+    stages = _resolved(recipe_dir, list(overrides))
+    results = {}
+    if not stages:
+        return results
+    on_embedded = all(args[0].dataset_name.startswith(data.EMBEDDED_PREFIX) for args in stages.values())
+
+    if "reward" in stages:
+        script_args, training_args, model_args = stages["reward"]
+        _, pairs, _ = data.load_for("preference", script_args)
+        if pairs is not None:
+            tokenizer = load_tokenizer(training_args.output_dir, model_args)
+            model = load_scalar_head_model(training_args.output_dir, tokenizer, model_args).eval()
+            results["reward_model"] = evaluate_reward_model(model, tokenizer, pairs,
+                                                            oracle=embedded.gold_score if on_embedded else None)
+
+    texts = None
+    if "pretrain" in stages:
+        _, corpus, _ = data.load_for("text", stages["pretrain"][0])
+        texts = corpus["text"][:max_texts] if corpus is not None else None
+    task = sentiment_task(seed=stages[next(iter(stages))][0].embedded_seed, examples=fewshot_examples) if on_embedded else None
+
+    for stage in POLICY_STAGES:
+        if stage not in stages or (texts is None and task is None):
+            continue
+        script_args, training_args, model_args = stages[stage]
+        tokenizer = load_tokenizer(training_args.output_dir, model_args)
+        model = load_causal_lm(training_args.output_dir, tokenizer, model_args).eval()
+        if texts is not None:
+            results.setdefault("perplexity", {})[stage] = perplexity(model, tokenizer, texts)
+        if task is not None:
+            results.setdefault("few_shot_sentiment", {})[stage] = few_shot_accuracy(model, tokenizer, task, SHOTS)
+    return results

@@ -1,0 +1,59 @@
+"""The evaluation, generation and chat commands on the checkpoints of a tiny run."""
+
+import json
+
+from conftest import run_python
+
+
+def test_eval_reward_against_the_oracle(tiny_run, tmp_path):
+    out = tmp_path / "reward.json"
+    result = run_python("-m", "pipeline", "eval", "--output", out, "reward", tiny_run["outputs"] / "reward")
+    printed = _json(result.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["reference"] == "oracle" and printed["pairs"] == 500
+    assert 0 <= printed["accuracy"] <= 1 and "0.5" in printed["score_quantiles"]
+
+
+def test_eval_compare_a_policy_with_itself(tiny_run):
+    sft = tiny_run["outputs"] / "sft"
+    result = run_python("-m", "pipeline", "eval", "compare", sft, sft, "--reward_model", tiny_run["outputs"] / "reward",
+                        "--max_prompts", "6", "--max_new_tokens", "12")
+    printed = _json(result.stdout)
+    assert abs(printed["kl_to_b"]) < 1e-5
+    assert printed["gold_win_rate_vs_b"] == 0.5 and printed["rm_win_rate_vs_b"] == 0.5
+
+
+def test_eval_policy_perplexity_and_fewshot(tiny_run):
+    ppo, sft = tiny_run["outputs"] / "ppo", tiny_run["outputs"] / "sft"
+    policy = _json(run_python("-m", "pipeline", "eval", "policy", ppo, "--reference", sft, "--max_prompts", "4",
+                              "--samples_per_prompt", "2", "--max_new_tokens", "12").stdout)
+    assert policy["eval_prompts"] == 8 and len(policy["samples"]) == 4
+    for key in ("gold_score", "eos_rate", "response_length", "distinct_1", "distinct_2", "kl_to_reference"):
+        assert key in policy
+    ppl = _json(run_python("-m", "pipeline", "eval", "perplexity", sft, "--max_texts", "50").stdout)
+    assert ppl["texts"] == 50 and ppl["perplexity"] > 1
+    shots = _json(run_python("-m", "pipeline", "eval", "fewshot", sft, "--shots", "0,1", "--examples", "10").stdout)
+    assert set(shots) == {"0_shot", "1_shot", "chance"}
+
+
+def _json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def test_generate_with_each_strategy(tiny_run):
+    for strategy in ("greedy", "sample", "beam"):
+        result = run_python("-m", "pipeline", "generate", tiny_run["outputs"] / "ppo",
+                            "Write a review of The Lost River.", "--strategy", strategy, "--max_new_tokens", "10",
+                            "--repetition_penalty", "1.2")
+        assert "prompt: Write a review of The Lost River.\nanswer: " in result.stdout
+
+
+def test_chat_reads_turns_until_quit(tiny_run):
+    result = run_python("-m", "pipeline", "chat", tiny_run["outputs"] / "ppo", "--max_new_tokens", "8",
+                        input="Write a review of The Lost River.\nAnd another?\n/quit\n")
+    assert result.stdout.count("model> ") == 2
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path):
+    result = run_python("-m", "pipeline", "eval", "reward", tmp_path / "nope", check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
