@@ -324,6 +324,16 @@ def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
         keys += ["wall_seconds"] if "wall_seconds" in metrics else []
         rows += [(stage, key, _fmt(metrics[key], key)) for key in keys
                  if _is_number(metrics[key]) or isinstance(metrics[key], str)]
+    evaluation = results.get("eval") if isinstance(results.get("eval"), dict) else {}
+    reward_model = evaluation.get("reward_model", {})
+    for key in ("accuracy", "mean_margin", "score_mean", "score_std"):
+        if _is_number(reward_model.get(key)):
+            rows.append(("eval", f"reward_model.{key} (vs {reward_model.get('reference', 'labels')})",
+                         _fmt(reward_model[key])))
+    for stage, value in evaluation.get("perplexity", {}).items():
+        rows.append(("eval", f"perplexity.{stage} (held-out pretraining text)", _fmt(value)))
+    for stage, by_k in evaluation.get("few_shot_sentiment", {}).items():
+        rows += [("eval", f"few_shot_sentiment.{stage}.{k}", _fmt(v)) for k, v in by_k.items()]
     if _is_number(results.get("wall_seconds_total")):
         rows.append(("total", "wall_seconds_total", _fmt(results["wall_seconds_total"], "wall_seconds_total")))
     return rows
