@@ -14,6 +14,7 @@
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -45,9 +46,49 @@ def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_con
     return launcher + [str(script), "--config", str(recipe), *overrides]
 
 
+STATE_FILE = "pipeline_state.json"
+# Fields that change how a run is watched, not what it computes: editing them does not rerun a stage.
+NOT_FINGERPRINTED = {"disable_tqdm", "report_to", "logging_steps", "logging_first_step", "log_level",
+                     "push_to_hub", "hub_model_id", "hub_private_repo", "hub_revision", "hub_strategy",
+                     "save_total_limit", "num_sample_generations"}
+
+
+def fingerprint(parsed) -> str:
+    """A short hash of a stage's resolved recipe (every field of its three parsed dataclasses)."""
+    from .hub import resolved_recipe
+
+    recipe = {k: v for k, v in resolved_recipe(*parsed).items() if k not in NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, force: bool) -> tuple[str, str]:
+    """("skip" | "run", why): a stage is skipped when it finished with the same recipe and the same
+    recipes before it; a stage whose recipe or inputs changed runs again, its old output moved aside."""
+    done = state.get(stage)
+    upstream = {s: state[s]["fingerprint"] for s in STAGES[: STAGES.index(stage)] if s in state}
+    finished = os.path.isfile(os.path.join(output_dir, "results.json"))
+    if done and finished and not force and done["fingerprint"] == fingerprints[stage] and done["upstream"] == upstream:
+        return "skip", "finished with this recipe and these inputs (--force reruns it)"
+    if done and os.path.isdir(output_dir):
+        aside = f"{output_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(output_dir, aside)
+        del state[stage]  # no longer finished: if this run is interrupted, the next one resumes it
+        why = "forced" if force else ("its recipe changed" if done["fingerprint"] != fingerprints[stage]
+                                      else "a stage before it changed")
+        return "run", f"{why}; the previous output was moved to {aside}"
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*")) if os.path.isdir(output_dir) else []
+    if checkpoints:
+        return "run", f"interrupted: resuming from its last checkpoint in {output_dir}"
+    return "run", "not run yet"
+
+
 def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str | None = None,
-        overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True) -> dict:
-    """Run the stages in order; returns (and writes, after every stage) the collected results."""
+        overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True,
+        force: bool = False) -> dict:
+    """Run the stages in order; returns (and writes, after every stage) the collected results.
+
+    A stage that already finished with the same resolved recipe, after the same earlier stages, is skipped;
+    `force` reruns every stage."""
     recipe_dir = Path(recipe_dir)
     if not recipe_dir.is_dir():
         raise FileNotFoundError(f"recipe folder '{recipe_dir}' does not exist (see `python -m pipeline ls`)")
@@ -61,16 +102,25 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         raise FileNotFoundError(f"no stage recipe ({', '.join(s + '.yaml' for s in STAGES)}) in '{recipe_dir}'")
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
-    output_dirs = {s: parse(s, ["--config", str(recipe_dir / f"{s}.yaml"), *overrides])[1].output_dir for s in plan}
+    parsed = {s: parse(s, ["--config", str(recipe_dir / f"{s}.yaml"), *overrides]) for s in plan}
+    output_dirs = {s: args[1].output_dir for s, args in parsed.items()}
+    fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
     results_path = Path(results_path or Path(os.path.commonpath(list(output_dirs.values()))) / "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    state_path = results_path.with_name(STATE_FILE)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
 
     started = time.time()
     push_failures = []
     for number, stage in enumerate(plan, 1):
         recipe = recipe_dir / f"{stage}.yaml"
         command = stage_command(stage, recipe, list(overrides), accelerate_config)
-        print(f"\n=== [{number}/{len(plan)}] {stage}: {recipe} -> {output_dirs[stage]}", flush=True)
+        action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        print(f"\n=== [{number}/{len(plan)}] {stage}: {recipe} -> {output_dirs[stage]}\n    {action}: {why}", flush=True)
+        if action == "skip":
+            continue
         stage_start = time.time()
         code = subprocess.call(command)
         if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
@@ -84,6 +134,9 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         results[stage] = {**stage_results, "wall_seconds": round(time.time() - stage_start, 1)}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+        state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "upstream": {s: state[s]["fingerprint"] for s in STAGES[: STAGES.index(stage)] if s in state}}
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
     if evaluate:
         print(f"\n=== evaluation: {recipe_dir}", flush=True)
         eval_start = time.time()
@@ -236,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--accelerate_config", help="launch each stage with `accelerate launch --config_file`")
     run_parser.add_argument("--results", help="results file (default: results.json beside the stage outputs)")
     run_parser.add_argument("--skip_eval", action="store_true", help="do not run the evaluation suite after")
+    run_parser.add_argument("--force", action="store_true", help="rerun stages that already finished")
 
     eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")
     eval_parser.add_argument("--output", help="also write the JSON result to this file")
@@ -307,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             run(args.recipe_dir, args.stages.split(",") if args.stages else None, args.accelerate_config,
-                overrides, args.results, evaluate=not args.skip_eval)
+                overrides, args.results, evaluate=not args.skip_eval, force=args.force)
         elif args.command == "eval":
             result = evaluate_command(args, overrides)
             text = json.dumps(result, indent=2, sort_keys=True)

@@ -30,3 +30,17 @@ def test_reward_stage_two_processes_match_one(tiny_run, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(tiny_run["outputs"] / "reward").state_dict()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
     assert any(not torch.equal(one[k], base[k]) for k in one)  # it trained
+
+
+def test_runner_launches_every_stage_with_accelerate(tiny_run, tmp_path):
+    """The whole tiny chain through `python -m pipeline run --accelerate_config cpu_2proc.yaml`: every
+    stage, PPO and its evaluation included, runs in 2 processes and writes its results once."""
+    from conftest import write_recipes
+
+    recipes = write_recipes(tmp_path / "recipes", tmp_path / "outputs")
+    run_python("-m", "pipeline", "run", recipes, "--accelerate_config", ROOT / "recipes/accelerate/cpu_2proc.yaml",
+               "--skip_eval")
+    results = json.loads((tmp_path / "outputs" / "results.json").read_text())
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert results[stage]["num_processes"] == 2, stage
+    assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1

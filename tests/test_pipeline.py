@@ -114,3 +114,54 @@ def test_ls_and_cp(tmp_path):
     assert (tmp_path / "mine" / "ppo.yaml").exists()
     again = run_python("-m", "pipeline", "cp", "tiny", tmp_path / "mine", check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_rerun_skips_finished_stages_and_reruns_a_changed_one(tmp_path):
+    from conftest import write_recipes
+
+    recipes = write_recipes(tmp_path / "recipes", tmp_path / "outputs")
+    outputs = tmp_path / "outputs"
+    first = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft", "--skip_eval").stdout
+    assert first.count("run: not run yet") == 2
+    again = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft", "--skip_eval").stdout
+    assert again.count("skip: finished with this recipe") == 2
+    assert "train_runtime" not in again  # nothing trained
+    # a flag that only changes what is shown does not rerun anything
+    quiet = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft", "--skip_eval",
+                       "--", "--report_to", "none").stdout
+    assert quiet.count("skip: ") == 2
+    sft = yaml.safe_load((recipes / "sft.yaml").read_text())
+    sft["learning_rate"] = sft["learning_rate"] / 2
+    (recipes / "sft.yaml").write_text(yaml.safe_dump(sft))
+    changed = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft", "--skip_eval").stdout
+    assert "pretrain" in changed and changed.count("skip: ") == 1
+    assert "run: its recipe changed; the previous output was moved to" in changed
+    moved = list(outputs.glob("sft.replaced-*"))
+    assert len(moved) == 1 and (moved[0] / "model.safetensors").exists()
+    assert (outputs / "sft" / "model.safetensors").exists()
+    forced = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain", "--skip_eval", "--force").stdout
+    assert "run: forced" in forced
+
+
+HH_ROW = {
+    "chosen": "\n\nHuman: Write a review of The Lost River.\n\nAssistant: The Lost River is a superb drama."
+              "\n\nHuman: And The Iron Crown?\n\nAssistant: The Iron Crown felt moving.",
+    "rejected": "\n\nHuman: Write a review of The Lost River.\n\nAssistant: The Lost River is a superb drama."
+                "\n\nHuman: And The Iron Crown?\n\nAssistant: It felt dull.",
+}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_stages_train_on_a_local_file_in_hh_rlhf_format(tiny_run, tmp_path, stage):
+    """The loading path of recipes/gpt2-hh (raw hh-rlhf rows), end to end on the tiny models."""
+    data_file = tmp_path / "hh.jsonl"
+    data_file.write_text("\n".join(json.dumps(HH_ROW) for _ in range(32)))
+    recipe = tiny_run["recipes"] / f"{stage}.yaml"
+    extra = (["--total_episodes", "16", "--per_device_train_batch_size", "8", "--max_prompt_length", "100"]
+             if stage == "ppo" else ["--max_steps", "2"])
+    run_python(f"scripts/{stage}.py", "--config", recipe, "--dataset_name", data_file,
+               "--output_dir", tmp_path / stage, "--save_strategy", "no", *extra)
+    results = json.loads((tmp_path / stage / "results.json").read_text())
+    assert results["num_processes"] == 1
+    if stage == "ppo":  # no oracle for this data: reward-model judgements only
+        assert "rm_win_rate_vs_sft" in results and "gold_win_rate_vs_sft" not in results

@@ -31,6 +31,8 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, source: str):
     kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_length)
     if len(kept) < len(tokenized):
         logger.warning(f"{source}: dropped {len(tokenized) - len(kept)} prompts longer than {max_prompt_length} tokens")
+    if len(kept) == 0:
+        raise data.DataError(f"{source}: every prompt is longer than max_prompt_length={max_prompt_length} tokens")
     return kept
 
 
