@@ -82,6 +82,14 @@ def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, for
     return "run", "not run yet"
 
 
+def run_folder(output_dirs: list[str]) -> Path:
+    """Where the run's results, state and report go: the folder that holds every stage's output folder."""
+    common = Path(os.path.commonpath([os.path.abspath(d) for d in output_dirs]))
+    folder = common.parent if str(common) in {os.path.abspath(d) for d in output_dirs} else common
+    relative = os.path.relpath(folder)
+    return Path(relative) if not relative.startswith("..") else folder
+
+
 def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str | None = None,
         overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True,
         force: bool = False) -> dict:
@@ -102,10 +110,11 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         raise FileNotFoundError(f"no stage recipe ({', '.join(s + '.yaml' for s in STAGES)}) in '{recipe_dir}'")
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
-    parsed = {s: parse(s, ["--config", str(recipe_dir / f"{s}.yaml"), *overrides]) for s in plan}
+    parsed = {s: parse(s, ["--config", str(recipe_dir / f"{s}.yaml"), *overrides])
+              for s in STAGES if (recipe_dir / f"{s}.yaml").exists()}
     output_dirs = {s: args[1].output_dir for s, args in parsed.items()}
     fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
-    results_path = Path(results_path or Path(os.path.commonpath(list(output_dirs.values()))) / "results.json")
+    results_path = Path(results_path or run_folder(list(output_dirs.values())) / "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     state_path = results_path.with_name(STATE_FILE)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}

@@ -158,10 +158,19 @@ def test_stages_train_on_a_local_file_in_hh_rlhf_format(tiny_run, tmp_path, stag
     data_file.write_text("\n".join(json.dumps(HH_ROW) for _ in range(32)))
     recipe = tiny_run["recipes"] / f"{stage}.yaml"
     extra = (["--total_episodes", "16", "--per_device_train_batch_size", "8", "--max_prompt_length", "100"]
-             if stage == "ppo" else ["--max_steps", "2"])
+             if stage == "ppo" else ["--max_steps", "2", "--max_length", "128"])
     run_python(f"scripts/{stage}.py", "--config", recipe, "--dataset_name", data_file,
                "--output_dir", tmp_path / stage, "--save_strategy", "no", *extra)
     results = json.loads((tmp_path / stage / "results.json").read_text())
     assert results["num_processes"] == 1
+    if stage != "ppo":
+        assert results["train_loss"] > 0
     if stage == "ppo":  # no oracle for this data: reward-model judgements only
         assert "rm_win_rate_vs_sft" in results and "gold_win_rate_vs_sft" not in results
+
+
+def test_reward_stage_with_every_pair_too_long_says_so(tiny_run, tmp_path):
+    result = run_python("scripts/reward.py", "--config", tiny_run["recipes"] / "reward.yaml", "--max_length", "8",
+                        "--output_dir", tmp_path / "reward", check=False)
+    assert result.returncode == 2
+    assert "every training pair is longer than max_length=8 tokens" in result.stderr

@@ -4,7 +4,7 @@ from trl import RewardTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import load_scalar_head_model, load_tokenizer
-from .common import finish, last_checkpoint, setup
+from .common import finish, last_checkpoint, logger, setup
 
 
 def main(script_args, training_args, model_args):
@@ -25,6 +25,14 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    # RewardTrainer drops pairs longer than max_length: say how many, and stop clearly if none is left.
+    dropped = len(train_dataset) - len(trainer.train_dataset)
+    if dropped:
+        logger.warning(f"{source}: dropped {dropped} of {len(train_dataset)} training pairs longer than "
+                       f"max_length={training_args.max_length} tokens")
+    if len(trainer.train_dataset) == 0:
+        raise data.DataError(f"{source}: every training pair is longer than max_length={training_args.max_length} "
+                             "tokens; raise max_length")
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
 
     # On the embedded task the test pairs are ordered by the oracle without noise, so eval_accuracy is the
