@@ -9,12 +9,32 @@ oracle's judgement on the embedded task). The value model is saved to `<output_d
 import os
 
 from trl import get_peft_config
-from trl.experimental.ppo import PPOTrainer
+from trl.experimental import ppo as trl_ppo
 
 from .. import data, embedded, hub
 from ..evaluate import compare_policies
 from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
 from .common import finish, logger, setup
+
+
+class PPOTrainer(trl_ppo.PPOTrainer):
+    """TRL's PPOTrainer, saving correctly under DDP (two TRL 1.12 bugs that only show with several processes):
+    - its `save_model` looks for `self.model.policy`, which a DistributedDataParallel wrapper hides, and then
+      saves policy and value model as one state dict (shared tensors: safetensors refuses). Unwrapping first
+      gives it the model it expects;
+    - it never runs `Trainer.__init__`, so an attribute that transformers 5's `_save` reads on the
+      non-saving processes is missing."""
+
+    is_distributed_loading_by_transformers = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        wrapped, self.model = self.model, self.accelerator.unwrap_model(self.model)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.model = wrapped
 
 
 def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, source: str):
