@@ -22,5 +22,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The stages against bare TRL scripts, side by side (about 10 minutes on 2 cores): BENCHMARKS.md and .json
+.PHONY: bench
+bench: setup
+	$(PY) bench/run.py
+
 clean:
 	rm -rf outputs

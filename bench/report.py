@@ -1,0 +1,469 @@
+"""Medians, spreads, ratios and the verdicts against the targets; BENCHMARKS.md from them."""
+
+import statistics
+
+# the throughput metric of each section, and its unit
+THROUGHPUT = {"sft": ("tokens_per_s", "tokens/s"), "reward": ("pairs_per_s", "pairs/s"),
+              "ppo": ("episodes_per_s", "episodes/s")}
+SPLIT = ("generation", "reference", "value", "reward", "optimisation")
+OVERHEAD_TARGET, PACKING_TARGET, PPO_TARGET = 1.05, 1.5, 1.0
+LOADED = 0.25  # other processes' CPU use (cores, mean over a run) above which a run counts as disturbed
+EXACT = 1e-4  # padding-free: largest per-token loss difference that still counts as the same computation
+
+
+def headline(section: str, result: dict) -> str:
+    key, unit = THROUGHPUT[section]
+    return f"{result[key]:,.1f} {unit}, train {result['train_s']:.2f} s, run {result['run_s']:.2f} s, " \
+           f"peak RSS {result['peak_rss_mb']:.0f} MB"
+
+
+def stat(values: list) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def ratio(a: list, b: list) -> dict:
+    """median(a) / median(b), and the spread of the paired (same repeat, same seed) ratios a[r] / b[r]."""
+    paired = [x / y for x, y in zip(a, b)]
+    return {"ratio": statistics.median(a) / statistics.median(b), "paired_min": min(paired),
+            "paired_max": max(paired), "paired": paired}
+
+
+def per_update_split(run: dict) -> dict:
+    """Mean seconds per PPO update in generation, scoring (reference / value / reward) and optimisation (the
+    rest of the update: the PPO epochs, plus advantages and logging)."""
+    updates = run["updates"]
+    mean = {k: sum(u[k] for u in updates) / len(updates) for k in ("wall", "generation", "reference", "value",
+                                                                     "reward")}
+    mean["optimisation"] = mean["wall"] - sum(mean[k] for k in ("generation", "reference", "value", "reward"))
+    return mean
+
+
+def summarise(info: dict) -> dict:
+    out = {k: v for k, v in info.items() if k != "sections"}
+    out["sections"] = {}
+    for section, data in info["sections"].items():
+        key, unit = THROUGHPUT[section]
+        reference = data["configurations"][0]["name"]
+        runs = data["runs"]
+        rows = []
+        for config in data["configurations"]:
+            name, results = config["name"], runs[config["name"]]
+            row = dict(config, unit=unit)
+            for metric in ("other_load_cores", key, "train_s", "setup_s", "after_s", "run_s", "peak_rss_mb",
+                           "train_loss", "tokens",
+                           "loss_tokens", "loss_tokens_per_s", "pairs", "episodes", "steps"):
+                if metric in results[0]:
+                    row[metric] = stat([r[metric] for r in results])
+            row["vs_reference"] = ratio([r[key] for r in results], [r[key] for r in runs[reference]])
+            if section == "ppo":
+                splits = [per_update_split(r) for r in results]
+                row["split_per_update_s"] = {k: stat([s[k] for s in splits]) for k in ("wall",) + SPLIT}
+                row["results"] = {k: stat([r["results"][k] for r in results]) for k in results[0]["results"]}
+            rows.append(row)
+        section_out = {"reference": reference, "rows": rows, "runs": runs}
+        if "bare TRL" in runs:
+            ours, bare = runs[reference], runs["bare TRL"]
+            section_out["ours_vs_bare"] = {
+                "train_wall": ratio([r["train_s"] for r in ours], [r["train_s"] for r in bare]),
+                "run_wall": ratio([r["run_s"] for r in ours], [r["run_s"] for r in bare]),
+                "throughput": ratio([r[key] for r in ours], [r[key] for r in bare]),
+                "config_differences": sorted(
+                    k for k in set(ours[0]["args"]) | set(bare[0]["args"])
+                    if k not in ("output_dir", "logging_dir", "run_name")
+                    and ours[0]["args"].get(k) != bare[0]["args"].get(k)),
+                "same_work": all(_work(section, a) == _work(section, b) for a, b in zip(ours, bare)),
+            }
+        # the full TrainingArguments of every run are only needed for the comparison above
+        section_out["runs"] = {name: [{k: v for k, v in r.items() if k != "args"} for r in results]
+                               for name, results in runs.items()}
+        out["sections"][section] = section_out
+    loads = [r["other_load_cores"] for d in info["sections"].values() for results in d["runs"].values()
+             for r in results]
+    discarded = sum(len(r.get("disturbed_runs_discarded", [])) for d in info["sections"].values()
+                    for results in d["runs"].values() for r in results)
+    out["other_load"] = {"runs": len(loads), "loaded_runs": sum(x >= LOADED for x in loads),
+                         "median_cores": statistics.median(loads), "max_cores": max(loads), "discarded": discarded}
+    out["targets"] = targets(out)
+    return out
+
+
+def _work(section: str, run: dict):
+    """What a run computed: identical for ours and bare when they trained the same thing."""
+    if section == "sft":
+        return run["tokens"], run["steps"], round(run["train_loss"], 4)
+    if section == "reward":
+        return run["pairs"], run["steps"], round(run["train_loss"], 4)
+    return run["episodes"], round(run["first_update_scores"] or 0.0, 4)
+
+
+def full_recipe_estimate(summary: dict, section: str) -> dict:
+    """The whole-run ratio for the full recipe (recipes/tiny as `make demo` runs it): its train() time from the
+    measured throughput (identical for ours and bare: the same TRL code), plus each side's measured fixed cost
+    outside train()."""
+    rows = {r["name"]: r for r in summary["sections"][section]["rows"]}
+    ours, bare = rows["ours"], rows["bare TRL"]
+    recipe, sizes = summary["recipes"][section], summary["prepare"]["train_rows"]
+    if section == "sft":
+        work = sizes["sft"] * summary["prepare"]["sft_lengths"]["mean"] * recipe["num_train_epochs"]
+        train_s = work / ours["tokens_per_s"]["median"]
+    elif section == "reward":
+        train_s = sizes["preference"] * recipe["num_train_epochs"] / ours["pairs_per_s"]["median"]
+    else:
+        train_s = recipe["total_episodes"] / ours["episodes_per_s"]["median"]
+    fixed = {name: row["setup_s"]["median"] + row["after_s"]["median"] for name, row in (("ours", ours),
+                                                                                        ("bare", bare))}
+    return {"train_s": train_s, "fixed_ours_s": fixed["ours"], "fixed_bare_s": fixed["bare"],
+            "ratio": (train_s + fixed["ours"]) / (train_s + fixed["bare"])}
+
+
+def _row(summary: dict, section: str, name_start: str) -> dict | None:
+    return next((r for r in summary["sections"][section]["rows"] if r["name"].startswith(name_start)), None)
+
+
+def targets(summary: dict) -> list:
+    out = []
+    sections = summary["sections"]
+    for section in ("sft", "reward", "ppo"):
+        wall = sections[section]["ours_vs_bare"]
+        r = wall["train_wall"]
+        out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, train() call",
+                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET})
+        full = full_recipe_estimate(summary, section)
+        out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, whole run (shared imports "
+                              "excluded)",
+                    "measured": wall["run_wall"], "full_recipe": full,
+                    "met": wall["run_wall"]["ratio"] <= OVERHEAD_TARGET,
+                    "met_full_recipe": full["ratio"] <= OVERHEAD_TARGET})
+    correct = _exact(summary["padding_free_check"])
+    packed = [r for r in sections["sft"]["rows"] if "bfd" in r["name"]]
+    best = max(packed, key=lambda r: r["vs_reference"]["ratio"])
+    out.append({"target": f"sft: packing/padding-free vs TRL default (padding) >= {PACKING_TARGET}x tokens/s",
+                "measured": best["vs_reference"], "config": best["name"], "correct_on_cpu": correct,
+                "met": best["vs_reference"]["ratio"] >= PACKING_TARGET and correct})
+    r = ratio([x["episodes_per_s"] for x in sections["ppo"]["runs"]["ours"]],
+              [x["episodes_per_s"] for x in sections["ppo"]["runs"]["bare TRL"]])
+    out.append({"target": f"ppo: ours / bare TRL episodes/s >= {PPO_TARGET}x", "measured": r,
+                "met": r["ratio"] >= PPO_TARGET, "within_noise": r["paired_min"] <= PPO_TARGET <= r["paired_max"]})
+    split = _row(summary, "ppo", "ours")["split_per_update_s"]
+    out.append({"target": "ppo: time split of an update (generation / scoring / optimisation)",
+                "measured": {k: split[k]["median"] for k in ("wall",) + SPLIT}, "met": True})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- markdown
+
+def _n(x: float) -> str:
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _s(st: dict, fmt=_n) -> str:
+    if st["min"] == st["max"]:
+        return fmt(st["median"])
+    return f"{fmt(st['median'])} ({fmt(st['min'])}–{fmt(st['max'])})"
+
+
+def _x(r: dict) -> str:
+    if len(r["paired"]) == 1 or r["paired_min"] == r["paired_max"] == 1.0:
+        return f"{r['ratio']:.2f}×"
+    return f"{r['ratio']:.2f}× ({r['paired_min']:.2f}–{r['paired_max']:.2f})"
+
+
+def _verdict(t: dict) -> str:
+    if t["met"]:
+        return "**met**"
+    if t.get("within_noise"):
+        return "not met, within noise (the paired ratios straddle 1.0)"
+    return "**not met**"
+
+
+def markdown(summary: dict) -> str:
+    m, s = summary["machine"], summary["settings"]
+    sections = summary["sections"]
+    sft, reward, ppo = sections["sft"], sections["reward"], sections["ppo"]
+    check = summary["padding_free_check"]
+    prep = summary["prepare"]
+    lengths = prep["sft_lengths"]
+    repeats = s["repeats"]
+    v = m["versions"]
+    lines = []
+    add = lines.append
+
+    add("# Benchmarks")
+    add("")
+    add(f"Generated by `make bench` (`python bench/run.py{' --quick' if summary['mode'] == 'quick' else ''}`) on "
+        f"{summary['date']}; the raw figures of every run are in `BENCHMARKS.json`. Do not edit by hand: rerun.")
+    if summary["mode"] == "quick":
+        add("")
+        add("**This is a `--quick` smoke run (1 repeat, 1-2 steps): the figures mean nothing.**")
+    add("")
+    add(f"**Read the ratios, not the absolute figures.** This is a shared {m['usable_cpus']}-core machine, so "
+        f"absolute throughput moves from run to run. Every measured run is its own process; the compared "
+        f"configurations get the same model, the same data file and the same TRL config, and run interleaved "
+        f"({repeats} repeat{'s' if repeats > 1 else ''} each, in the order A B C, C B A, A B C, ...), so load and "
+        f"drift hit them alike. Repeat *r* of every configuration uses seed 42 + *r*. Each cell is the median over the "
+        f"repeats with the spread (min–max); a ratio is the ratio of the medians, with the spread of the paired "
+        f"ratios (same repeat, same seed) in brackets. Throughput is timed over the `train()` call alone. Each "
+        f"section starts with a discarded warm-up run. No run reuses another's cached tokenization "
+        f"(`datasets.disable_caching()`).")
+    add("")
+    o = summary["other_load"]
+    add(f"Other processes' CPU use during the measured runs (the machine's busy time minus the run's own): median "
+        f"{o['median_cores']:.2f} cores, max {o['max_cores']:.2f}; {o['loaded_runs']} of {o['runs']} runs shared the "
+        f"CPU with more than {LOADED} cores of other work (column *other load*). Before each run the benchmark "
+        f"waited for a quiet machine ({summary.get('waited_for_quiet_s', 0):.0f} s in all), and it measured "
+        f"{o['discarded']} disturbed run{'s' if o['discarded'] != 1 else ''} again (those figures are discarded; "
+        f"{summary.get('retried_s', 0):.0f} s). On 2 cores even one busy process next to a run slows it "
+        "several-fold (torch's OpenMP threads spin-wait for a core that is taken), so a row whose other load is "
+        "high is not comparable.")
+    add("")
+    add("## Machine and software")
+    add("")
+    add("| | |")
+    add("|---|---|")
+    add(f"| CPU | {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable"
+        + (f"; cgroup cpu.max `{m['cgroup_cpu_max']}`" if m.get("cgroup_cpu_max") else "") + ") |")
+    add(f"| memory | {m['memory_gib']} GiB |")
+    add("| GPU | none |")
+    add(f"| software | Python {m['python']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+        f"accelerate {v['accelerate']}, datasets {v['datasets']} |")
+    add(f"| model | {prep['model_source']}; GPT-2, {prep['model_config']['n_layer']} layers, "
+        f"{prep['model_config']['n_head']} heads, width {prep['model_config']['n_embd']}, vocabulary "
+        f"{prep['model_config']['vocab_size']}, {prep['parameters'] / 1e6:.2f}M parameters; attention "
+        f"`{sft['runs']['ours'][0]['attn_implementation']}` |")
+    add(f"| shared imports | torch + transformers + trl + datasets + accelerate: {summary['server_start_s']:.1f} s, "
+        "paid once by the fork server, not by the runs (the pipeline's own imports are in its runs) |")
+    add(f"| whole benchmark | {summary['bench_wall_s']:.0f} s |")
+    add("")
+
+    add("## Targets")
+    add("")
+    add("| target | measured | verdict |")
+    add("|---|---|---|")
+    for t in summary["targets"]:
+        if "time split" in t["target"]:
+            split = t["measured"]
+            shares = ", ".join(f"{k} {100 * split[k] / split['wall']:.0f}%" for k in SPLIT)
+            add(f"| {t['target']} | {split['wall']:.2f} s per update: {shares} | reported below |")
+            continue
+        if "full_recipe" in t:
+            f = t["full_recipe"]
+            add(f"| {t['target']} | these short runs: {_x(t['measured'])}; the full recipe (≈{f['train_s']:.0f} s of "
+                f"train(), + {f['fixed_ours_s']:.2f} s vs + {f['fixed_bare_s']:.2f} s around it): "
+                f"≈{f['ratio']:.2f}× | "
+                f"short runs: {_verdict(t)}; full recipe: {'**met**' if t['met_full_recipe'] else '**not met**'} |")
+            continue
+        extra = ""
+        if "config" in t:
+            extra = f" ({t['config']}; {'correct' if t['correct_on_cpu'] else 'NOT correct'} on this CPU attention)"
+        add(f"| {t['target']} | {_x(t['measured'])}{extra} | {_verdict(t)} |")
+    add("")
+    fixed = []
+    for name in ("sft", "reward", "ppo"):
+        rows = {r["name"]: r for r in sections[name]["rows"]}
+        o, b = rows["ours"], rows["bare TRL"]
+        fixed.append(f"{name} {o['setup_s']['median']:.2f} + {o['after_s']['median']:.2f} s vs "
+                     f"{b['setup_s']['median']:.2f} + {b['after_s']['median']:.2f} s")
+    add("`train()` runs the same TRL code for ours and bare, so its ratio is 1 up to noise. Around it (load data "
+        "and models, build the trainer + save and finish; medians), ours vs bare: " + "; ".join(fixed)
+        + ". Our stages also import the pipeline, validate every data row and write `results.json`, `recipe.yaml`, "
+        "`trainer_state.json` and a model card; our PPO stage's finish includes its evaluation against the SFT "
+        "policy (cut to 8 prompts × 1 sample here; the demo's evaluation is larger, and is a result, not overhead). "
+        "These costs are fixed: the benchmark's short runs magnify them, so the whole-run target is also given for "
+        "the full recipe, estimated from the measured throughput and fixed costs.")
+    add("")
+    add("Ours and bare TRL train exactly the same thing: "
+        + ", ".join(f"{name} {'yes' if sections[name]['ours_vs_bare']['same_work'] else 'NO'}"
+                    for name in ("sft", "reward", "ppo"))
+        + " (per repeat: the same token and step counts and training loss for SFT and reward; for PPO the same "
+          "episodes and the same reward-model score of the first update's rollout). TRL config "
+          "fields that differ between the two: "
+        + "; ".join(f"{name}: {', '.join(sections[name]['ours_vs_bare']['config_differences']) or 'none'}"
+                    for name in ("sft", "reward", "ppo")) + ".")
+    add("")
+
+    # SFT
+    add("## SFT: tokens/s, ours vs bare TRL, and packing")
+    add("")
+    rec = summary["recipes"]
+    add(f"`recipes/tiny/sft.yaml` (batch {rec['sft']['per_device_train_batch_size']}, max_length "
+        f"{lengths['max_length']}, completion-only loss, learning rate and schedule as in the recipe) on the "
+        f"first {lengths['rows']} rows of `embedded:sft` (conversational "
+        f"prompt/completion), `report_to: none`, no checkpoints; {s['sft_steps']} optimizer steps per run "
+        f"({s['packed_steps']} for the packed configurations with {rec['sft']['per_device_train_batch_size']} rows "
+        f"of {lengths['max_length']} tokens per batch). The rows are of "
+        f"variable length: {lengths['min']}–{lengths['max']} tokens, median {lengths['median']}, mean "
+        f"{lengths['mean']:.1f}; in batches of {lengths['padding_share_at_batch']} padded to their longest row, "
+        f"{100 * lengths['padding_share']:.0f}% of the tokens are padding. tokens/s = non-pad tokens fed to the "
+        "model (prompt + completion) per second of `train()`; loss tokens/s counts the completion tokens only.")
+    add("")
+    add("| configuration | tokens/s | vs ours | loss tokens/s | train() s | run s (setup + train + save) | "
+        "peak RSS MB | train loss | correct? | other load |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sft["rows"]:
+        add(f"| {r['name']} | {_s(r['tokens_per_s'])} | {_x(r['vs_reference'])} | {_s(r['loss_tokens_per_s'])} | "
+            f"{_s(r['train_s'])} | {_s(r['run_s'])} | {_s(r['peak_rss_mb'])} | {_s(r['train_loss'], _f3)} | "
+            f"{_correct(r, check)} | {_s(r['other_load_cores'])} |")
+    add("")
+    add("Configurations: " + "; ".join(f"*{r['name']}*: {r['what']}" for r in sft["rows"]) + ". The train loss "
+        "(mean over the run's steps) compares like with like only for ours vs bare: packing and group_by_length "
+        "change which examples share a batch, and the step counts differ, so it is no quality measure here.")
+    add("")
+    correct = [r for r in sft["rows"][1:] if r["name"] != "bare TRL" and _correct(r, check).startswith("yes")]
+    best = max(correct, key=lambda r: r["vs_reference"]["ratio"])
+    add(f"Fastest correct configuration: *{best['name']}*, {_x(best['vs_reference'])} the tokens/s of the recipe "
+        f"as it is" + (" (within the spread of repeats)." if best["vs_reference"]["paired_min"] <= 1.0 else "."))
+    add("")
+    sd, eg = check["sdpa"], check["eager"]
+    add(f"**Is padding-free correct on CPU?** TRL 1.12 warns that padding-free / `bfd` packing without a Flash "
+        "Attention implementation \"may lead to unexpected behavior\" and \"cross-contamination between samples\". "
+        "On CPU there is no varlen kernel; what saves it is transformers 5: when a batch comes with `position_ids` "
+        "and no attention mask (what TRL's padding-free collator sends) and no KV cache, `create_causal_mask` "
+        "detects the packed sequences from the position resets and builds a block-diagonal causal mask for sdpa "
+        f"and eager. Measured on {check['examples']} SFT examples ({sd['tokens']} loss tokens), padded vs "
+        "flattened, same model, `use_cache=False` as `SFTTrainer.compute_loss` passes it: largest per-token loss "
+        f"difference {sd['max_abs_diff_padding_free']:.1e} with sdpa, {eg['max_abs_diff_padding_free']:.1e} with "
+        f"eager (mean loss {sd['loss_padded']:.4f} vs {sd['loss_padding_free']:.4f}): "
+        + ("the same computation" if _exact(check) else "**a different computation**")
+        + ". The same flattened row with an all-ones attention "
+        f"mask (no block mask: the examples see each other) gives {sd['loss_flattened_without_block_mask']:.4f}, "
+        f"largest difference {sd['max_abs_diff_without_block_mask']:.2f}: the check can fail, and does when the "
+        "mask is wrong. It also fails with `use_cache=True` (largest difference "
+        f"{sd['max_abs_diff_padding_free_use_cache']:.2f}): with a cache, transformers skips the packed-sequence "
+        "detection, so a flattened row is only safe in training through SFTTrainer, not in a plain forward of a "
+        "model whose config has `use_cache: true`. The catch is cost: the flattened row of a whole batch is one "
+        "sequence, and the block mask "
+        "is a dense (tokens × tokens) mask, so attention costs grow with the square of the tokens per batch "
+        "rather than of the row length. *wrapped* packing cuts the token stream into rows of max_length with "
+        "no position reset and no mask between examples: right for plain-text pretraining (the pretrain recipe "
+        "uses it), wrong for prompt/completion SFT (a completion can lose its prompt to the previous row and "
+        "attends to the examples before it).")
+    add("")
+
+    # reward
+    add("## Reward model: pairs/s, ours vs bare TRL")
+    add("")
+    add(f"`recipes/tiny/reward.yaml` (batch {rec['reward']['per_device_train_batch_size']} pairs, max_length "
+        f"{rec['reward']['max_length']}) on the first {s['preference_rows']} pairs "
+        f"of `embedded:preference`, {s['reward_steps']} optimizer steps per run, `report_to: none`.")
+    add("")
+    add("| configuration | pairs/s | vs ours | train() s | run s (setup + train + save) | peak RSS MB | train loss "
+        "| other load |")
+    add("|---|---|---|---|---|---|---|---|")
+    for r in reward["rows"]:
+        add(f"| {r['name']} | {_s(r['pairs_per_s'])} | {_x(r['vs_reference'])} | {_s(r['train_s'])} | "
+            f"{_s(r['run_s'])} | {_s(r['peak_rss_mb'])} | {_s(r['train_loss'], _f3)} | {_s(r['other_load_cores'])} |")
+    add("")
+
+    # PPO
+    ours_ppo = ppo["rows"][0]
+    add("## PPO: episodes/s and where an update's time goes")
+    add("")
+    lay = summary["ppo_layout"]
+    add(f"`recipes/tiny/ppo.yaml` ({lay['episodes_per_update']} episodes per update: "
+        f"{lay['per_device_train_batch_size']} per micro-batch × {lay['gradient_accumulation_steps']} accumulation "
+        f"steps, {lay['num_ppo_epochs']} PPO epoch{'s' if lay['num_ppo_epochs'] != 1 else ''}, "
+        f"{lay['response_length']} response tokens, rollout forward batch "
+        f"{lay['local_rollout_forward_batch_size']}"
+        + (f"; the --quick run shrinks these: {', '.join(f'{k}: {v}' for k, v in s['ppo_overrides'].items())}"
+           if s["ppo_overrides"] else "") + ") on the 320 training prompts of `embedded:prompt`, "
+        f"{s['ppo_updates']} update{'s' if s['ppo_updates'] > 1 else ''} per run, `report_to: none`. Our stage also "
+        "evaluates the policy against the SFT policy after training (cut to 8 prompts × 1 sample here): that is in "
+        "its run time, not in `train()`.")
+    add("")
+    add("| configuration | episodes/s | vs ours | train() s | run s | peak RSS MB | mean RM score | mean KL "
+        "| other load |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    for r in ppo["rows"]:
+        res = r["results"]
+        add(f"| {r['name']} | {_s(r['episodes_per_s'])} | {_x(r['vs_reference'])} | {_s(r['train_s'])} | "
+            f"{_s(r['run_s'])} | {_s(r['peak_rss_mb'])} | {_s(res['objective/scores'], _f3)} | "
+            f"{_s(res['objective/kl'], _f3)} | {_s(r['other_load_cores'])} |")
+    add("")
+    add("Configurations: " + "; ".join(f"*{r['name']}*: {r['what']}" for r in ppo["rows"]) + ". RM score and KL "
+        "are TRL's logged `objective/scores` and `objective/kl`, averaged over the run's updates; their spread "
+        "across repeats is the seeds' spread, the yardstick for \"the same results\". Ours and bare agree on the "
+        "first update and drift apart after it by chance, not by work: TRL's `PPOTrainer` never seeds numpy's "
+        "global RNG, which orders its PPO mini-batches (`np.random.permutation`), so a bare script that does not "
+        "call `transformers.set_seed` itself is not reproducible from one run to the next (two bare runs with the "
+        "same seed end with different weights; seeding numpy makes them identical). Our stage calls it.")
+    add("")
+    add("Seconds per update (mean over the run's updates; median and spread over repeats), and share of the "
+        "update. *generation*: `batch_generation` (sampling the responses); *reference*, *value*, *reward*: the "
+        "scoring forward passes of the rollout (reference policy log-probs, value model, reward model); "
+        "*optimisation*: the rest of the update, i.e. the PPO epochs (forward + backward + optimizer steps of "
+        "policy and value model), plus advantage computation and logging. Timed by wrapping TRL's module-level "
+        "functions inside the benchmark's own process; TRL's files are untouched.")
+    add("")
+    add("| configuration | update s | " + " | ".join(SPLIT) + " |")
+    add("|---|---|" + "---|" * len(SPLIT))
+    for r in ppo["rows"]:
+        sp = r["split_per_update_s"]
+        add(f"| {r['name']} | {_s(sp['wall'])} | "
+            + " | ".join(f"{_s(sp[k])} ({100 * sp[k]['median'] / sp['wall']['median']:.0f}%)" for k in SPLIT) + " |")
+    add("")
+    add(_ppo_recipe_note(ppo, ours_ppo))
+    add("")
+
+    add("## GPU rows: not measured")
+    add("")
+    add("This task has no GPU, so the GPU rows of the benchmark (bf16 SFT model FLOPs utilisation for a GPT-2 "
+        "124M config, PPO sequences/s at 256 prompt + 256 response tokens) were not measured, and `bench/run.py` "
+        "has no GPU mode: it is not implemented rather than shipped untested.")
+    add("")
+    add("## Reproduce")
+    add("")
+    add("```bash")
+    add("make bench                          # ~10 min on 2 cores; writes BENCHMARKS.md and BENCHMARKS.json")
+    add(".venv/bin/python bench/run.py --quick --md /tmp/b.md --json /tmp/b.json   # smoke run, < 1 min")
+    add("```")
+    add("")
+    add("It uses `outputs/tiny/{pretrain,sft,reward}` when a `make demo` has written them (copied first), and "
+        "otherwise (or with `--fresh-models`) an untrained tiny GPT-2 with a tokenizer trained on the embedded "
+        "corpus: the throughput is the same, the PPO responses are not (an untrained policy never stops early).")
+    add("")
+    return "\n".join(lines)
+
+
+def _exact(check: dict) -> bool:
+    return all(check[attn]["max_abs_diff_padding_free"] < EXACT for attn in ("sdpa", "eager"))
+
+
+def _f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _correct(row: dict, check: dict) -> str:
+    if "wrapped" in row["name"]:
+        return "no, for prompt/completion SFT (examples cut and see each other)"
+    if "bfd" in row["name"]:
+        ok = _exact(check)
+        return "yes (block-diagonal mask, checked)" if ok else "**no** (flattened loss differs, see below)"
+    return "yes"
+
+
+def _ppo_recipe_note(ppo: dict, ours: dict) -> str:
+    """Which PPO layout wins, and whether it changes the results beyond the seeds' spread."""
+    notes = []
+    runs = len(ours["vs_reference"]["paired"])
+    for r in ppo["rows"][2:]:
+        change = {k: v for k, v in r["overrides"].items() if ours["overrides"].get(k) != v}
+        speed = r["vs_reference"]
+        same = all(ours["results"][k]["min"] <= r["results"][k]["median"] <= ours["results"][k]["max"]
+                   or abs(r["results"][k]["median"] - ours["results"][k]["median"]) < 1e-3
+                   for k in ("objective/scores", "objective/kl"))
+        clear = speed["paired_min"] > 1.0 and speed["ratio"] >= 1.05
+        if clear:
+            verdict = "a clear win" + (
+                " and the RM score and KL stay within the seeds' spread: a candidate change for "
+                f"`recipes/tiny/ppo.yaml` ({', '.join(f'`{k}: {val}`' for k, val in change.items())})"
+                if same else ", but the RM score or KL moves outside the seeds' spread: not proposed")
+        elif speed["paired_max"] < 1.0:
+            verdict = f"slower in all {runs} paired repeats: the recipe's setting is the better one"
+        else:
+            verdict = "no clear difference (the paired ratios straddle 1.0 or the gain is under 5%)"
+        notes.append(f"*{r['name']}*: {_x(speed)} episodes/s vs ours, {verdict}.")
+    return "**Layout experiments** (TRL's own PPOConfig fields only). " + " ".join(notes)

@@ -1,0 +1,45 @@
+"""`make bench` in its smoke mode (`bench/run.py --quick`): every configuration runs, ours and bare TRL train the
+same thing, and BENCHMARKS-style Markdown and JSON are written with the expected rows. The figures of a quick run
+mean nothing; the real benchmark is `make bench`, not a test."""
+
+import json
+
+from conftest import run_python
+
+
+def test_quick_bench_writes_the_table_and_json(tmp_path):
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "BENCHMARKS.json"
+    run_python("bench/run.py", "--quick", "--fresh-models", "--md", md, "--json", js, timeout=600)
+    summary = json.loads(js.read_text())
+    text = md.read_text()
+    assert summary["mode"] == "quick"
+
+    names = {section: [row["name"] for row in data["rows"]] for section, data in summary["sections"].items()}
+    assert names["sft"][:2] == ["ours", "bare TRL"]
+    assert [n for n in names["sft"] if "packing bfd" in n] and [n for n in names["sft"] if "wrapped" in n]
+    assert names["reward"] == ["ours", "bare TRL"]
+    assert names["ppo"][:2] == ["ours", "bare TRL"] and len(names["ppo"]) == 4
+    for section, rows in names.items():
+        comparison = summary["sections"][section]["ours_vs_bare"]
+        assert comparison["same_work"], section  # same tokens / pairs / episodes and the same loss or score
+        assert comparison["config_differences"] == [], section  # the same TRL config
+        for name in rows:
+            assert f"| {name} |" in text
+
+    sft = {row["name"]: row for row in summary["sections"]["sft"]["rows"]}
+    assert sft["ours"]["tokens_per_s"]["median"] > 0 and sft["ours"]["peak_rss_mb"]["median"] > 100
+    ppo = summary["sections"]["ppo"]["rows"][0]
+    split = {k: v["median"] for k, v in ppo["split_per_update_s"].items()}
+    assert split["generation"] > 0 and split["reference"] > 0 and split["value"] > 0 and split["reward"] > 0
+    assert split["optimisation"] > 0
+    assert abs(sum(split[k] for k in ("generation", "reference", "value", "reward", "optimisation"))
+               - split["wall"]) < 1e-6
+
+    check = summary["padding_free_check"]["sdpa"]  # padding-free equals padded; without the block mask it does not
+    assert check["max_abs_diff_padding_free"] < 1e-4 < check["max_abs_diff_without_block_mask"]
+
+    targets = [t["target"] for t in summary["targets"]]
+    assert len(targets) == 9 and any("episodes/s" in t for t in targets)
+    for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model", "## PPO",
+                    "## GPU rows: not measured"):
+        assert heading in text
