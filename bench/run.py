@@ -330,7 +330,7 @@ def main(argv=None) -> None:
             # a discarded warm-up run of the section's first configuration (file cache, lazy imports, allocator)
             name, impl, overrides, _ = rows[0]
             recipe, output_dir = write_recipe(work, section, name, 99, overrides, prep)
-            runner({"kind": section, "impl": impl, "recipe": recipe})
+            runner({"kind": section, "impl": impl, "recipe": recipe, "heldout": prep["data"]["sft_heldout"]})
             shutil.rmtree(output_dir, ignore_errors=True)
             say(f"{section:6s} warm-up run done")
             for repeat in range(s["repeats"]):
@@ -338,8 +338,9 @@ def main(argv=None) -> None:
                 for name, impl, overrides, _ in order:
                     recipe, output_dir = write_recipe(work, section, name, repeat, overrides, prep)
                     disturbed = []
+                    job = {"kind": section, "impl": impl, "recipe": recipe, "heldout": prep["data"]["sft_heldout"]}
                     while True:
-                        result = runner({"kind": section, "impl": impl, "recipe": recipe}, measured=True)
+                        result = runner(job, measured=True)
                         shutil.rmtree(output_dir, ignore_errors=True)
                         if result["other_load_cores"] < report.LOADED or not runner.may_retry(result["run_s"]):
                             break

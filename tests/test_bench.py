@@ -28,6 +28,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
 
     sft = {row["name"]: row for row in summary["sections"]["sft"]["rows"]}
     assert sft["ours"]["tokens_per_s"]["median"] > 0 and sft["ours"]["peak_rss_mb"]["median"] > 100
+    assert sft["ours"]["heldout_loss"] == sft["bare TRL"]["heldout_loss"]  # the same training, the same model
     ppo = summary["sections"]["ppo"]["rows"][0]
     split = {k: v["median"] for k, v in ppo["split_per_update_s"].items()}
     assert split["generation"] > 0 and split["reference"] > 0 and split["value"] > 0 and split["reward"] > 0
