@@ -480,14 +480,26 @@ def _ppo_recipe_note(ppo: dict, ours: dict) -> str:
                    or abs(r["results"][k]["median"] - ours["results"][k]["median"]) < 1e-3
                    for k in ("objective/scores", "objective/kl"))
         clear = speed["paired_min"] > 1.0 and speed["ratio"] >= 1.05
+        memory = r["peak_rss_mb"]["median"] - ours["peak_rss_mb"]["median"]
+        cost = f"peak RSS {memory:+.0f} MB ({100 * memory / ours['peak_rss_mb']['median']:+.0f}%)"
         if clear:
-            verdict = "a clear win" + (
-                " and the RM score and KL stay within the seeds' spread: a candidate change for "
+            verdict = f"faster in all {runs} paired repeats, {cost}" + (
+                "; the RM score and KL stay within the seeds' spread: a candidate change for "
                 f"`recipes/tiny/ppo.yaml` ({', '.join(f'`{k}: {val}`' for k, val in change.items())})"
-                if same else ", but the RM score or KL moves outside the seeds' spread: not proposed")
+                + ("; the gain is under 10%, so confirm it with a second `make bench` before adopting it"
+                   if speed["ratio"] < 1.10 else "")
+                if same else "; but the RM score or KL moves outside the seeds' spread: not proposed")
         elif speed["paired_max"] < 1.0:
-            verdict = f"slower in all {runs} paired repeats: the recipe's setting is the better one"
+            verdict = f"slower in all {runs} paired repeats, {cost}: the recipe's setting is the better one"
         else:
-            verdict = "no clear difference (the paired ratios straddle 1.0 or the gain is under 5%)"
-        notes.append(f"*{r['name']}*: {_x(speed)} episodes/s vs ours, {verdict}.")
+            verdict = f"no clear difference (the paired ratios straddle 1.0 or the gain is under 5%), {cost}"
+        note = f"*{r['name']}*: {_x(speed)} episodes/s vs ours, {verdict}."
+        if "local_rollout_forward_batch_size" in change:
+            mine, theirs = ours["split_per_update_s"], r["split_per_update_s"]
+            note += (f" Generation alone takes {theirs['generation']['median']:.2f} s per update in chunks vs "
+                     f"{mine['generation']['median']:.2f} s in one batch (the recipe's setting, and TRL's default): "
+                     f"{theirs['generation']['median'] / mine['generation']['median']:.2f}× faster in one batch, "
+                     f"but generation is only {100 * mine['generation']['median'] / mine['wall']['median']:.0f}% "
+                     "of an update at these sizes.")
+        notes.append(note)
     return "**Layout experiments** (TRL's own PPOConfig fields only). " + " ".join(notes)
