@@ -5,8 +5,11 @@ the YAML; an unknown key, in the YAML or on the command line, is an error that n
 """
 
 import difflib
+import enum
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 
 import yaml
 
@@ -39,27 +42,145 @@ class PretrainArguments(PipelineArguments):
 
 
 @dataclass
+class SFTArguments(PipelineArguments):
+    """What to do with demonstrations longer than the trainer's `max_length`."""
+
+    overlong_rows: str = field(
+        default="truncate", metadata={"help": "A row longer than max_length tokens: 'truncate' cuts it to max_length "
+                                      "(TRL's default), 'drop' drops it; either way they are counted and reported.",
+                                      "choices": ["truncate", "drop"]})
+
+
+@dataclass
 class PPOArguments(PipelineArguments):
-    """Evaluation after PPO: the policy against the SFT policy on held-out prompts."""
+    """Reward functions, KL control and PPO-ptx (see pipeline/rl.py), and the evaluation after PPO: the policy
+    against the SFT policy on held-out prompts."""
 
     max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are dropped (and counted)."})
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt and policy."})
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Cap on held-out prompts evaluated."})
+    reward_functions: list[str] = field(default_factory=list, metadata={
+        "help": "Python callables 'module:function', called as function(prompts=[str], completions=[str]) -> "
+                "[float], added to the reward model's score (e.g. pipeline.embedded:gold_reward)."})
+    reward_function_weights: list[float] = field(default_factory=list, metadata={
+        "help": "One weight per reward function (default 1 each)."})
+    reward_model_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the reward model's score; 0 leaves the reward to the functions alone."})
+    kl_control: str = field(default="fixed", metadata={
+        "help": "'fixed': kl_coef throughout; 'adaptive': kl_coef moves toward keeping the KL at kl_target "
+                "(Ziegler et al. 2019).", "choices": ["fixed", "adaptive"]})
+    kl_target: float = field(default=6.0, metadata={"help": "Adaptive KL: the target KL (nats per response)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL: the horizon, in episodes."})
+    ptx_coef: float = field(default=0.0, metadata={
+        "help": "PPO-ptx: weight of a causal-LM loss on ptx_dataset_name mixed into every policy update (0: off)."})
+    ptx_dataset_name: str | None = field(default=None, metadata={
+        "help": "PPO-ptx: pretraining or SFT data (any name dataset_name accepts, e.g. embedded:corpus)."})
+    ptx_block_size: int = field(default=128, metadata={"help": "PPO-ptx: tokens per ptx sequence."})
 
 
 CLASSES = {
     "pretrain": (PretrainArguments, SFTConfig),
-    "sft": (PipelineArguments, SFTConfig),
+    "sft": (SFTArguments, SFTConfig),
     "reward": (PipelineArguments, RewardConfig),
     "ppo": (PPOArguments, PPOConfig),
 }
+
+
+class RecipeParser(TrlParser):
+    """TrlParser whose errors (a flag with a value of the wrong type, a missing value) are one-line ValueErrors
+    instead of argparse's usage text and exit."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def parser(stage: str) -> TrlParser:
     if stage not in CLASSES:
         raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
     script_class, config_class = CLASSES[stage]
-    return TrlParser((script_class, config_class, ModelConfig))
+    return RecipeParser((script_class, config_class, ModelConfig))
+
+
+def _describe(annotation) -> str:
+    """A type annotation in words, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        words = []
+        for arg in args:
+            if _describe(arg) not in words:
+                words.append(_describe(arg))
+        return " or ".join(words)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in annotation)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list", type(None): "null"}.get(origin or annotation, getattr(annotation, "__name__", "a value"))
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a YAML value can stand for a field of this type (lenient for types it does not know)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any or isinstance(annotation, typing.TypeVar):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in [e.value for e in annotation]
+    if annotation is bool:
+        return isinstance(value, bool) or isinstance(value, str) and value.lower() in (
+            "yes", "no", "true", "false", "t", "f", "y", "n", "1", "0")
+    if annotation in (int, float):
+        if isinstance(value, str):  # argparse converts strings (PyYAML reads 1e-4, without a dot, as one)
+            try:
+                value = annotation(value)
+            except ValueError:
+                return False
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _show(value) -> str:
+    return {True: "true", False: "false", None: "null"}.get(value, repr(value)) if isinstance(
+        value, (bool, type(None))) else repr(value)
+
+
+def check_types(stage_parser: TrlParser, recipe: dict, path: str) -> None:
+    """Fail on a recipe value of the wrong type (`learning_rate: fast`, `num_train_epochs: [1]`) or outside a
+    field's choices, naming the key and what it expects. argparse only converts string values, so without
+    this a list or a float would reach the trainer as is."""
+    annotations, defaults = {}, {}
+    for cls in stage_parser.dataclass_types:
+        try:
+            annotations.update(typing.get_type_hints(cls))
+        except Exception:  # a type that cannot be resolved: that class is not checked
+            continue
+        defaults.update({f.name: f.default for f in fields(cls) if f.default is not MISSING})
+    choices = {action.dest: action.choices for action in stage_parser._actions if action.choices}
+    for key, value in recipe.items():
+        if key not in annotations:
+            continue
+        annotation = annotations[key]
+        if value is None and defaults.get(key, MISSING) is None:
+            continue
+        outside_choices = key in choices and value is not None and (
+            isinstance(value, (bool, dict, list)) or str(value) not in choices[key])
+        if _fits(value, annotation) and not outside_choices:
+            continue
+        expected = ("one of " + ", ".join(repr(c) for c in choices[key]) if key in choices
+                    else _describe(annotation))
+        hint = " (YAML reads unquoted yes/no/on/off as booleans: quote it)" if isinstance(value, bool) else ""
+        raise ValueError(f"recipe '{path}': '{key}' must be {expected}, got {_show(value)}{hint}")
 
 
 def check_recipe(stage_parser: TrlParser, path: str) -> None:
@@ -78,6 +199,7 @@ def check_recipe(stage_parser: TrlParser, path: str) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ValueError(f"recipe '{path}': unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
+    check_types(stage_parser, recipe, path)
 
 
 def parse(stage: str, argv: list[str] | None = None):

@@ -144,6 +144,27 @@ def test_unreadable_local_files(tmp_path, content, problem):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_dataset_with_no_rows_is_named():
+    with pytest.raises(DataError, match="^data.jsonl: the dataset has no rows$"):
+        normalise(Dataset.from_list([]), "sft", "data.jsonl")
+
+
+def test_drop_mode_with_every_row_bad_is_an_error(capsys):
+    data = rows({"prompt": "Q?", "chosen": " a", "rejected": " a"}, {"prompt": "Q?", "chosen": None, "rejected": " b"})
+    with pytest.raises(DataError, match="^x: no valid rows left$"):
+        normalise(data, "preference", "x", invalid_rows="drop")
+    assert "dropped 2 of 2 rows (first: row 0: 'chosen' and 'rejected' are identical)" in capsys.readouterr().out
+
+
+def test_missing_split_and_missing_dataset_name(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}: no 'validation' split \(it has: train\)$"):
+        load_splits(str(path), train_split="validation")
+    with pytest.raises(DataError, match="^no dataset given: set `dataset_name`"):
+        load_splits(None)
+
+
 def test_unknown_embedded_kind():
     with pytest.raises(ValueError, match="embedded:sft"):
         load_splits("embedded:nope")

@@ -1,10 +1,14 @@
 """A stage under `accelerate launch` with 2 CPU processes (DDP over gloo) matches 1 process at the same
-global batch: same loss and same weights within float tolerance (all-reduce changes summation order)."""
+global batch: same loss and same weights within float tolerance (all-reduce changes summation order).
+(Pretrain is the SFT stage's code path: SFTTrainer. PPO cannot match 1 process sample for sample: each process
+samples its rollouts from its own seed, as TRL does; it is checked to run, to resume, and to match itself.)"""
 
 import json
+import sys
 
+import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import ROOT, run_python
 
@@ -44,3 +48,44 @@ def test_runner_launches_every_stage_with_accelerate(tiny_run, tmp_path):
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert results[stage]["num_processes"] == 2, stage
     assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
+
+
+def test_sft_stage_two_processes_match_one(tiny_run, tmp_path):
+    common = ["--config", tiny_run["recipes"] / "sft.yaml", "--max_steps", "6", "--learning_rate", "1e-3",
+              "--save_strategy", "no", "--report_to", "none"]
+    run_python("scripts/sft.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
+    run_python("-m", "accelerate.commands.launch", "--config_file", ROOT / "recipes/accelerate/cpu_2proc.yaml",
+               "scripts/sft.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "two")
+    one_results = json.loads((tmp_path / "one" / "results.json").read_text())
+    two_results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one_results["num_processes"], two_results["num_processes"]) == (1, 2)
+    assert abs(one_results["train_loss"] - two_results["train_loss"]) < TOLERANCE
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+def test_ppo_under_two_processes_resumes_after_sigkill(tiny_run, tmp_path):
+    """PPO (the stage whose resume is ours, not transformers') in 2 processes, the launcher's process group
+    killed after a checkpoint, relaunched: it resumes and ends exactly where an uninterrupted 2-process run
+    ends (each process restores its own RNG state: rng_state_<rank>.pth)."""
+    import random
+
+    from test_resume import STAGES, command, kill_after_a_checkpoint, logged, saved_steps
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "recipes/accelerate/cpu_2proc.yaml")]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_python(*launcher[1:], *command(tiny_run, "ppo", uninterrupted))
+    kill_after_a_checkpoint(command(tiny_run, "ppo", interrupted), interrupted, random.Random(0), launcher=launcher)
+    saved = saved_steps(interrupted)
+    assert saved and (interrupted / f"checkpoint-{saved[-1]}" / "rng_state_1.pth").exists()
+    resumed = run_python(*launcher[1:], *command(tiny_run, "ppo", interrupted))
+    assert f"resuming from {interrupted / f'checkpoint-{saved[-1]}'}" in resumed.stdout + resumed.stderr
+    keys = STAGES["ppo"][1]
+    expected, got = logged(uninterrupted, keys), logged(interrupted, keys)
+    assert list(got) == list(expected)
+    for step, values in expected.items():
+        for key, value in values.items():
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    assert json.loads((interrupted / "results.json").read_text())["num_processes"] == 2

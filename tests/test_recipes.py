@@ -63,6 +63,13 @@ def test_missing_recipe_is_named():
         parse("sft", ["--config", "recipes/tiny/nope.yaml"])
 
 
+def test_recipe_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("- learning_rate: 1.0e-4\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping of field: value"):
+        parse("sft", ["--config", str(path)])
+
+
 def test_unknown_command_line_flag_is_an_error_naming_it():
     with pytest.raises(ValueError, match="--lerning_rate"):
         parse("sft", ["--config", str(TINY / "sft.yaml"), "--lerning_rate", "1e-4"])
@@ -81,8 +88,55 @@ def test_stage_script_reports_a_typo_in_one_line(tmp_path):
 
 
 def test_wrong_value_type_is_rejected():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="^argument --num_train_epochs/--num-train-epochs: invalid float value: 'many'$"):
         parse("sft", ["--config", str(TINY / "sft.yaml"), "--num_train_epochs", "many"])
+
+
+@pytest.mark.parametrize("stage, key, value, expected", [
+    ("sft", "learning_rate", "fast", "'learning_rate' must be a number, got 'fast'"),
+    ("sft", "num_train_epochs", [1], "'num_train_epochs' must be a number, got [1]"),
+    ("reward", "per_device_train_batch_size", 2.5, "'per_device_train_batch_size' must be an integer, got 2.5"),
+    ("sft", "max_steps", "ten", "'max_steps' must be an integer, got 'ten'"),
+    ("sft", "use_cpu", "maybe", "'use_cpu' must be true or false, got 'maybe'"),
+    ("sft", "learning_rate", None, "'learning_rate' must be a number, got null"),
+    ("reward", "invalid_rows", "skip", "'invalid_rows' must be one of 'error', 'drop', got 'skip'"),
+    ("sft", "overlong_rows", "cut", "'overlong_rows' must be one of 'truncate', 'drop', got 'cut'"),
+    ("ppo", "eval_strategy", False, "'eval_strategy' must be one of 'no', 'steps', 'epoch', got false (YAML reads "
+                                    "unquoted yes/no/on/off as booleans: quote it)"),
+    ("pretrain", "n_layer", "two", "'n_layer' must be an integer, got 'two'"),
+    ("ppo", "max_prompt_length", {"tokens": 64}, "'max_prompt_length' must be an integer, got {'tokens': 64}"),
+])
+def test_wrong_value_type_in_a_recipe_names_the_key_and_the_type(tmp_path, stage, key, value, expected):
+    recipe = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
+    recipe[key] = value
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError) as error:
+        parse(stage, ["--config", str(path)])
+    assert str(error.value) == f"recipe '{path}': {expected}"
+
+
+def test_values_that_argparse_converts_are_accepted(tmp_path):
+    recipe = yaml.safe_load((TINY / "sft.yaml").read_text())
+    recipe.update(learning_rate="1e-4", max_steps="5", use_cpu="true", max_length=None, report_to=["tensorboard"])
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _, training_args, _ = parse("sft", ["--config", str(path)])
+    assert (training_args.learning_rate, training_args.max_steps, training_args.max_length) == (1e-4, 5, None)
+
+
+def test_stage_script_reports_a_wrong_type_in_one_line(tmp_path):
+    recipe = yaml.safe_load((TINY / "sft.yaml").read_text())
+    recipe["learning_rate"] = "fast"
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_python("scripts/sft.py", "--config", path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: sft: recipe '{path}': 'learning_rate' must be a number, got 'fast' "
+                                     "(PIPELINE_DEBUG=1 shows the traceback)")
+    flag = run_python("scripts/sft.py", "--config", TINY / "sft.yaml", "--num_train_epochs", "many", check=False)
+    assert flag.returncode == 2 and len(flag.stderr.strip().splitlines()) == 1
+    assert "--num_train_epochs/--num-train-epochs: invalid float value: 'many'" in flag.stderr
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "zero2", "zero3", "fsdp", "cpu_2proc"])

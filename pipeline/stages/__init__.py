@@ -1,25 +1,98 @@
 """One module per stage, each with `main(script_args, training_args, model_args)`; `run` is the entry point."""
 
+import errno
 import importlib
 import os
+import re
+import resource
 import sys
+import tempfile
 
 from ..config import STAGES, parse
+
+# errno -> the cause, for a write that failed (OSError, or safetensors' "os error N", or torch.save)
+WRITE_ERRORS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file too large",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _cause(code: int) -> str:
+    cause = WRITE_ERRORS[code]
+    if code == errno.EFBIG and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        cause += " (the file size limit, `ulimit -f`, was reached)"
+    return cause
+
+
+def check_writable(output_dir: str) -> None:
+    """Before anything is loaded or trained: output_dir (or, if it does not exist yet, the nearest folder
+    above it) must take a new file. A probe file is created and removed; nothing else is touched."""
+    path = os.path.abspath(output_dir)
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir {output_dir}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".pipeline-write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        where = output_dir if existing == path else f"{existing} (to create output_dir {output_dir})"
+        raise ValueError(f"cannot write to {where}: {_cause(error.errno)}; nothing was trained or written") from None
+
+
+def describe_write_error(error: BaseException, output_dir: str | None) -> str | None:
+    """One line for a write that failed during a stage (permission, read-only, full disk, size limit, quota),
+    or None if `error` is not one. safetensors and torch.save raise their own errors, not OSError."""
+    code = error.errno if isinstance(error, OSError) else None
+    where = getattr(error, "filename", None) or output_dir
+    text = str(error)
+    if code is None and (found := re.search(r"os error (\d+)", text)):  # safetensors' Rust I/O error
+        code = int(found.group(1))
+    elif code is None and isinstance(error, RuntimeError) and re.search(
+            r"PytorchStreamWriter|inline_container|file write failed", text) and output_dir:
+        # torch.save's error does not give the cause: look for it
+        free = os.statvfs(output_dir if os.path.isdir(output_dir) else ".")
+        if free.f_bavail == 0:
+            code = errno.ENOSPC
+        elif resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            code = errno.EFBIG
+        else:
+            return f"cannot write to {output_dir}: {text.splitlines()[0] if text else type(error).__name__}"
+    if code not in WRITE_ERRORS or where is None:
+        return None
+    inside = output_dir is not None and os.path.commonpath(
+        [os.path.abspath(str(where)), os.path.abspath(output_dir)]) == os.path.abspath(output_dir)
+    verb = "write to" if inside or code not in (errno.EACCES, errno.EPERM) else "access"
+    return f"cannot {verb} {where}: {_cause(code)}"
 
 
 def run(stage: str, argv: list[str] | None = None) -> None:
     """Parse a recipe and run one stage. Errors in the input print one line and exit 2; set
-    PIPELINE_DEBUG=1 (or pass --debug) to see the traceback instead."""
+    PIPELINE_DEBUG=1 (or pass --debug) to see the traceback instead. So does a write that fails (a read-only
+    output_dir, a full disk): the line names the path and the cause."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PIPELINE_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    output_dir = None
     try:
         module = importlib.import_module(f"{__name__}.{stage}")
-        module.main(*parse(stage, argv))
-    except (ValueError, FileNotFoundError, OSError) as error:
-        if debug:
+        parsed = parse(stage, argv)
+        output_dir = parsed[1].output_dir
+        check_writable(output_dir)
+        module.main(*parsed)
+    except Exception as error:
+        message = describe_write_error(error, output_dir)
+        if debug or (message is None and not isinstance(error, (ValueError, OSError))):
             raise
-        message = " ".join(str(error).split())
+        message = message or " ".join(str(error).split())
         print(f"error: {stage}: {message} (PIPELINE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 

@@ -2,38 +2,163 @@
 
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
 
 import datasets
+import torch
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback
 
 logger = logging.getLogger("pipeline")
 
+STAGE_FILE = "pipeline_stage.json"  # which stage an output folder belongs to
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-def setup(training_args) -> None:
-    """Seed and logging, the way transformers' example scripts do it."""
+
+class StageOutputError(ValueError):
+    """output_dir belongs to another stage."""
+
+
+class NonFiniteError(ValueError):
+    """A NaN/inf loss, gradient or reward: training stops before the update, the checkpoints on disk are kept."""
+
+
+def setup(training_args, stage: str) -> None:
+    """Seed and logging, the way transformers' example scripts do it; then claim output_dir for `stage`
+    (refusing a folder that holds another stage's output)."""
     transformers.set_seed(training_args.seed)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
-    logger.setLevel(level)
+    # the pipeline's own lines (resuming, dropped rows) on the main process even at transformers' quiet default
+    logger.setLevel(logging.INFO if training_args.log_level == "passive" and training_args.should_log else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     if level > logging.INFO:  # keep the training bar, drop the bars of every small map/load/save
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    claim_output_dir(training_args.output_dir, stage, write=training_args.should_save)
+
+
+def output_dir_stage(output_dir: str) -> str | None:
+    """The stage whose output or checkpoints `output_dir` holds: from its stage file, or, for folders written
+    before it existed, from the newest checkpoint (a PPO checkpoint has value_model/, a reward model a
+    sequence-classification head, pretrain/SFT a causal LM: those two can't be told apart, so "sft")."""
+    try:
+        with open(os.path.join(output_dir, STAGE_FILE)) as f:
+            return json.load(f)["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    checkpoints = complete_checkpoints(output_dir)
+    if not checkpoints:
+        return None
+    newest = checkpoints[-1]
+    if os.path.isdir(os.path.join(newest, "value_model")):
+        return "ppo"
+    try:
+        with open(os.path.join(newest, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "reward"
+    return "sft" if any(a.endswith("LMHeadModel") or a.endswith("ForCausalLM") for a in architectures) else None
+
+
+def claim_output_dir(output_dir: str, stage: str, write: bool = True) -> None:
+    """Refuse an output_dir that holds another stage's checkpoints (resuming from them would load the wrong
+    kind of model, and training would write over them); otherwise record the stage in it."""
+    if not os.path.isdir(output_dir):
+        if write:
+            os.makedirs(output_dir, exist_ok=True)
+    else:
+        found = output_dir_stage(output_dir)
+        same = found is None or found == stage or {found, stage} == {"sft", "pretrain"} and not os.path.isfile(
+            os.path.join(output_dir, STAGE_FILE))
+        if not same:
+            raise StageOutputError(
+                f"output_dir {output_dir} holds the output of the {found} stage, not {stage}: "
+                f"give this stage its own output_dir (nothing was written)")
+    if write:
+        with open(os.path.join(output_dir, STAGE_FILE), "w") as f:
+            json.dump({"stage": stage}, f)
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Trainer writes trainer_state.json last in a checkpoint (after weights, optimizer, scheduler and RNG
+    states): a checkpoint whose trainer_state.json is missing or cut short was interrupted while saving."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """The complete `checkpoint-N` folders of output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = sorted((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name)))
+    paths = [os.path.join(output_dir, name) for _, name in found]
+    return [path for path in paths if os.path.isdir(path) and is_complete(path)]
 
 
 def last_checkpoint(training_args) -> str | None:
-    """The newest `checkpoint-N` in output_dir, to resume from (None for a fresh run)."""
-    if not os.path.isdir(training_args.output_dir):
+    """The newest complete `checkpoint-N` in output_dir, to resume from (None for a fresh run). Checkpoints
+    that were being written when the run died are removed first (on the main process), so that neither this
+    run nor transformers' rotation ever picks them up."""
+    output_dir = training_args.output_dir
+    if not os.path.isdir(output_dir):
         return None
-    checkpoint = get_last_checkpoint(training_args.output_dir)
-    if checkpoint is not None:
-        logger.info(f"resuming from {checkpoint}")
-    return checkpoint
+    if training_args.should_save:
+        for name in sorted(os.listdir(output_dir)):
+            path = os.path.join(output_dir, name)
+            if _CHECKPOINT.match(name) and os.path.isdir(path) and not is_complete(path):
+                logger.warning(f"removing {path}: the run was stopped while writing it (no complete trainer_state.json)")
+                shutil.rmtree(path)
+    checkpoints = complete_checkpoints(output_dir)
+    if checkpoints:
+        logger.info(f"resuming from {checkpoints[-1]}")
+        return checkpoints[-1]
+    return None
+
+
+def check_finite(value, what: str, step: int) -> None:
+    """Stop with a one-line NonFiniteError if `value` (a float or tensor) is NaN or infinite."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} is {value} at step {step}: training stopped before that update; "
+                             f"the checkpoints already in output_dir are kept (lower the learning rate, "
+                             f"check the data, or resume from the last checkpoint)")
+
+
+def gradient_norm(parameters) -> torch.Tensor | None:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+class FiniteGradients(TrainerCallback):
+    """Before every optimizer step, the gradient norm must be finite: a NaN/inf loss makes it NaN/inf, and the
+    step is refused before it corrupts the weights (transformers' `logging_nan_inf_filter` would only hide the
+    loss from the logs). With fp16 loss scaling inf gradients are routine (the scaler skips them): not checked."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        norm = gradient_norm(model.parameters())
+        if norm is not None:
+            check_finite(norm, "the gradient norm (a NaN/inf loss)", state.global_step + 1)
+
+
+def train(trainer, checkpoint: str | None):
+    """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check."""
+    trainer.add_callback(FiniteGradients())
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def write_results(output_dir: str, results: dict) -> None:
@@ -46,8 +171,14 @@ def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[
     """Save the final model (+ tokenizer, generation config), write results, recipe.yaml and the model card,
     then push the output folder if the recipe asked for it (`publication`, from `hub.prepare`; a failed
     push exits with code 3 and keeps everything on disk)."""
-    trainer.save_model(training_args.output_dir)
-    metrics = {**metrics, "num_processes": trainer.accelerator.num_processes}
+    from ..models import parameter_counts, peft_model, save_lora
+
+    metrics = {**metrics, **parameter_counts(trainer), "num_processes": trainer.accelerator.num_processes}
+    lora = peft_model(trainer)
+    if lora is not None:  # LoRA: the adapter in output_dir/adapter, the merged model in output_dir
+        save_lora(trainer, lora, training_args.output_dir)
+    else:
+        trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
         # the log history (losses, rewards, KL per step) for the run report, even when no checkpoint was saved

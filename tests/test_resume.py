@@ -1,0 +1,175 @@
+"""Every stage survives SIGKILL: killed at a random moment after a checkpoint, started again with the same
+command, it resumes from its last complete checkpoint and ends where an uninterrupted run ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import ROOT, run_python
+
+SAVE_STEPS = 3
+# per stage: overrides giving enough steps after the first checkpoints for a kill to land mid-run (and a
+# loss logged at every step: a logged loss is the mean since the last log, which a resume restarts), and the
+# logged values compared with the uninterrupted run's at every step
+STAGES = {
+    "pretrain": ({"max_steps": 60, "logging_steps": 1}, ["loss"]),
+    "sft": ({"max_steps": 60, "logging_steps": 1}, ["loss"]),
+    "reward": ({"max_steps": 60, "logging_steps": 1}, ["loss"]),
+    # PPO with everything that has state of its own: adaptive KL coefficient, ptx batches
+    "ppo": ({"total_episodes": 192, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
+             "logging_steps": 1, "kl_control": "adaptive", "kl_target": 0.5, "kl_horizon": 200, "ptx_coef": 0.5,
+             "ptx_dataset_name": "embedded:corpus", "ptx_block_size": 32},
+            ["objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg",
+             "loss/ptx_avg"]),
+}
+TOLERANCE = 1e-4  # relative; CPU runs resume bit-exactly in practice, this leaves room for kernel reordering
+
+
+def command(tiny_run, stage, output_dir, extra=()):
+    overrides, _ = STAGES[stage]
+    args = [f"scripts/{stage}.py", "--config", str(tiny_run["recipes"] / f"{stage}.yaml"), "--output_dir",
+            str(output_dir), "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS), "--report_to", "none"]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args + list(extra)
+
+
+def complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def saved_steps(output_dir: Path, at_least: int = 0) -> list[int]:
+    """Steps of the complete checkpoints (older ones are rotated away: save_total_limit)."""
+    steps = sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if complete(p))
+    return [s for s in steps if s >= at_least]
+
+
+def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher=()) -> int:
+    """Start the stage, wait for a randomly chosen early checkpoint to be complete, wait a random extra moment
+    (so the kill lands anywhere: mid-step, mid-save), SIGKILL the whole process group. Returns that step."""
+    target = rng.choice([SAVE_STEPS, 2 * SAVE_STEPS])
+    process = subprocess.Popen([*launcher, *args] if launcher else [sys.executable, *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while process.poll() is None and not saved_steps(output_dir, at_least=target) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.2))
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the stage ended before it was killed:\n{process.stderr.read()[-3000:]}"
+    assert not (output_dir / "results.json").exists()
+    return target
+
+
+def logged(output_dir: Path, keys) -> dict[int, dict]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    steps = [row["step"] for row in history if any(k in row for k in keys)]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {row["step"]: {k: row[k] for k in keys if k in row} for row in history if any(k in row for k in keys)}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage):
+    rng = random.Random(f"{stage}-{os.getpid()}")
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_python(*command(tiny_run, stage, uninterrupted))
+
+    target = kill_after_a_checkpoint(command(tiny_run, stage, interrupted), interrupted, rng)
+    saved = saved_steps(interrupted)
+    assert saved and saved[-1] >= target
+    resumed = run_python(*command(tiny_run, stage, interrupted))
+    log = resumed.stdout + resumed.stderr
+    assert f"resuming from {interrupted / f'checkpoint-{saved[-1]}'}" in log
+
+    keys = STAGES[stage][1]
+    expected, got = logged(uninterrupted, keys), logged(interrupted, keys)
+    assert list(got) == list(expected)  # every step once: none lost, none repeated
+    assert max(got) > saved[-1]  # and the resumed run did train past the checkpoint
+    for step, values in expected.items():
+        for key, value in values.items():
+            assert got[step][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), (stage, step, key)
+    final = json.loads((uninterrupted / "results.json").read_text())
+    final_resumed = json.loads((interrupted / "results.json").read_text())
+    for key, value in final.items():
+        # timings differ; TRL's token counter (num_tokens) is not part of transformers' checkpoint, so it restarts
+        if isinstance(value, float) and not key.endswith(("runtime", "wall_seconds", "per_second", "num_tokens")):
+            assert final_resumed[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), key
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tiny_run, tmp_path):
+    output = tmp_path / "sft"
+    run_python(*command(tiny_run, "sft", output, ["--max_steps", "6"]))
+    # simulate a kill while checkpoint-9 was being written: weights there, trainer_state.json cut short
+    half = output / "checkpoint-9"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+    (half / "trainer_state.json").write_text('{"global_step": 9, "log_hi')
+    (output / "results.json").unlink()
+    resumed = run_python(*command(tiny_run, "sft", output, ["--max_steps", "12"]))
+    log = resumed.stdout + resumed.stderr
+    assert f"removing {half}" in log and f"resuming from {output / 'checkpoint-6'}" in log
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+
+
+def test_ppo_skips_the_batches_a_checkpoint_trained_on_across_epochs():
+    from pipeline.stages.ppo import _SkipBatches
+
+    def loader():
+        return DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(7))
+
+    def batches(source, n):
+        def repeat():
+            while True:
+                yield from source
+        stream = repeat()
+        return [next(stream).tolist() for _ in range(n)]
+
+    whole = batches(loader(), 12)  # 4 epochs of 3 batches
+    torch.manual_seed(123)  # the global RNG plays no part in the order
+    for done in (0, 2, 3, 7):
+        assert batches(_SkipBatches(loader(), done), 12 - done) == whole[done:], done
+
+
+def test_stage_refuses_an_output_dir_holding_another_stage(tiny_run, tmp_path):
+    output = tmp_path / "reward"
+    run_python(*command(tiny_run, "reward", output, ["--max_steps", "3"]))
+    before = sorted(p.name for p in output.iterdir())
+    result = run_python(*command(tiny_run, "sft", output, ["--max_steps", "3"]), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: sft: output_dir {output} holds the output of the reward stage, not sft")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_nan_loss_stops_the_stage_naming_the_step_and_keeps_the_checkpoints(tiny_run, tmp_path):
+    output = tmp_path / "sft"
+    # a learning rate of 1e30 gives huge weights after a few updates, then an inf/NaN loss
+    result = run_python(*command(tiny_run, "sft", output, ["--max_steps", "30", "--learning_rate", "1e30",
+                                                           "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+                                                           "--save_steps", "1"]), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: sft: the gradient norm (a NaN/inf loss) is nan at step ") or \
+        line.startswith("error: sft: the gradient norm (a NaN/inf loss) is inf at step "), line
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert 1 < step < 30
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] == step - 1  # every finished step was saved, the failed one not
+    assert not (output / "results.json").exists()

@@ -1,0 +1,134 @@
+"""KL control, reward functions and PPO-ptx (pipeline/rl.py and the PPO stage)."""
+
+import json
+import os
+
+import pytest
+import torch
+from trl import ModelConfig
+from trl.experimental.utils import get_reward
+
+from conftest import ROOT, run_python
+from pipeline import rl
+from pipeline.models import load_scalar_head_model, load_tokenizer
+
+
+def test_fixed_kl_controller_keeps_the_coefficient():
+    controller = rl.FixedKLController(0.05)
+    assert [controller.update(kl, 64) for kl in (0.1, 100.0, 3.0)] == [0.05, 0.05, 0.05]
+
+
+def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
+    controller = rl.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    ups = [controller.update(12.0, 100) for _ in range(3)]  # KL above target: coefficient grows
+    assert ups[0] == pytest.approx(0.1 * 1.02) and ups == sorted(ups)  # error clipped at +0.2
+    downs = [controller.update(3.0, 100) for _ in range(3)]  # below: shrinks (error -0.5 clipped to -0.2)
+    assert downs[0] == pytest.approx(ups[-1] * 0.98) and downs == sorted(downs, reverse=True)
+    assert controller.update(6.0, 100) == pytest.approx(downs[-1])  # at the target: unchanged
+
+    # a policy whose KL falls as the penalty rises (KL = 1 / coef): the loop settles at the target
+    controller = rl.AdaptiveKLController(0.02, target=6.0, horizon=500)
+    kls = []
+    for _ in range(400):
+        kl = 1.0 / controller.value
+        kls.append(kl)
+        controller.update(kl, 64)
+    assert abs(kls[0] - 6.0) > 40 and abs(kls[-1] - 6.0) < 0.1
+
+
+def test_adaptive_kl_controller_refuses_a_bad_target():
+    with pytest.raises(ValueError, match="kl_target > 0"):
+        rl.AdaptiveKLController(0.1, target=0.0, horizon=100)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "expected 'module:function'"),
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    ("pipeline.embedded:no_such_function", "has no function 'no_such_function'"),
+])
+def test_reward_function_names_are_checked(spec, message):
+    with pytest.raises(ValueError, match=message):
+        rl.load_function(spec)
+
+
+def test_combined_reward_is_the_weighted_sum_through_trls_get_reward(tiny_run):
+    path = tiny_run["outputs"] / "reward"
+    tokenizer = load_tokenizer(str(path), padding_side="left")
+    model = load_scalar_head_model(str(path), tokenizer, ModelConfig()).eval()
+    prompts = tokenizer(["Write a review of The Lost River.", "Hi"], padding=True, return_tensors="pt")["input_ids"]
+    responses = tokenizer([" It was great.", " Bad"], padding=True, padding_side="right",
+                          return_tensors="pt")["input_ids"]
+    rows = torch.cat([prompts, responses], 1)
+    context = prompts.shape[1]
+    with torch.no_grad():
+        _, alone, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
+        combined = rl.CombinedReward(model, tokenizer, ["pipeline.embedded:gold_reward", "reward_fns:length"],
+                                     [2.0, 0.5], model_weight=0.25)
+        combined.context_length = context
+        _, both, _ = get_reward(combined, rows, tokenizer.pad_token_id, context)
+    from pipeline.embedded import gold_score
+    gold = [gold_score("Write a review of The Lost River.", " It was great."), gold_score("Hi", " Bad")]
+    lengths = [len(" It was great."), len(" Bad")]
+    expected = [0.25 * a + 2.0 * g + 0.5 * n for a, g, n in zip(alone.tolist(), gold, lengths)]
+    assert both.tolist() == pytest.approx(expected, rel=1e-5)
+    assert combined.take_means() == pytest.approx({"rewards/gold_reward": sum(gold) / 2,
+                                                   "rewards/length": sum(lengths) / 2})
+
+
+def ppo(tiny_run, output_dir, *extra, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return run_python("scripts/ppo.py", "--config", tiny_run["recipes"] / "ppo.yaml", "--output_dir", output_dir,
+                      "--report_to", "none", "--logging_steps", "1", *extra, check=check, env=env)
+
+
+def updates(output_dir) -> list[dict]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [row for row in history if "objective/scores" in row]
+
+
+def test_reward_function_values_reach_ppo_scores_and_adaptive_kl_is_logged(tiny_run, tmp_path):
+    ppo(tiny_run, tmp_path / "ppo", "--reward_functions", "reward_fns:constant", "--reward_model_weight", "0",
+        "--missing_eos_penalty", "0", "--kl_control", "adaptive", "--kl_target", "0.001", "--kl_horizon", "100")
+    rows = updates(tmp_path / "ppo")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["objective/scores"] == pytest.approx(2.5)  # the function alone is the score
+        assert row["rewards/constant"] == pytest.approx(2.5)
+    coefs = [row["objective/kl_coef"] for row in rows]
+    assert coefs[0] == pytest.approx(0.05)  # the recipe's kl_coef first
+    for before, after, row in zip(coefs, coefs[1:], rows):  # each update's KL moves the next coefficient
+        error = min(max(row["objective/kl"] / 0.001 - 1, -0.2), 0.2)
+        assert after == pytest.approx(before * (1 + error * 16 / 100))  # 16 episodes per update
+    assert coefs[-1] > coefs[0]  # the policy drifts from the reference: KL above the tiny target, penalty up
+    recipe = (tmp_path / "ppo" / "recipe.yaml").read_text()
+    assert "kl_coef: 0.05" in recipe  # the recipe written out is the one given, not the controller's last value
+
+
+def test_ptx_is_off_at_zero_and_changes_the_policy_update_when_on(tiny_run, tmp_path):
+    ppo(tiny_run, tmp_path / "plain")
+    ppo(tiny_run, tmp_path / "zero", "--ptx_coef", "0", "--ptx_dataset_name", "embedded:corpus")
+    ppo(tiny_run, tmp_path / "ptx", "--ptx_coef", "1.0", "--ptx_dataset_name", "embedded:corpus",
+        "--ptx_block_size", "32")
+    plain, zero, ptx = (updates(tmp_path / name) for name in ("plain", "zero", "ptx"))
+    keys = ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl")
+    assert [[r[k] for k in keys] for r in zero] == [[r[k] for k in keys] for r in plain]  # no ptx at 0
+    assert all("loss/ptx_avg" not in r for r in zero)
+    assert all(r["loss/ptx_avg"] > 0 for r in ptx)
+    assert ptx[0]["objective/scores"] == plain[0]["objective/scores"]  # same first rollout ...
+    assert ptx[0]["loss/policy_avg"] != plain[0]["loss/policy_avg"]  # ... different update
+    assert ptx[-1]["loss/ptx_avg"] < ptx[0]["loss/ptx_avg"] * 1.5  # the LM loss is held, not blown up
+
+
+def test_ptx_without_a_dataset_is_a_one_line_error(tiny_run, tmp_path):
+    result = ppo(tiny_run, tmp_path / "ppo", "--ptx_coef", "0.5", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ppo: ptx_coef > 0 needs ptx_dataset_name")
+
+
+def test_nan_reward_stops_ppo_naming_the_function_and_the_step(tiny_run, tmp_path):
+    result = ppo(tiny_run, tmp_path / "ppo", "--reward_functions", "reward_fns:not_a_number", check=False)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ppo: reward function not_a_number returned nan at step 1: training stopped"), line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ppo" / "model.safetensors").exists()
