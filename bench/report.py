@@ -93,7 +93,9 @@ def _work(section: str, run: dict):
         return run["tokens"], run["steps"], round(run["train_loss"], 4)
     if section == "reward":
         return run["pairs"], run["steps"], round(run["train_loss"], 4)
-    return run["episodes"], round(run["first_update_scores"] or 0.0, 4)
+    # PPO: the same episodes. Not the same prompts in the same order: our stage draws its prompt order from a
+    # generator seeded by `seed` alone (so that a resumed run can replay it), bare TRL from the global RNG
+    return (run["episodes"],)
 
 
 def full_recipe_estimate(summary: dict, section: str) -> dict:
@@ -147,6 +149,14 @@ def targets(summary: dict) -> list:
     split = _row(summary, "ppo", "ours")["split_per_update_s"]
     out.append({"target": "ppo: time split of an update (generation / scoring / optimisation)",
                 "measured": {k: split[k]["median"] for k in ("wall",) + SPLIT}, "met": True})
+    lora = _row(summary, "ppo", "ours + LoRA")
+    if lora is not None:
+        full = sections["ppo"]["runs"]["ours"]
+        out.append({"target": "ppo: peak memory (RSS) with LoRA vs without",
+                    "measured": ratio([x["peak_rss_mb"] for x in sections["ppo"]["runs"][lora["name"]]],
+                                      [x["peak_rss_mb"] for x in full]),
+                    "lora_mb": lora["peak_rss_mb"]["median"], "full_mb": _row(summary, "ppo", "ours")["peak_rss_mb"][
+                        "median"], "met": True})
     return out
 
 
@@ -256,6 +266,10 @@ def markdown(summary: dict) -> str:
                 f"≈{f['ratio']:.2f}× | "
                 f"short runs: {_verdict(t)}; full recipe: {'**met**' if t['met_full_recipe'] else '**not met**'} |")
             continue
+        if "lora_mb" in t:
+            add(f"| {t['target']} | {t['lora_mb']:,.0f} MB vs {t['full_mb']:,.0f} MB: {_x(t['measured'])} | "
+                "reported (PPO section) |")
+            continue
         extra = ""
         if "config" in t:
             extra = f" ({t['config']}; {'correct' if t['correct_on_cpu'] else 'NOT correct'} on this CPU attention)"
@@ -279,7 +293,8 @@ def markdown(summary: dict) -> str:
         + ", ".join(f"{name} {'yes' if sections[name]['ours_vs_bare']['same_work'] else 'NO'}"
                     for name in ("sft", "reward", "ppo"))
         + " (per repeat: the same token and step counts and training loss for SFT and reward; for PPO the same "
-          "episodes and the same reward-model score of the first update's rollout). TRL config "
+          "episodes and settings, from a different prompt order: ours draws it from a generator seeded by `seed` "
+          "alone, so that a resumed run can replay it; TRL's from the global RNG). TRL config "
           "fields that differ between the two: "
         + "; ".join(f"{name}: {', '.join(sections[name]['ours_vs_bare']['config_differences']) or 'none'}"
                     for name in ("sft", "reward", "ppo")) + ".")
@@ -384,8 +399,8 @@ def markdown(summary: dict) -> str:
     add("")
     add("Configurations: " + "; ".join(f"*{r['name']}*: {r['what']}" for r in ppo["rows"]) + ". RM score and KL "
         "are TRL's logged `objective/scores` and `objective/kl`, averaged over the run's updates; their spread "
-        "across repeats is the seeds' spread, the yardstick for \"the same results\". Ours and bare agree on the "
-        "first update and drift apart after it by chance, not by work: TRL's `PPOTrainer` never seeds numpy's "
+        "across repeats is the seeds' spread, the yardstick for \"the same results\". Ours and bare see their "
+        "prompts in different orders (above), so their scores differ by chance, not by work. Besides, TRL's `PPOTrainer` never seeds numpy's "
         "global RNG, which orders its PPO mini-batches (`np.random.permutation`), so a bare script that does not "
         "call `transformers.set_seed` itself is not reproducible from one run to the next (two bare runs with the "
         "same seed end with different weights; seeding numpy makes them identical). Our stage calls it.")
@@ -405,6 +420,8 @@ def markdown(summary: dict) -> str:
             + " | ".join(f"{_s(sp[k])} ({100 * sp[k]['median'] / sp['wall']['median']:.0f}%)" for k in SPLIT) + " |")
     add("")
     add(_ppo_recipe_note(ppo, ours_ppo))
+    add("")
+    add(_lora_note(ppo, ours_ppo, summary["prepare"]))
     add("")
 
     add("## GPU rows: not measured")
@@ -469,11 +486,33 @@ def _sft_recipe_note(sft: dict, check: dict) -> str:
                    f"({loss:.3f} vs {_s(spread, _f3)} over the same steps): not proposed for the recipe.")
 
 
+def _lora_note(ppo: dict, ours: dict, prep: dict) -> str:
+    """PPO's peak memory with and without LoRA, and what it is made of at this model size."""
+    lora = next((r for r in ppo["rows"] if "LoRA" in r["name"]), None)
+    if lora is None:
+        return ""
+    full_mb, lora_mb = ours["peak_rss_mb"]["median"], lora["peak_rss_mb"]["median"]
+    # float32 weights: the reference copy LoRA drops; Adam's two moments + the gradient of the full policy
+    copy_mb = prep["parameters"] * 4 / 2**20
+    return (f"**Peak memory with LoRA** (*{lora['name']}* vs *ours*): {lora_mb:,.0f} MB vs {full_mb:,.0f} MB peak "
+            f"RSS ({_x(ratio(lora['peak_rss_mb']['values'], ours['peak_rss_mb']['values']))}), "
+            f"{_x(lora['vs_reference'])} the episodes/s. With LoRA, PPO holds one copy of the policy's weights "
+            f"(the reference is the policy with its adapters disabled) and keeps gradients and Adam moments for "
+            f"the adapters only; without it, a second copy (the reference) and gradients + moments for every "
+            f"weight. At {prep['parameters'] / 1e6:.2f}M parameters one float32 copy is {copy_mb:.1f} MB, so the "
+            f"saving (about 4 copies, ≈{4 * copy_mb:.0f} MB) is below the noise of a process whose RSS is mostly "
+            "the torch runtime and activations; for GPT-2 124M (≈475 MB a copy) it is about 1.9 GB, and it grows "
+            "with the model. Generation, the reference forward (through the adapter-free base) and the PPO "
+            "epochs cost about the same, plus the adapters' own matrix products.")
+
+
 def _ppo_recipe_note(ppo: dict, ours: dict) -> str:
     """Which PPO layout wins, and whether it changes the results beyond the seeds' spread."""
     notes = []
     runs = len(ours["vs_reference"]["paired"])
     for r in ppo["rows"][2:]:
+        if "LoRA" in r["name"]:  # not a layout experiment: a memory row, described after the table
+            continue
         change = {k: v for k, v in r["overrides"].items() if ours["overrides"].get(k) != v}
         speed = r["vs_reference"]
         same = all(ours["results"][k]["min"] <= r["results"][k]["median"] <= ours["results"][k]["max"]

@@ -59,6 +59,12 @@ def recipes(s: dict) -> dict:
     return out
 
 
+def lora_fields() -> dict:
+    """The LoRA fields of recipes/tiny/ppo-lora.yaml (use_peft, lora_*): the PPO row with LoRA."""
+    recipe = yaml.safe_load(open(os.path.join(RECIPES, "ppo-lora.yaml")))
+    return {k: v for k, v in recipe.items() if k == "use_peft" or k.startswith("lora_")}
+
+
 def ppo_layout(s: dict) -> dict:
     ppo = recipes(s)["ppo"]
     keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
@@ -116,6 +122,9 @@ def configurations(s: dict, prep: dict) -> dict:
             (f"ours, rollout chunks of {micro}", "ours", {**episodes, "local_rollout_forward_batch_size": micro},
              f"local_rollout_forward_batch_size: {micro} (generation and scoring in {ppo_batch // micro} chunks "
              f"instead of {max(1, ppo_batch // rollout)})"),
+            ("ours + LoRA", "ours", {**episodes, **lora_fields()},
+             "the LoRA fields of recipes/tiny/ppo-lora.yaml (" + ", ".join(f"{k}: {v}" for k, v in lora_fields().items())
+             + "): the policy trains adapters, and the reference is the policy with its adapters disabled (no copy)"),
         ],
     }
 

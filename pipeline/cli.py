@@ -1,13 +1,16 @@
 """The project's command line: `python -m pipeline <command>` (also installed as `rlhf-pipeline`).
 
-  run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [-- --field value ...]
+  run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [--lora] [-- --field value ...]
         run every stage that has a recipe in DIR (pretrain, sft, reward, ppo), in order, each in its own
-        process (through `accelerate launch` when a config is given); flags after `--` go to every stage
+        process (through `accelerate launch` when a config is given); flags after `--` go to every stage;
+        --lora runs the stages that have a LoRA recipe (<stage>-lora.yaml) instead
   eval suite DIR | policy MODEL | compare A B | reward MODEL | perplexity MODEL | fewshot MODEL
         evaluate any checkpoint (a local folder or a Hub id); prints JSON (--output FILE writes it)
   generate MODEL PROMPT...   answer prompts (greedy, sampling or beam search)
   chat MODEL                 talk to a model; the conversation is kept in its chat template
   push OUTPUT_DIR --repo_id ID   push a stage's output folder to the Hub (retry a failed push)
+  merge ADAPTER_DIR OUTPUT_DIR [--base_model PATH]
+        merge a LoRA adapter into its base model: one plain transformers checkpoint (+ tokenizer)
   ls    list the recipes shipped in recipes/
   cp NAME DEST
         copy a recipe folder (e.g. tiny, gpt2-hh) to DEST to edit it
@@ -34,6 +37,14 @@ HEADLINE = {
     "ppo": ["rm_score_sft", "rm_score_ppo", "rm_win_rate_vs_sft", "gold_score_sft", "gold_score_ppo",
             "gold_win_rate_vs_sft", "kl_to_sft", "eos_rate_ppo"],
 }
+
+
+LORA = "lora"  # `run --lora`: the recipes <stage>-lora.yaml
+
+
+def recipe_file(recipe_dir, stage: str, variant: str | None = None) -> Path:
+    """A stage's recipe in a folder: <stage>.yaml, or <stage>-<variant>.yaml (e.g. sft-lora.yaml)."""
+    return Path(recipe_dir) / (f"{stage}-{variant}.yaml" if variant else f"{stage}.yaml")
 
 
 def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:
@@ -92,11 +103,12 @@ def run_folder(output_dirs: list[str]) -> Path:
 
 def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str | None = None,
         overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True,
-        force: bool = False) -> dict:
+        force: bool = False, variant: str | None = None) -> dict:
     """Run the stages in order; returns (and writes, after every stage) the collected results.
 
     A stage that already finished with the same resolved recipe, after the same earlier stages, is skipped;
-    `force` reruns every stage."""
+    `force` reruns every stage. `variant` ("lora") runs the stages that have a <stage>-<variant>.yaml recipe,
+    from those recipes (the stages before read the outputs their recipes name, e.g. the full pretrain)."""
     recipe_dir = Path(recipe_dir)
     if not recipe_dir.is_dir():
         raise FileNotFoundError(f"recipe folder '{recipe_dir}' does not exist (see `python -m pipeline ls`)")
@@ -105,13 +117,14 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     unknown = set(stages or ()) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}")
-    plan = [s for s in STAGES if (recipe_dir / f"{s}.yaml").exists() and (not stages or s in stages)]
+    plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and (not stages or s in stages)]
     if not plan:
-        raise FileNotFoundError(f"no stage recipe ({', '.join(s + '.yaml' for s in STAGES)}) in '{recipe_dir}'")
+        raise FileNotFoundError(f"no stage recipe ({', '.join(recipe_file('', s, variant).name for s in STAGES)}) "
+                                f"in '{recipe_dir}'")
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
-    parsed = {s: parse(s, ["--config", str(recipe_dir / f"{s}.yaml"), *overrides])
-              for s in STAGES if (recipe_dir / f"{s}.yaml").exists()}
+    parsed = {s: parse(s, ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
+              for s in STAGES if recipe_file(recipe_dir, s, variant).exists()}
     output_dirs = {s: args[1].output_dir for s, args in parsed.items()}
     fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
     results_path = Path(results_path or run_folder(list(output_dirs.values())) / "results.json")
@@ -122,7 +135,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     started = time.time()
     push_failures = []
     for number, stage in enumerate(plan, 1):
-        recipe = recipe_dir / f"{stage}.yaml"
+        recipe = recipe_file(recipe_dir, stage, variant)
         command = stage_command(stage, recipe, list(overrides), accelerate_config)
         action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force)
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +149,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
             push_failures.append(stage)
         elif code != 0:
             print(f"\nstage {stage} failed (exit {code}); after fixing it, rerun from this stage with:\n  "
-                  f"python -m pipeline run {recipe_dir} --stages {','.join(plan[number - 1:])}", file=sys.stderr)
+                  f"python -m pipeline run {recipe_dir} --stages {','.join(plan[number - 1:])}"
+                  + (f" --{variant}" if variant else ""), file=sys.stderr)
             raise SystemExit(code)
         stage_results_file = Path(output_dirs[stage]) / "results.json"
         stage_results = json.loads(stage_results_file.read_text()) if stage_results_file.exists() else {}
@@ -150,7 +164,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         print(f"\n=== evaluation: {recipe_dir}", flush=True)
         eval_start = time.time()
         code = subprocess.call([sys.executable, "-m", "pipeline", "eval", "--output",
-                                str(results_path.with_name("eval.json")), "suite", str(recipe_dir), "--", *overrides])
+                                str(results_path.with_name("eval.json")), "suite", str(recipe_dir),
+                                *([f"--{variant}"] if variant else []), "--", *overrides])
         if code != 0:
             raise SystemExit(code)
         results["eval"] = {**json.loads(results_path.with_name("eval.json").read_text()),
@@ -262,7 +277,7 @@ def evaluate_command(args, overrides: list[str]) -> dict:
     if args.what == "suite":
         from .suite import evaluate_run
 
-        return evaluate_run(args.recipe_dir, overrides)
+        return evaluate_run(args.recipe_dir, overrides, variant=LORA if args.lora else None)
     if args.what in ("policy", "compare"):
         prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
         policy, tokenizer = _load(args, args.model)
@@ -299,12 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--results", help="results file (default: results.json beside the stage outputs)")
     run_parser.add_argument("--skip_eval", action="store_true", help="do not run the evaluation suite after")
     run_parser.add_argument("--force", action="store_true", help="rerun stages that already finished")
+    run_parser.add_argument("--lora", action="store_true",
+                            help="run the stages that have a LoRA recipe (<stage>-lora.yaml), from those recipes")
 
     eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")
     eval_parser.add_argument("--output", help="also write the JSON result to this file")
     what = eval_parser.add_subparsers(dest="what", required=True)
     suite = what.add_parser("suite", help="everything the pipeline evaluates after a run of RECIPE_DIR")
     suite.add_argument("recipe_dir")
+    suite.add_argument("--lora", action="store_true", help="the models of the LoRA recipes (<stage>-lora.yaml)")
     policy = what.add_parser("policy", help="a policy's answers: RM/gold score, KL, length, EOS, distinct-n")
     policy.add_argument("model")
     policy.add_argument("--reference", help="reference policy for the KL")
@@ -347,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision")
     push.add_argument("--private", action="store_true", default=None)
 
+    merge = commands.add_parser("merge", help="merge a LoRA adapter folder into its base model")
+    merge.add_argument("adapter_dir", help="a folder with adapter_config.json, e.g. outputs/tiny-lora/sft/adapter")
+    merge.add_argument("output_dir")
+    merge.add_argument("--base_model", help="the base model (default: the one named in adapter_config.json)")
+    merge.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the base model's)")
+
     commands.add_parser("ls", help="list the shipped recipes")
     cp_parser = commands.add_parser("cp", help="copy a shipped recipe folder to edit it")
     cp_parser.add_argument("name")
@@ -370,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             run(args.recipe_dir, args.stages.split(",") if args.stages else None, args.accelerate_config,
-                overrides, args.results, evaluate=not args.skip_eval, force=args.force)
+                overrides, args.results, evaluate=not args.skip_eval, force=args.force,
+                variant=LORA if args.lora else None)
         elif args.command == "eval":
             result = evaluate_command(args, overrides)
             text = json.dumps(result, indent=2, sort_keys=True)
@@ -394,6 +419,11 @@ def main(argv: list[str] | None = None) -> None:
             from .hub import push_command
 
             sys.exit(push_command(args.output_dir, args.repo_id, args.revision, args.private))
+        elif args.command == "merge":
+            from .models import merge_adapter
+
+            merge_adapter(args.adapter_dir, args.output_dir, base_model=args.base_model, dtype=args.dtype)
+            print(f"merged {args.adapter_dir} into {args.output_dir}")
         elif args.command == "ls":
             for folder in sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()):
                 print(f"{folder.name:<12} {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")

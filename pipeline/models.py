@@ -5,8 +5,13 @@
 - GPT-2 has no chat template. We set one in the style of Anthropic's hh-rlhf transcripts, identical for
   every model of a run, so conversational datasets work and a PPO query is what the reward model saw.
 - The policy, reference, reward and value models must share one tokenizer: `check_same_tokenizer`.
+- LoRA (`use_peft`): a stage saves its adapter in `<output_dir>/adapter` and the merged model in `<output_dir>`
+  (`merge_adapter`); the loaders also take an adapter folder (its base model + the adapter, merged).
+- 4-bit / 8-bit loading (`load_in_4bit`, bitsandbytes) needs a CUDA GPU: `model_kwargs` says so in one line.
 """
 
+import json
+import logging
 import os
 
 import torch
@@ -82,9 +87,28 @@ def load_tokenizer(path: str, model_args: ModelConfig | None = None, padding_sid
     return prepare_tokenizer(tokenizer)
 
 
+def check_quantization(model_args: ModelConfig) -> None:
+    """4-bit / 8-bit loading (QLoRA) is a GPU-only option: fail in one line where it cannot work."""
+    bits = "4-bit" if getattr(model_args, "load_in_4bit", False) else "8-bit" if getattr(
+        model_args, "load_in_8bit", False) else None
+    if bits is None:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{bits} loading needs a CUDA GPU and bitsandbytes; this machine has no CUDA GPU "
+                         f"(remove load_in_{bits[0]}bit from the recipe to train in {model_args.dtype})")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{bits} loading needs a CUDA GPU and bitsandbytes: pip install bitsandbytes") from None
+    if not model_args.use_peft:
+        raise ValueError(f"{bits} weights cannot be trained directly: set use_peft: true (QLoRA trains LoRA "
+                         "adapters on the quantized model)")
+
+
 def model_kwargs(model_args: ModelConfig) -> dict:
     """from_pretrained kwargs from TRL's ModelConfig (dtype, revision, attention, quantization)."""
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    check_quantization(model_args)
     quantization_config = get_quantization_config(model_args)
     kwargs = dict(
         revision=model_args.model_revision,
@@ -111,6 +135,8 @@ def fit_to_tokenizer(model, tokenizer):
 
 def load_causal_lm(path: str, tokenizer, model_args: ModelConfig):
     require_local_or_hub(path)
+    if is_adapter(path):
+        return _load_merged(path, tokenizer, model_args, AutoModelForCausalLM)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
     return fit_to_tokenizer(model, tokenizer)
 
@@ -118,6 +144,8 @@ def load_causal_lm(path: str, tokenizer, model_args: ModelConfig):
 def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig):
     """A reward or value model: the transformer with a 1-output `score` head (new if `path` is an LM)."""
     require_local_or_hub(path)
+    if is_adapter(path):
+        return _load_merged(path, tokenizer, model_args, AutoModelForSequenceClassification, num_labels=1)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(model_args))
     return fit_to_tokenizer(model, tokenizer)
 
@@ -142,3 +170,119 @@ def check_same_tokenizer(tokenizers: dict) -> None:
                     f"the {name} tokenizer differs from the {first_name} tokenizer in its {key}; "
                     "the policy, reference, reward and value models must share one tokenizer"
                 )
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"  # a LoRA stage's adapter: <output_dir>/adapter; the merged model is <output_dir> itself
+
+logger = logging.getLogger("pipeline")
+
+
+def is_adapter(path: str) -> bool:
+    """A local folder holding a PEFT adapter (adapter_config.json) rather than a whole model (config.json)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def adapter_base(path: str, base_model: str | None = None) -> str:
+    """The base model an adapter was trained on (its adapter_config.json), checked to exist."""
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        base = base_model or json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter '{path}' does not name its base model; pass it (merge --base_model PATH)")
+    try:
+        require_local_or_hub(base, f"base model of the adapter '{path}':")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; point at the merged model instead (the stage's output_dir), or merge "
+                                f"with `python -m pipeline merge {path} OUT --base_model PATH`") from None
+    return base
+
+
+def _load_merged(path: str, tokenizer, model_args: ModelConfig, auto_class, base_model: str | None = None,
+                 **kwargs):
+    """An adapter folder as a plain model: its base model (resized to the tokenizer), the adapter, merged."""
+    from peft import PeftModel
+
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        raise ValueError(f"'{path}' is a LoRA adapter; with 4-bit/8-bit loading point at its merged model "
+                         "(the stage's output_dir) instead")
+    base = adapter_base(path, base_model)
+    logger.info(f"{path} is a LoRA adapter: loading its base model {base}, the adapter, and merging them")
+    model = fit_to_tokenizer(auto_class.from_pretrained(base, **kwargs, **model_kwargs(model_args)), tokenizer)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return fit_to_tokenizer(model, tokenizer)
+
+
+def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = None, dtype: str = "auto") -> str:
+    """Write the merged model (base + adapter, one plain transformers checkpoint) and the tokenizer to
+    `output_dir`. A reward model's adapter (task SEQ_CLS) merges into a 1-label sequence classifier."""
+    if not is_adapter(adapter_path):
+        raise ValueError(f"'{adapter_path}' is not a LoRA adapter folder (no {ADAPTER_CONFIG}, or it holds a "
+                         "whole model: config.json)")
+    with open(os.path.join(adapter_path, ADAPTER_CONFIG)) as f:
+        task = json.load(f).get("task_type")
+    has_tokenizer = os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(adapter_path if has_tokenizer else adapter_base(adapter_path, base_model))
+    model_args = ModelConfig(dtype=dtype)
+    if task == "SEQ_CLS":
+        model = _load_merged(adapter_path, tokenizer, model_args, AutoModelForSequenceClassification, base_model,
+                             num_labels=1)
+    else:
+        model = _load_merged(adapter_path, tokenizer, model_args, AutoModelForCausalLM, base_model)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def _count(parameters) -> int:
+    total = 0
+    for parameter in parameters:
+        n = parameter.numel() or getattr(parameter, "ds_numel", 0)  # DeepSpeed ZeRO-3 partitions
+        total += n * 2 if parameter.__class__.__name__ == "Params4bit" else n  # two 4-bit values per byte
+    return total
+
+
+def parameter_counts(trainer) -> dict:
+    """The parameters a trainer trained and the model's total. Trained = what its optimizer updates (without
+    DeepSpeed, whose flat partitions do not count: there, the parameters that require a gradient). For PPO, the
+    policy's own share too (the value model is trained in full)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is not None and not getattr(trainer, "is_deepspeed_enabled", False):
+        trained = list({id(p): p for group in optimizer.param_groups for p in group["params"]}.values())
+    else:
+        trained = [p for p in model.parameters() if p.requires_grad]
+    counts = {"trainable_parameters": _count(trained), "total_parameters": _count(model.parameters())}
+    if hasattr(model, "policy") and hasattr(model, "value_model"):
+        value = {id(p) for p in model.value_model.parameters()}
+        counts["policy_trainable_parameters"] = _count(p for p in trained if id(p) not in value)
+        counts["policy_total_parameters"] = _count(model.policy.parameters())
+    return counts
+
+
+def peft_model(trainer):
+    """The PeftModel a trainer trains (PPO: its policy), or None without LoRA."""
+    from peft import PeftModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "policy", model)
+    return model if isinstance(model, PeftModel) else None
+
+
+def save_lora(trainer, model, output_dir: str) -> None:
+    """A LoRA stage's outputs: the adapter (+ tokenizer) in <output_dir>/adapter, and in <output_dir> the merged
+    model, a plain transformers checkpoint that the next stage and every command load as any other."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_dir = os.path.join(output_dir, ADAPTER_DIR)
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        trainer.save_model(adapter_dir)
+        if trainer.accelerator.is_main_process:
+            merge_adapter(adapter_dir, output_dir)
+    elif trainer.accelerator.is_main_process:  # the adapter was already merged into the weights, in place
+        logger.warning(f"the LoRA adapter was merged into the model before saving: {output_dir} holds the merged "
+                       "model, and no adapter folder could be written")
+        model.get_base_model().save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()

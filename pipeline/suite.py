@@ -20,17 +20,24 @@ SHOTS = [0, 1, 2]  # the tiny model sees 128 positions: two demonstrations fit
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 
 
-def _resolved(recipe_dir: str, overrides: list[str]) -> dict:
+def _recipe(recipe_dir: str, stage: str, variant: str | None) -> str:
+    """<stage>-<variant>.yaml where the folder has one (e.g. sft-lora.yaml), else <stage>.yaml."""
+    chosen = os.path.join(recipe_dir, f"{stage}-{variant}.yaml") if variant else None
+    return chosen if chosen and os.path.isfile(chosen) else os.path.join(recipe_dir, f"{stage}.yaml")
+
+
+def _resolved(recipe_dir: str, overrides: list[str], variant: str | None = None) -> dict:
     """The parsed recipes of the stages whose model exists (a partial run evaluates what it has)."""
-    stages = {stage: parse(stage, ["--config", os.path.join(recipe_dir, f"{stage}.yaml"), *overrides])
+    stages = {stage: parse(stage, ["--config", _recipe(recipe_dir, stage, variant), *overrides])
               for stage in ("pretrain", "sft", "reward", "ppo")
-              if os.path.isfile(os.path.join(recipe_dir, f"{stage}.yaml"))}
+              if os.path.isfile(_recipe(recipe_dir, stage, variant))}
     return {stage: args for stage, args in stages.items()
             if os.path.isfile(os.path.join(args[1].output_dir, "config.json"))}
 
 
-def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 500, fewshot_examples: int = 100) -> dict:
-    stages = _resolved(recipe_dir, list(overrides))
+def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 500, fewshot_examples: int = 100,
+                 variant: str | None = None) -> dict:
+    stages = _resolved(recipe_dir, list(overrides), variant)
     results = {}
     if not stages:
         return results

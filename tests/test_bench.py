@@ -18,7 +18,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert names["sft"][:2] == ["ours", "bare TRL"]
     assert [n for n in names["sft"] if "packing bfd" in n] and [n for n in names["sft"] if "wrapped" in n]
     assert names["reward"] == ["ours", "bare TRL"]
-    assert names["ppo"][:2] == ["ours", "bare TRL"] and len(names["ppo"]) == 4
+    assert names["ppo"][:2] == ["ours", "bare TRL"] and len(names["ppo"]) == 5 and names["ppo"][-1] == "ours + LoRA"
     for section, rows in names.items():
         comparison = summary["sections"][section]["ours_vs_bare"]
         assert comparison["same_work"], section  # same tokens / pairs / episodes and the same loss or score
@@ -40,7 +40,10 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert check["max_abs_diff_padding_free"] < 1e-4 < check["max_abs_diff_without_block_mask"]
 
     targets = [t["target"] for t in summary["targets"]]
-    assert len(targets) == 9 and any("episodes/s" in t for t in targets)
+    assert len(targets) == 10 and any("episodes/s" in t for t in targets)
+    ppo_rows = {row["name"]: row for row in summary["sections"]["ppo"]["rows"]}
+    assert ppo_rows["ours + LoRA"]["peak_rss_mb"]["median"] > 100 and ppo_rows["ours"]["peak_rss_mb"]["median"] > 100
+    assert "**Peak memory with LoRA**" in text and "| ppo: peak memory (RSS) with LoRA vs without |" in text
     for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model", "## PPO",
                     "## GPU rows: not measured"):
         assert heading in text

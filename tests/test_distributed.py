@@ -50,12 +50,13 @@ def test_runner_launches_every_stage_with_accelerate(tiny_run, tmp_path):
     assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
 
 
-def test_sft_stage_two_processes_match_one(tiny_run, tmp_path):
-    common = ["--config", tiny_run["recipes"] / "sft.yaml", "--max_steps", "6", "--learning_rate", "1e-3",
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_causal_lm_stages_two_processes_match_one(tiny_run, tmp_path, stage):
+    common = ["--config", tiny_run["recipes"] / f"{stage}.yaml", "--max_steps", "6", "--learning_rate", "1e-3",
               "--save_strategy", "no", "--report_to", "none"]
-    run_python("scripts/sft.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
+    run_python(f"scripts/{stage}.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
     run_python("-m", "accelerate.commands.launch", "--config_file", ROOT / "recipes/accelerate/cpu_2proc.yaml",
-               "scripts/sft.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "two")
+               f"scripts/{stage}.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "two")
     one_results = json.loads((tmp_path / "one" / "results.json").read_text())
     two_results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (one_results["num_processes"], two_results["num_processes"]) == (1, 2)

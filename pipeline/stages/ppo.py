@@ -37,7 +37,6 @@ class PPOTrainer(trl_ppo.PPOTrainer):
     - PPO-ptx: with `ptx` batches and `ptx_coef` > 0, every backward pass of a policy update (TRL calls
       `accelerator.backward`) also carries `ptx_coef` x the policy's causal-LM loss on a ptx batch; logged as
       `loss/ptx_avg`;
-
     - resume: TRL 1.12's `train()` always starts at step 0 and its checkpoints hold the policy only. Here a
       checkpoint also holds `value_model/` (saved before transformers writes trainer_state.json, the
       checkpoint's completion mark), and `train(resume_from_checkpoint=...)` loads policy, value model,
@@ -158,7 +157,12 @@ class PPOTrainer(trl_ppo.PPOTrainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.args.should_save:
             self.accelerator.unwrap_model(self.model).value_model.save_pretrained(os.path.join(folder, VALUE_MODEL))
-        super()._save_checkpoint(model, trial)
+        # TRL writes the model card from `self.model.config`, which a DDP wrapper hides
+        wrapped, self.model = self.model, self.accelerator.unwrap_model(self.model)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.model = wrapped
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         if self.is_deepspeed_enabled:
@@ -271,7 +275,8 @@ def main(script_args, training_args, model_args):
         if not script_args.ptx_dataset_name:
             raise ValueError("ptx_coef > 0 needs ptx_dataset_name (pretraining or SFT data, e.g. embedded:corpus)")
         ptx = rl.load_ptx(script_args, tokenizer, script_args.ptx_block_size,
-                          training_args.per_device_train_batch_size, seed=training_args.seed)
+                          training_args.per_device_train_batch_size,
+                          seed=training_args.seed + training_args.process_index)  # other blocks per process
 
     train_dataset = tokenize_prompts(prompts, tokenizer, script_args.max_prompt_length, source)
     eval_dataset = tokenize_prompts(eval_prompts if eval_prompts is not None else prompts, tokenizer,
@@ -307,8 +312,6 @@ def evaluate_against_sft(trainer, reward_model, script_args, training_args, mode
     """The trained policy against a fresh copy of the SFT policy, on the held-out prompts (rm_* by the learned
     reward model, even when the run was rewarded by functions too or instead)."""
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
     sft = load_causal_lm(training_args.sft_model_path, tokenizer, model_args).to(policy.device)
     policy.eval(), sft.eval()
     rows = list(prompts["prompt"])[: script_args.eval_max_prompts]

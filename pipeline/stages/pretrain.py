@@ -5,17 +5,18 @@ base model offline; with a Hub model (openai-community/gpt2) the pipeline starts
 """
 
 import math
+import os
 
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-from trl import SFTTrainer
+from trl import SFTTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import fit_to_tokenizer, train_tokenizer
-from .common import finish, last_checkpoint, setup
+from .common import finish, last_checkpoint, setup, train
 
 
 def main(script_args, training_args, model_args):
-    setup(training_args)
+    setup(training_args, "pretrain")
     publication = hub.prepare("pretrain", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
@@ -40,6 +41,14 @@ def main(script_args, training_args, model_args):
         pad_token_id=tokenizer.pad_token_id,
     )
     model = fit_to_tokenizer(GPT2LMHeadModel(config), tokenizer)
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:  # LoRA on a new model: its random weights are the adapter's base, kept in base/
+        base = os.path.join(training_args.output_dir, "base")
+        with training_args.main_process_first(desc="LoRA base model"):
+            if not os.path.isfile(os.path.join(base, "config.json")):
+                model.save_pretrained(base)
+                tokenizer.save_pretrained(base)
+            model = GPT2LMHeadModel.from_pretrained(base)  # the adapter then names base/ as its base model
 
     trainer = SFTTrainer(
         model=model,
@@ -47,8 +56,9 @@ def main(script_args, training_args, model_args):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_result = train(trainer, checkpoint)
 
     metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
     if eval_dataset is not None:

@@ -4,11 +4,22 @@ from trl import RewardTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import load_scalar_head_model, load_tokenizer
-from .common import finish, last_checkpoint, logger, setup
+from .common import finish, last_checkpoint, logger, setup, train
+
+
+def reward_peft_config(model_args):
+    """TRL's LoRA config as a sequence classifier's (task SEQ_CLS): peft then trains the new `score` head in full
+    (modules_to_save) beside the adapters. With ModelConfig's default task (CAUSAL_LM) the head would stay at
+    its random initialisation."""
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None and peft_config.task_type != "SEQ_CLS":
+        logger.info(f"reward model LoRA: task_type {peft_config.task_type} -> SEQ_CLS (trains the score head)")
+        peft_config.task_type = "SEQ_CLS"
+    return peft_config
 
 
 def main(script_args, training_args, model_args):
-    setup(training_args)
+    setup(training_args, "reward")
     publication = hub.prepare("reward", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
@@ -23,7 +34,7 @@ def main(script_args, training_args, model_args):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=reward_peft_config(model_args),
     )
     # RewardTrainer drops pairs longer than max_length: say how many, and stop clearly if none is left.
     dropped = len(train_dataset) - len(trainer.train_dataset)
@@ -33,7 +44,7 @@ def main(script_args, training_args, model_args):
     if len(trainer.train_dataset) == 0:
         raise data.DataError(f"{source}: every training pair is longer than max_length={training_args.max_length} "
                              "tokens; raise max_length")
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_result = train(trainer, checkpoint)
 
     # On the embedded task the test pairs are ordered by the oracle without noise, so eval_accuracy is the
     # reward model's agreement with the gold preference.

@@ -1,0 +1,260 @@
+"""LoRA through TRL's ModelConfig (use_peft, lora_r, ...) and get_peft_config, on tiny settings: every LoRA stage
+saves its adapter (output_dir/adapter) and the merged model (output_dir, plain transformers); the reward model
+trains its score head beside the adapters; PPO with LoRA keeps one base model (the reference is the policy with
+its adapters disabled); 4-bit loading is GPU-only and fails in one line on CPU."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import ROOT, TINY_OVERRIDES, run_python
+
+LORA_STAGES = ("sft", "reward", "ppo")
+
+
+def write_lora_recipes(dest, outputs, pretrain_recipe):
+    """recipes/tiny/<stage>-lora.yaml on tiny settings, writing under `outputs`, reading the tiny pretrain model;
+    the pretrain recipe is beside them (the evaluation suite takes the corpus and the pretrain model from it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pretrain.yaml").write_text(pretrain_recipe.read_text())
+    pretrain_dir = yaml.safe_load(pretrain_recipe.read_text())["output_dir"]
+    for stage in LORA_STAGES:
+        recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / f"{stage}-lora.yaml").read_text())
+        recipe.update(TINY_OVERRIDES[stage], disable_tqdm=True, output_dir=str(outputs / stage))
+        for key in ("model_name_or_path", "sft_model_path", "reward_model_path"):
+            if key in recipe:
+                name = os.path.basename(recipe[key])
+                recipe[key] = pretrain_dir if name == "pretrain" else str(outputs / name)
+        (dest / f"{stage}-lora.yaml").write_text(yaml.safe_dump(recipe))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_run, tmp_path_factory):
+    """The LoRA chain (sft -> reward -> ppo, the *-lora.yaml recipes) through `run --lora`, on the tiny pretrain."""
+    base = tmp_path_factory.mktemp("lora")
+    recipes = write_lora_recipes(base / "recipes", base / "outputs", tiny_run["recipes"] / "pretrain.yaml")
+    result = run_python("-m", "pipeline", "run", recipes, "--lora")
+    return {"outputs": base / "outputs", "recipes": recipes, "log": result.stdout + result.stderr,
+            "full": tiny_run["outputs"]}
+
+
+def _results(path):
+    return json.loads((path / "results.json").read_text())
+
+
+def _lora_numel(adapter_dir) -> int:
+    return sum(t.numel() for k, t in load_file(adapter_dir / "adapter_model.safetensors").items() if "lora_" in k)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_lora_stage_saves_adapter_and_merged_model(lora_run, stage):
+    out = lora_run["outputs"] / stage
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert config["base_model_name_or_path"] == (str(lora_run["outputs"] / "sft") if stage == "reward"
+                                                 else yaml.safe_load((lora_run["recipes"] / "sft-lora.yaml")
+                                                                     .read_text())["model_name_or_path"])
+    assert sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()  # the merged model
+    assert not (out / "adapter_config.json").exists()  # output_dir itself is a whole model, not an adapter
+    results = _results(out)
+    assert 0 < results["trainable_parameters"] < 0.5 * results["total_parameters"]
+    # what the optimizer trained is what the adapter holds: the LoRA matrices (+ the reward model's score head)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert results["trainable_parameters"] == sum(t.numel() for t in saved.values())
+    assert any("score" in k for k in saved) == (stage == "reward")
+
+
+def test_reward_model_trains_its_score_head(lora_run):
+    """task SEQ_CLS: peft keeps a trained copy of `score` (modules_to_save) in the adapter, and the merged model
+    has that head, not the random one the base would get."""
+    from peft import PeftModel
+
+    out = lora_run["outputs"] / "reward"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    head = [v for k, v in saved.items() if "score" in k]
+    assert len(head) == 1 and head[0].shape[0] == 1
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.num_labels == 1
+    torch.testing.assert_close(merged.score.weight, head[0])
+
+    # the merged model scores as base + adapter does
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForSequenceClassification.from_pretrained(lora_run["outputs"] / "sft", num_labels=1)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    batch = tokenizer(["\n\nHuman: Review The Lost River.\n\nAssistant: I loved it.", "It was dull."],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_sft_model_loads_in_plain_transformers_and_equals_base_plus_adapter(lora_run):
+    from peft import PeftModel
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from trl import ModelConfig
+
+    out = lora_run["outputs"] / "sft"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    base_path = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out / "adapter").eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Write a review of The Lost River."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        logits = merged(**ids).logits
+        torch.testing.assert_close(logits, adapted(**ids).logits, atol=1e-5, rtol=1e-4)
+        assert (logits - base(**ids).logits).abs().max() > 1e-3  # LoRA changed the model
+        # the pipeline's loaders take the adapter folder itself: base + adapter, merged
+        from_adapter = load_causal_lm(str(out / "adapter"), load_tokenizer(str(out / "adapter")), ModelConfig())
+        torch.testing.assert_close(from_adapter.eval()(**ids).logits, logits, atol=1e-5, rtol=1e-4)
+    assert merged.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+def test_lora_chain_runs_and_is_evaluated(lora_run):
+    """`run --lora` runs the *-lora.yaml stages (the pretrain model is the full chain's), collects their results
+    in the LoRA run's folder and evaluates them; PPO's policy trains only its adapters."""
+    assert "] pretrain:" not in lora_run["log"] and "] sft:" in lora_run["log"]  # pretrain did not run
+    results = json.loads((lora_run["outputs"] / "results.json").read_text())
+    assert set(results) >= {"sft", "reward", "ppo", "eval"}
+    assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1 and 0 <= results["reward"]["eval_accuracy"] <= 1
+    assert set(results["eval"]["perplexity"]) == {"pretrain", "sft", "ppo"}
+    ppo = results["ppo"]
+    assert 0 < ppo["policy_trainable_parameters"] < 0.5 * ppo["policy_total_parameters"]
+    full = _results(lora_run["full"] / "ppo")
+    assert full["policy_trainable_parameters"] == full["policy_total_parameters"]  # without LoRA: all of it
+    # the PPO output is a whole causal LM, with the value model beside it
+    AutoModelForCausalLM.from_pretrained(lora_run["outputs"] / "ppo")
+    AutoModelForSequenceClassification.from_pretrained(lora_run["outputs"] / "ppo" / "value_model")
+
+
+def test_ppo_lora_saves_its_adapter(lora_run):
+    adapter = lora_run["outputs"] / "ppo" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    assert _lora_numel(adapter) == _results(lora_run["outputs"] / "ppo")["policy_trainable_parameters"]
+
+
+PROBE = """
+import gc, json, os, sys
+import trl.experimental.ppo as trl_ppo
+from transformers import PreTrainedModel
+
+original = trl_ppo.PPOTrainer.__init__
+
+def probe(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    gc.collect()
+    models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    lms = [m for m in models if type(m).__name__.endswith("LMHeadModel")]
+    base = [p for m in lms for n, p in m.named_parameters() if "lora_" not in n]
+    print("PROBE " + json.dumps({
+        "ref_model_is_none": self.ref_model is None,
+        "policy": type(self.model.policy).__name__,
+        "causal_lms": len(lms),
+        "causal_lm_base_parameters": sum(p.numel() for p in base),
+        "sequence_classifiers": sum(type(m).__name__.endswith("ForSequenceClassification") for m in models),
+    }), flush=True)
+    os._exit(0)
+
+trl_ppo.PPOTrainer.__init__ = probe
+from pipeline.stages import run
+run("ppo", sys.argv[1:])
+"""
+
+
+def _probe_ppo(recipe, *flags) -> dict:
+    result = run_python("-c", PROBE, "--config", recipe, *flags)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("PROBE "))
+    return json.loads(line[len("PROBE "):])
+
+
+def test_ppo_with_lora_holds_one_base_model_copy(lora_run, tiny_run, tmp_path):
+    """Every transformers model alive once TRL's PPOTrainer is built (the stage's own loading, then TRL's): with
+    LoRA one causal LM, the policy (a PeftModel; the reference is the policy with its adapters disabled), and no
+    reference copy; without LoRA (the control) two."""
+    lora = _probe_ppo(lora_run["recipes"] / "ppo-lora.yaml", "--output_dir", tmp_path / "lora")
+    full = _probe_ppo(tiny_run["recipes"] / "ppo.yaml", "--output_dir", tmp_path / "full")
+    assert lora["ref_model_is_none"] and lora["policy"] == "PeftModelForCausalLM"
+    assert lora["causal_lms"] == 1
+    assert not full["ref_model_is_none"] and full["causal_lms"] == 2
+    assert lora["sequence_classifiers"] == full["sequence_classifiers"] == 2  # reward and value models
+    assert 2 * lora["causal_lm_base_parameters"] == full["causal_lm_base_parameters"]  # one copy, not two
+
+
+def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path):
+    run_python("-m", "pipeline", "merge", lora_run["outputs"] / "reward" / "adapter", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    stage = AutoModelForSequenceClassification.from_pretrained(lora_run["outputs"] / "reward")
+    for (name, a), (_, b) in zip(merged.state_dict().items(), stage.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token == "<|pad|>"
+    wrong = run_python("-m", "pipeline", "merge", lora_run["outputs"] / "reward", tmp_path / "x", check=False)
+    assert wrong.returncode == 2 and "is not a LoRA adapter folder" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_pretrain_with_lora_keeps_its_base_and_adapter(tiny_run, tmp_path):
+    """Pretraining from scratch with LoRA: the new model's random weights are the adapter's base (base/)."""
+    out = tmp_path / "pretrain"
+    run_python("scripts/pretrain.py", "--config", tiny_run["recipes"] / "pretrain.yaml", "--use_peft", "true",
+               "--max_steps", "3", "--output_dir", out, "--report_to", "none")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base")
+    merged, base = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out / "base")
+    assert any((a - b).abs().max() > 0 for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+    assert _results(out)["trainable_parameters"] == _lora_numel(out / "adapter")
+
+
+def test_lora_recipes_parse():
+    from pipeline.config import parse
+
+    for folder in ("tiny", "gpt2-hh"):
+        for stage in LORA_STAGES:
+            # bf16 needs a GPU: switched off from the command line here, as in test_recipes.py
+            argv = ["--config", str(ROOT / "recipes" / folder / f"{stage}-lora.yaml")] + (
+                ["--bf16", "false"] if folder == "gpt2-hh" else [])
+            _, training_args, model_args = parse(stage, argv)
+            assert model_args.use_peft and model_args.lora_r > 0 and model_args.lora_target_modules
+            assert "lora" in training_args.output_dir
+            if stage == "reward":
+                assert model_args.lora_task_type == "SEQ_CLS"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine 4-bit loading is allowed")
+def test_4bit_loading_on_cpu_fails_in_one_line(tiny_run, tmp_path):
+    result = run_python("scripts/sft.py", "--config", tiny_run["recipes"] / "sft.yaml", "--use_peft", "true",
+                        "--load_in_4bit", "true", "--output_dir", tmp_path / "sft", check=False)
+    assert result.returncode == 2
+    assert "4-bit loading needs a CUDA GPU and bitsandbytes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _bitsandbytes(), reason="4-bit needs a CUDA GPU and bitsandbytes")
+def test_qlora_sft_on_gpu(tiny_run, tmp_path):
+    out = tmp_path / "sft"
+    run_python("scripts/sft.py", "--config", tiny_run["recipes"] / "sft.yaml", "--use_peft", "true",
+               "--load_in_4bit", "true", "--dtype", "bfloat16", "--use_cpu", "false", "--bf16", "true",
+               "--output_dir", out, "--report_to", "none")
+    assert (out / "adapter" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)  # the merged export: full precision, no bitsandbytes needed
+    assert not getattr(model, "is_loaded_in_4bit", False)
