@@ -32,9 +32,10 @@ from . import data
 PUSH_FAILED = 3  # exit code of a stage whose training succeeded but whose push did not
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"
-# Not pushed: intermediate checkpoints, tensorboard logs, the pickled TrainingArguments, VCS/cache folders.
+# Not pushed: intermediate checkpoints, tensorboard logs, the pickled TrainingArguments, VCS/cache folders,
+# the stage file.
 EXCLUDED_DIRS = ("checkpoint-*", "runs", ".git", ".cache", "__pycache__")
-EXCLUDED_FILES = ("training_args.bin",)
+EXCLUDED_FILES = ("training_args.bin", "pipeline_stage.json")  # the second: which stage wrote the folder, local
 # Credential fields are never written to recipe.yaml (eos_token, pad_token, stop_token are settings, not secrets).
 SECRET_FIELD = re.compile(r"(^|_)(hub|hf|auth|access|api)_token$|secret|password|api_key|credential")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")

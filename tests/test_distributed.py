@@ -90,3 +90,15 @@ def test_ppo_under_two_processes_resumes_after_sigkill(tiny_run, tmp_path):
         for key, value in values.items():
             assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
     assert json.loads((interrupted / "results.json").read_text())["num_processes"] == 2
+
+
+def test_ppo_with_lora_under_two_processes(tiny_run, tmp_path):
+    """LoRA PPO has no reference copy: TRL computes the reference through `self.model.policy` with the adapter
+    disabled, which a DDP wrapper would hide."""
+    run_python("-m", "accelerate.commands.launch", "--config_file", ROOT / "recipes/accelerate/cpu_2proc.yaml",
+               "scripts/ppo.py", "--config", tiny_run["recipes"] / "ppo.yaml", "--use_peft", "true",
+               "--total_episodes", "32", "--report_to", "none",
+               "--output_dir", tmp_path / "ppo")
+    results = json.loads((tmp_path / "ppo" / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["policy_trainable_parameters"] < results["policy_total_parameters"]
+    assert (tmp_path / "ppo" / "adapter" / "adapter_config.json").exists()

@@ -163,7 +163,7 @@ def test_failed_push_exits_3_with_one_line_and_keeps_the_results(tiny_run, fake_
 def test_push_folder_sends_ppo_with_its_value_model(tiny_run, fake_hub, tmp_path):
     folder = tmp_path / "ppo"
     shutil.copytree(tiny_run["outputs"] / "ppo", folder)
-    (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4").mkdir(exist_ok=True)  # the tiny PPO recipe saves checkpoints itself
     (folder / "checkpoint-4" / "model.safetensors").write_bytes(b"old weights")
     (folder / "runs" / "Jan01").mkdir(parents=True)
     (folder / "runs" / "Jan01" / "events.out.tfevents").write_bytes(b"tensorboard")
@@ -176,7 +176,8 @@ def test_push_folder_sends_ppo_with_its_value_model(tiny_run, fake_hub, tmp_path
     assert arrived == pushable(folder)
     assert {"value_model/config.json", "value_model/model.safetensors", "model.safetensors", "README.md",
             "recipe.yaml", "tokenizer.json"} <= set(arrived)
-    assert not any(p.startswith(("checkpoint-", "runs/")) or p.endswith("training_args.bin") for p in arrived)
+    assert not any(p.startswith(("checkpoint-", "runs/")) or p.endswith(("training_args.bin", "pipeline_stage.json"))
+                   for p in arrived)
     assert digest(folder) == before
     assert len(fake_hub.commits) == 1 and fake_hub.unknown_requests() == []
 

@@ -105,8 +105,10 @@ def test_stage_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_ru
     final = json.loads((uninterrupted / "results.json").read_text())
     final_resumed = json.loads((interrupted / "results.json").read_text())
     for key, value in final.items():
-        # timings differ; TRL's token counter (num_tokens) is not part of transformers' checkpoint, so it restarts
-        if isinstance(value, float) and not key.endswith(("runtime", "wall_seconds", "per_second", "num_tokens")):
+        # timings differ; TRL's token counter (num_tokens) is not part of transformers' checkpoint, so it restarts;
+        # transformers' train_loss is the mean over the steps this process ran (the per-step losses are compared)
+        if isinstance(value, float) and key != "train_loss" and not key.endswith(
+                ("runtime", "wall_seconds", "per_second", "num_tokens")):
             assert final_resumed[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), key
 
 

@@ -41,18 +41,16 @@ def setup(training_args, stage: str) -> None:
     if level > logging.INFO:  # keep the training bar, drop the bars of every small map/load/save
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    claim_output_dir(training_args.output_dir, stage, write=training_args.should_save)
+    claim_output_dir(training_args.output_dir, stage)
 
 
 def output_dir_stage(output_dir: str) -> str | None:
     """The stage whose output or checkpoints `output_dir` holds: from its stage file, or, for folders written
     before it existed, from the newest checkpoint (a PPO checkpoint has value_model/, a reward model a
     sequence-classification head, pretrain/SFT a causal LM: those two can't be told apart, so "sft")."""
-    try:
-        with open(os.path.join(output_dir, STAGE_FILE)) as f:
-            return json.load(f)["stage"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    recorded = output_dir_stage_file(os.path.join(output_dir, STAGE_FILE))
+    if recorded is not None:
+        return recorded
     checkpoints = complete_checkpoints(output_dir)
     if not checkpoints:
         return None
@@ -69,13 +67,19 @@ def output_dir_stage(output_dir: str) -> str | None:
     return "sft" if any(a.endswith("LMHeadModel") or a.endswith("ForCausalLM") for a in architectures) else None
 
 
-def claim_output_dir(output_dir: str, stage: str, write: bool = True) -> None:
+def holds_output(output_dir: str) -> bool:
+    """Whether a folder holds a model or checkpoints (a stage file alone, from a run that stopped before
+    writing anything, claims nothing)."""
+    names = os.listdir(output_dir)
+    return any(_CHECKPOINT.match(n) for n in names) or any(
+        n in names for n in ("config.json", "adapter_config.json", "adapter", "results.json"))
+
+
+def claim_output_dir(output_dir: str, stage: str) -> None:
     """Refuse an output_dir that holds another stage's checkpoints (resuming from them would load the wrong
-    kind of model, and training would write over them); otherwise record the stage in it."""
-    if not os.path.isdir(output_dir):
-        if write:
-            os.makedirs(output_dir, exist_ok=True)
-    else:
+    kind of model, and training would write over them). Writes nothing: `mark_output_dir` records the stage
+    when training starts."""
+    if os.path.isdir(output_dir) and holds_output(output_dir):
         found = output_dir_stage(output_dir)
         same = found is None or found == stage or {found, stage} == {"sft", "pretrain"} and not os.path.isfile(
             os.path.join(output_dir, STAGE_FILE))
@@ -83,9 +87,24 @@ def claim_output_dir(output_dir: str, stage: str, write: bool = True) -> None:
             raise StageOutputError(
                 f"output_dir {output_dir} holds the output of the {found} stage, not {stage}: "
                 f"give this stage its own output_dir (nothing was written)")
-    if write:
-        with open(os.path.join(output_dir, STAGE_FILE), "w") as f:
+
+
+def mark_output_dir(training_args, stage: str) -> None:
+    """Record in output_dir which stage writes it (main process; atomically, since the others may read it)."""
+    path = os.path.join(training_args.output_dir, STAGE_FILE)
+    if training_args.should_save and output_dir_stage_file(path) != stage:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
             json.dump({"stage": stage}, f)
+        os.replace(f"{path}.tmp", path)
+
+
+def output_dir_stage_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return json.load(f)["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_complete(checkpoint: str) -> bool:
@@ -155,8 +174,10 @@ class FiniteGradients(TrainerCallback):
             check_finite(norm, "the gradient norm (a NaN/inf loss)", state.global_step + 1)
 
 
-def train(trainer, checkpoint: str | None):
-    """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check."""
+def train(trainer, checkpoint: str | None, stage: str):
+    """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check; output_dir marked as
+    `stage`'s first."""
+    mark_output_dir(trainer.args, stage)
     trainer.add_callback(FiniteGradients())
     return trainer.train(resume_from_checkpoint=checkpoint)
 

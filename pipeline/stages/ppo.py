@@ -19,7 +19,7 @@ from trl.experimental.ppo.ppo_trainer import OnlineTrainerState
 from .. import data, embedded, hub, rl
 from ..evaluate import compare_policies
 from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
-from .common import check_finite, finish, gradient_norm, last_checkpoint, logger, setup
+from .common import check_finite, finish, gradient_norm, last_checkpoint, logger, mark_output_dir, setup
 
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
 # logged every update; a NaN/inf in any of them stops the run before that update is saved
@@ -57,6 +57,10 @@ class PPOTrainer(trl_ppo.PPOTrainer):
 
     def __init__(self, *args, kl_control=None, ptx: rl.PtxBatches | None = None, ptx_coef: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if unwrapped is not self.model:  # TRL reads `self.model.policy` (the LoRA reference), hidden by DDP
+            self.model.__dict__["policy"] = unwrapped.policy  # plain attributes, not submodules of the wrapper
+            self.model.__dict__["value_model"] = unwrapped.value_model
         self.kl_control = kl_control or rl.FixedKLController(self.args.kl_coef)
         self.args.kl_coef = self.kl_control.value
         self.ptx, self.ptx_coef, self._ptx_losses = (ptx if ptx_coef else None), ptx_coef, []
@@ -77,16 +81,31 @@ class PPOTrainer(trl_ppo.PPOTrainer):
         step = self.optimizer.step
 
         def checked_step(*step_args, **step_kwargs):  # TRL calls optimizer.step() itself: checked here
-            norm = gradient_norm(self.accelerator.unwrap_model(self.model).parameters())
-            if norm is not None:
-                check_finite(norm, "the gradient norm (a NaN/inf loss or reward)", self.state.global_step + 1)
+            # (not with fp16 loss scaling, whose inf gradients are routine, nor between accumulation steps)
+            if self.accelerator.scaler is None and self.accelerator.sync_gradients:
+                norm = gradient_norm(self.accelerator.unwrap_model(self.model).parameters())
+                if norm is not None:
+                    check_finite(norm, "the gradient norm (a NaN/inf loss or reward)", self.state.global_step + 1)
             return step(*step_args, **step_kwargs)
 
         self.optimizer.step = checked_step
 
     @property
     def backward_passes_per_update(self) -> int:
-        return self.args.num_ppo_epochs * self.args.num_mini_batches * self.args.gradient_accumulation_steps
+        """As TRL's loop makes them: per PPO epoch, per mini-batch, one per micro-batch."""
+        args = self.args
+        return args.num_ppo_epochs * args.num_mini_batches * math.ceil(
+            args.local_mini_batch_size / args.per_device_train_batch_size)
+
+    def generate_completions(self, sampling: bool = False):
+        # TRL's sample generations are scored by the reward too: keep them out of the functions' training means
+        if not isinstance(self.reward_model, rl.CombinedReward):
+            return super().generate_completions(sampling)
+        sums = {name: list(values) for name, values in self.reward_model._sums.items()}
+        try:
+            return super().generate_completions(sampling)
+        finally:
+            self.reward_model._sums = sums
 
     def train(self, resume_from_checkpoint: str | None = None):
         loader, eval_loader, total, kl_coef = self.dataloader, self.eval_dataloader, self.args.num_total_batches, \
@@ -118,7 +137,7 @@ class PPOTrainer(trl_ppo.PPOTrainer):
         # counters go back (before the progress bar reads them) in on_train_begin, which it calls after zeroing them
         self.callback_handler.callbacks.insert(0, _RestoreState(saved, self.args.num_total_batches))
         logged = [row for row in saved.log_history if "objective/kl_coef" in row]
-        if logged:  # the KL controller where it was: the last coefficient used, updated by that update's KL
+        if logged and isinstance(self.kl_control, rl.AdaptiveKLController):  # the KL controller where it was: the last coefficient used, updated by that update's KL
             self.kl_control.value = logged[-1]["objective/kl_coef"]
             self.args.kl_coef = self.kl_control.update(logged[-1]["objective/kl"], self.args.batch_size)
         if self.ptx is not None:
@@ -296,6 +315,7 @@ def main(script_args, training_args, model_args):
         ptx=ptx,
         ptx_coef=script_args.ptx_coef,
     )
+    mark_output_dir(training_args, "ppo")
     trainer.train(resume_from_checkpoint=last_checkpoint(training_args))
 
     metrics = {}

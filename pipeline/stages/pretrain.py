@@ -58,7 +58,7 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    train_result = train(trainer, checkpoint)
+    train_result = train(trainer, checkpoint, "pretrain")
 
     metrics = {"train_loss": train_result.training_loss, "parameters": model.num_parameters()}
     if eval_dataset is not None:

@@ -44,7 +44,7 @@ def main(script_args, training_args, model_args):
     if len(trainer.train_dataset) == 0:
         raise data.DataError(f"{source}: every training pair is longer than max_length={training_args.max_length} "
                              "tokens; raise max_length")
-    train_result = train(trainer, checkpoint)
+    train_result = train(trainer, checkpoint, "reward")
 
     # On the embedded task the test pairs are ordered by the oracle without noise, so eval_accuracy is the
     # reward model's agreement with the gold preference.

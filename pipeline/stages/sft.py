@@ -89,7 +89,7 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    train_result = train(trainer, checkpoint)
+    train_result = train(trainer, checkpoint, "sft")
 
     metrics = {"train_loss": train_result.training_loss}
     if eval_dataset is not None:
