@@ -59,9 +59,10 @@ def local_files(folder: Path) -> dict[str, bytes]:
 
 
 def pushable(folder: Path) -> dict[str, bytes]:
-    """What must arrive: every file except checkpoint-*/, runs/ and training_args.bin."""
+    """What must arrive: every file except checkpoint-*/, runs/, training_args.bin and the stage file."""
     return {path: content for path, content in local_files(folder).items()
-            if not path.startswith(("checkpoint-", "runs/")) and not path.endswith("training_args.bin")}
+            if not path.startswith(("checkpoint-", "runs/"))
+            and not path.endswith(("training_args.bin", "pipeline_stage.json"))}
 
 
 def metadata(readme: bytes | Path) -> dict:
