@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import STAGES, parse
+from .config import STAGES, parse, recipe_file
 from .hub import PUSH_FAILED  # a stage's exit code when training succeeded and only its Hub push failed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +40,6 @@ HEADLINE = {
 
 
 LORA = "lora"  # `run --lora`: the recipes <stage>-lora.yaml
-
-
-def recipe_file(recipe_dir, stage: str, variant: str | None = None) -> Path:
-    """A stage's recipe in a folder: <stage>.yaml, or <stage>-<variant>.yaml (e.g. sft-lora.yaml)."""
-    return Path(recipe_dir) / (f"{stage}-{variant}.yaml" if variant else f"{stage}.yaml")
 
 
 def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:

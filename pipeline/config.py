@@ -10,6 +10,7 @@ import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 import yaml
 
@@ -76,6 +77,11 @@ class PPOArguments(PipelineArguments):
     ptx_dataset_name: str | None = field(default=None, metadata={
         "help": "PPO-ptx: pretraining or SFT data (any name dataset_name accepts, e.g. embedded:corpus)."})
     ptx_block_size: int = field(default=128, metadata={"help": "PPO-ptx: tokens per ptx sequence."})
+
+
+def recipe_file(recipe_dir, stage: str, variant: str | None = None) -> Path:
+    """A stage's recipe in a folder: <stage>.yaml, or <stage>-<variant>.yaml (e.g. sft-lora.yaml)."""
+    return Path(recipe_dir) / (f"{stage}-{variant}.yaml" if variant else f"{stage}.yaml")
 
 
 CLASSES = {

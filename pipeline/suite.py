@@ -11,7 +11,7 @@ The policies' answers to held-out prompts (scores, KL, win rates, diversity) are
 import os
 
 from . import data, embedded
-from .config import parse
+from .config import parse, recipe_file
 from .embedded.fewshot import sentiment_task
 from .evaluate import evaluate_reward_model, few_shot_accuracy, perplexity
 from .models import load_causal_lm, load_scalar_head_model, load_tokenizer
@@ -22,8 +22,8 @@ POLICY_STAGES = ("pretrain", "sft", "ppo")
 
 def _recipe(recipe_dir: str, stage: str, variant: str | None) -> str:
     """<stage>-<variant>.yaml where the folder has one (e.g. sft-lora.yaml), else <stage>.yaml."""
-    chosen = os.path.join(recipe_dir, f"{stage}-{variant}.yaml") if variant else None
-    return chosen if chosen and os.path.isfile(chosen) else os.path.join(recipe_dir, f"{stage}.yaml")
+    chosen = recipe_file(recipe_dir, stage, variant)
+    return str(chosen if chosen.is_file() else recipe_file(recipe_dir, stage))
 
 
 def _resolved(recipe_dir: str, overrides: list[str], variant: str | None = None) -> dict:
