@@ -75,11 +75,30 @@ def ppo_layout(s: dict) -> dict:
     return layout
 
 
+def matched_batch(lengths: dict) -> int:
+    """Packed rows are about max_length long: this many packed rows hold as many examples as a padded batch."""
+    return max(1, round(lengths["padding_share_at_batch"] * lengths["mean"] / lengths["max_length"]))
+
+
+def packed_configurations(s: dict, lengths: dict) -> list:
+    """bfd packing in the pipeline's rows layout (its default without flash attention) and in TRL's flattened
+    layout, at the batch of packed rows that holds a padded batch's examples."""
+    matched = matched_batch(lengths)
+    packed = {"max_steps": s["sft_steps"], "packing": True, "packing_strategy": "bfd",
+              "per_device_train_batch_size": matched}
+    return [
+        (f"ours + packing bfd, batch {matched}", "ours", packed,
+         f"packing: true, packing_strategy: bfd, {matched} packed rows of max_length per batch (about the examples "
+         "of a padded batch of 32), in the pipeline's rows layout (`packed_batch_layout: auto` = rows without "
+         "flash attention: each packed row a row of the batch, its examples kept apart by position_ids)"),
+        (f"ours + packing bfd flat, batch {matched}", "ours", {**packed, "packed_batch_layout": "flat"},
+         "as above in TRL's padding-free layout (`packed_batch_layout: flat`: the whole batch flattened into one "
+         "row, as TRL's collator does)"),
+    ]
+
+
 def configurations(s: dict, prep: dict) -> dict:
     """{section: [(name, impl, recipe overrides, what)]}. The first row of a section is its reference."""
-    lengths = prep["sft_lengths"]
-    # packed rows are about max_length long: this batch of packed rows holds as many tokens as a padded batch
-    matched = max(1, round(32 * lengths["mean"] / lengths["max_length"]))
     layout = ppo_layout(s)
     micro, accumulation = layout["per_device_train_batch_size"], layout["gradient_accumulation_steps"]
     ppo_batch, rollout = layout["episodes_per_update"], layout["local_rollout_forward_batch_size"]
@@ -90,19 +109,19 @@ def configurations(s: dict, prep: dict) -> dict:
              "pipeline SFT stage, recipes/tiny/sft.yaml (padding to the longest row of each batch of 32)"),
             ("bare TRL", "bare", {"max_steps": s["sft_steps"]},
              "bench/bare_sft.py: SFTTrainer with the same SFTConfig"),
-            ("ours + packing bfd", "ours",
-             {"max_steps": s["packed_steps"], "packing": True, "packing_strategy": "bfd"},
-             "packing: true, packing_strategy: bfd (padding-free: each batch is one flattened row)"),
+            *packed_configurations(s, prep["sft_lengths"]),
             ("ours + group_by_length", "ours",
              {"max_steps": s["sft_steps"], "train_sampling_strategy": "group_by_length"},
              "train_sampling_strategy: group_by_length (padding, but batches of similar lengths; no packing)"),
-            (f"ours + packing bfd, batch {matched}", "ours",
-             {"max_steps": s["sft_steps"], "packing": True, "packing_strategy": "bfd",
-              "per_device_train_batch_size": matched},
-             f"as above with {matched} packed rows per batch: about the tokens of a padded batch of 32"),
             ("ours + packing wrapped", "ours",
              {"max_steps": s["packed_steps"], "packing": True, "packing_strategy": "wrapped"},
              "packing_strategy: wrapped (rows of max_length cut across examples; no padding)"),
+        ],
+        "sft-varlen": [
+            ("ours", "ours", {"max_steps": s["sft_steps"]},
+             "pipeline SFT stage, recipes/tiny/sft.yaml on the multi-turn rows (padding to the longest row of each "
+             "batch of 32)"),
+            *packed_configurations(s, prep["sft_varlen_lengths"]),
         ],
         "reward": [
             ("ours", "ours", {"max_steps": s["reward_steps"]},
@@ -131,13 +150,15 @@ def configurations(s: dict, prep: dict) -> dict:
 
 def write_recipe(work: str, stage: str, name: str, repeat: int, overrides: dict, prep: dict) -> str:
     """recipes/tiny/<stage>.yaml with the bench's data file, models, a fresh output folder and `overrides`."""
-    recipe = yaml.safe_load(open(os.path.join(RECIPES, f"{stage}.yaml")))
+    recipe = yaml.safe_load(open(os.path.join(RECIPES, f"{stage.split('-')[0]}.yaml")))
     models, data = prep["models"], prep["data"]
     slug = "".join(c if c.isalnum() else "-" for c in name)
     recipe.update(output_dir=os.path.join(work, "runs", f"{stage}-{slug}-{repeat}"), seed=42 + repeat,
                   report_to="none", save_strategy="no", disable_tqdm=True)
     if stage == "sft":
         recipe.update(dataset_name=data["sft"], model_name_or_path=models["lm"])
+    elif stage == "sft-varlen":
+        recipe.update(dataset_name=data["sft_varlen"], model_name_or_path=models["lm"])
     elif stage == "reward":
         recipe.update(dataset_name=data["preference"], model_name_or_path=models["reward_init"])
     else:
@@ -339,7 +360,8 @@ def main(argv=None) -> None:
             # a discarded warm-up run of the section's first configuration (file cache, lazy imports, allocator)
             name, impl, overrides, _ = rows[0]
             recipe, output_dir = write_recipe(work, section, name, 99, overrides, prep)
-            runner({"kind": section, "impl": impl, "recipe": recipe, "heldout": prep["data"]["sft_heldout"]})
+            heldout = prep["data"]["sft_varlen_heldout" if section == "sft-varlen" else "sft_heldout"]
+            runner({"kind": section, "impl": impl, "recipe": recipe, "heldout": heldout})
             shutil.rmtree(output_dir, ignore_errors=True)
             say(f"{section:6s} warm-up run done")
             for repeat in range(s["repeats"]):
@@ -347,7 +369,7 @@ def main(argv=None) -> None:
                 for name, impl, overrides, _ in order:
                     recipe, output_dir = write_recipe(work, section, name, repeat, overrides, prep)
                     disturbed = []
-                    job = {"kind": section, "impl": impl, "recipe": recipe, "heldout": prep["data"]["sft_heldout"]}
+                    job = {"kind": section, "impl": impl, "recipe": recipe, "heldout": heldout}
                     while True:
                         result = runner(job, measured=True)
                         shutil.rmtree(output_dir, ignore_errors=True)

@@ -90,7 +90,9 @@ class Probe:
             if isinstance(trainer, RewardTrainer):
                 probe.pairs += int(inputs["input_ids"].shape[0]) // 2  # chosen rows then rejected rows
             elif "labels" in inputs:
-                if "attention_mask" in inputs:
+                if "pipeline_real_tokens" in inputs:  # the pipeline's packed rows (pipeline.stages.sft.REAL_TOKENS)
+                    probe.input_tokens += int(inputs["pipeline_real_tokens"])
+                elif "attention_mask" in inputs:
                     probe.input_tokens += int(inputs["attention_mask"].sum())
                 else:  # padding-free: one flattened row, no pad
                     probe.input_tokens += int(inputs["input_ids"].numel())
@@ -298,6 +300,7 @@ def job_prepare(job):
     """Data files (the same rows for ours and bare) and models; statistics of the SFT lengths."""
     import random
 
+    import datasets
     import torch
     import yaml
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -346,25 +349,55 @@ def job_prepare(job):
     tokenizer = AutoTokenizer.from_pretrained(models["lm"])
     sft_recipe = yaml.safe_load(open(os.path.join(recipe_dir, "sft.yaml")))
     max_length, batch = sft_recipe["max_length"], sft_recipe["per_device_train_batch_size"]
+
+    def length_of(row):
+        return len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                                 return_dict=False))
+
+    def stats(lengths):
+        shuffled = lengths[:]
+        random.Random(0).shuffle(shuffled)
+        batches = [shuffled[i:i + batch] for i in range(0, len(shuffled), batch)]
+        padded = sum(max(b) * len(b) for b in batches)
+        ordered = sorted(lengths)
+        return {"rows": len(lengths), "mean": sum(lengths) / len(lengths), "min": ordered[0],
+                "median": ordered[len(ordered) // 2], "p90": ordered[int(0.9 * (len(ordered) - 1))],
+                "max": ordered[-1], "max_length": max_length, "padding_share_at_batch": batch,
+                "padding_share": 1 - sum(lengths) / padded}
+
     rows = embedded.build("sft", seed=0)["train"].select(range(min(job["sft_rows"], 6000)))
-    lengths = [min(max_length, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
-                                                                   return_dict=False))) for r in rows]
-    shuffled = lengths[:]
-    random.Random(0).shuffle(shuffled)
-    batches = [shuffled[i:i + batch] for i in range(0, len(shuffled), batch)]
-    padded = sum(max(b) * len(b) for b in batches)
+    lengths = [min(max_length, length_of(r)) for r in rows]
+
+    # variable-length SFT data, as chat data is: the embedded rows as the last turn of conversations of 1 to 4
+    # turns (earlier turns drawn from other rows; half the conversations have one turn, a tenth have four),
+    # kept when they fit in max_length. The loss is on the last assistant turn, as in the recipe.
+    def conversations(split, n):
+        source = embedded.build("sft", seed=0)[split]
+        rng, out = random.Random(1), []
+        for i in range(len(source)):
+            if len(out) == n:
+                break
+            turns = rng.choices([1, 2, 3, 4], weights=[50, 25, 15, 10])[0]
+            earlier = [source[rng.randrange(len(source))] for _ in range(turns - 1)]
+            row = {"prompt": [m for e in earlier for m in e["prompt"] + e["completion"]] + source[i]["prompt"],
+                   "completion": source[i]["completion"]}
+            if length_of(row) <= max_length:
+                out.append(row)
+        return datasets.Dataset.from_list(out)
+
+    varlen = conversations("train", job["sft_rows"])
+    data["sft_varlen"] = os.path.join(work, "data", "sft-varlen.jsonl")
+    varlen.to_json(data["sft_varlen"], lines=True)
+    data["sft_varlen_heldout"] = os.path.join(work, "data", "sft-varlen-heldout.jsonl")
+    conversations("test", 300).to_json(data["sft_varlen_heldout"], lines=True)
     model = AutoModelForCausalLM.from_pretrained(models["lm"])
-    ordered = sorted(lengths)
     return {
         "data": data, "models": models, "model_source": source, "parameters": model.num_parameters(),
         "train_rows": {kind: len(embedded.build(kind, seed=0)["train"]) for kind in ("sft", "preference", "prompt")},
         "model_config": {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions",
                                                                "vocab_size")},
-        "sft_lengths": {"rows": len(lengths), "mean": sum(lengths) / len(lengths), "min": ordered[0],
-                        "median": ordered[len(ordered) // 2], "p90": ordered[int(0.9 * (len(ordered) - 1))],
-                        "max": ordered[-1], "max_length": max_length,
-                        "padding_share_at_batch": batch,
-                        "padding_share": 1 - sum(lengths) / padded},
+        "sft_lengths": stats(lengths),
+        "sft_varlen_lengths": stats([length_of(r) for r in varlen]),
     }
 
 
@@ -397,14 +430,32 @@ def job_check_padding_free(job):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
         return nll[targets != -100]  # row-major: example by example in both layouts
 
-    out = {"examples": len(examples)}
+    # the pipeline's rows layout: the examples packed in order into rows of at most 128 tokens (so that the
+    # row-major token order is still the examples' order), batched by its PackedRowsCollator
+    from pipeline.stages.sft import REAL_TOKENS, PackedRowsCollator
+
+    packed = []
+    for e in examples:
+        if packed and sum(packed[-1]["seq_lengths"]) + len(e["input_ids"]) <= 128:
+            row = packed[-1]
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += e["labels"]
+            row["seq_lengths"].append(len(e["input_ids"]))
+        else:
+            packed.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]),
+                           "seq_lengths": [len(e["input_ids"])]})
+
+    out = {"examples": len(examples), "packed_rows": len(packed)}
     for attn in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(job["model"], attn_implementation=attn).eval()
         padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
         flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+        rows = PackedRowsCollator(tokenizer.pad_token_id)(packed)
+        rows.pop(REAL_TOKENS)
         leaky = dict(flat, attention_mask=torch.ones_like(flat["input_ids"]))
         reference = token_nll(model, padded)
         free, leak = token_nll(model, dict(flat)), token_nll(model, leaky)
+        in_rows = token_nll(model, rows)
         # with a KV cache in play, transformers skips the packed-sequence detection: no block mask either
         cached = token_nll(model, dict(flat), use_cache=True)
         out[attn] = {
@@ -412,6 +463,8 @@ def job_check_padding_free(job):
             "loss_padded": reference.mean().item(),
             "loss_padding_free": free.mean().item(),
             "max_abs_diff_padding_free": (free - reference).abs().max().item(),
+            "loss_rows": in_rows.mean().item(),
+            "max_abs_diff_rows": (in_rows - reference).abs().max().item(),
             "loss_flattened_without_block_mask": leak.mean().item(),
             "max_abs_diff_without_block_mask": (leak - reference).abs().max().item(),
             "max_abs_diff_padding_free_use_cache": (cached - reference).abs().max().item(),
@@ -424,4 +477,4 @@ def job_noop(job):
 
 
 JOBS = {"noop": job_noop, "prepare": job_prepare, "check_padding_free": job_check_padding_free, "sft": job_sft,
-        "reward": job_reward, "ppo": job_ppo}
+        "sft-varlen": job_sft, "reward": job_reward, "ppo": job_ppo}

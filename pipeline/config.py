@@ -44,12 +44,20 @@ class PretrainArguments(PipelineArguments):
 
 @dataclass
 class SFTArguments(PipelineArguments):
-    """What to do with demonstrations longer than the trainer's `max_length`."""
+    """What to do with demonstrations longer than the trainer's `max_length`, and how packed batches are laid out."""
 
     overlong_rows: str = field(
         default="truncate", metadata={"help": "A row longer than max_length tokens: 'truncate' cuts it to max_length "
                                       "(TRL's default), 'drop' drops it; either way they are counted and reported.",
                                       "choices": ["truncate", "drop"]})
+    packed_batch_layout: str = field(
+        default="auto", metadata={
+            "help": "With packing_strategy bfd: 'rows' keeps each packed row of max_length as a row of the batch, the "
+                    "examples in it kept apart by their position_ids (a block-diagonal causal mask per row: correct "
+                    "and fast with sdpa/eager); 'flat' is TRL's padding-free layout, the whole batch as one row "
+                    "(for flash-attention kernels; with sdpa/eager its mask grows with the square of the batch's "
+                    "tokens); 'auto': 'flat' with a flash-attention implementation, else 'rows'.",
+            "choices": ["auto", "rows", "flat"]})
 
 
 @dataclass

@@ -17,14 +17,17 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     names = {section: [row["name"] for row in data["rows"]] for section, data in summary["sections"].items()}
     assert names["sft"][:2] == ["ours", "bare TRL"]
     assert [n for n in names["sft"] if "packing bfd" in n] and [n for n in names["sft"] if "wrapped" in n]
+    assert names["sft-varlen"][0] == "ours" and [n for n in names["sft-varlen"] if "packing bfd flat" in n]
     assert names["reward"] == ["ours", "bare TRL"]
     assert names["ppo"][:2] == ["ours", "bare TRL"] and len(names["ppo"]) == 5 and names["ppo"][-1] == "ours + LoRA"
     for section, rows in names.items():
+        for name in rows:
+            assert f"| {name} |" in text
+        if "bare TRL" not in rows:  # sft-varlen: packing layouts against the recipe, no bare script
+            continue
         comparison = summary["sections"][section]["ours_vs_bare"]
         assert comparison["same_work"], section  # same tokens / pairs / episodes and the same loss or score
         assert comparison["config_differences"] == [], section  # the same TRL config
-        for name in rows:
-            assert f"| {name} |" in text
 
     sft = {row["name"]: row for row in summary["sections"]["sft"]["rows"]}
     assert sft["ours"]["tokens_per_s"]["median"] > 0 and sft["ours"]["peak_rss_mb"]["median"] > 100
@@ -36,11 +39,16 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert abs(sum(split[k] for k in ("generation", "reference", "value", "reward", "optimisation"))
                - split["wall"]) < 1e-6
 
-    check = summary["padding_free_check"]["sdpa"]  # padding-free equals padded; without the block mask it does not
+    check = summary["padding_free_check"]["sdpa"]  # both packed layouts equal padded; without the block mask not
     assert check["max_abs_diff_padding_free"] < 1e-4 < check["max_abs_diff_without_block_mask"]
+    assert check["max_abs_diff_rows"] < 1e-4
+    varlen = {row["name"]: row for row in summary["sections"]["sft-varlen"]["rows"]}
+    # the packed rows and the flattened batch train on the same tokens, and count them alike
+    assert len({row["tokens"]["median"] for name, row in varlen.items() if "bfd" in name}) == 1
 
     targets = [t["target"] for t in summary["targets"]]
-    assert len(targets) == 10 and any("episodes/s" in t for t in targets)
+    assert len(targets) == 11 and any("episodes/s" in t for t in targets)
+    assert [t for t in targets if "variable-length data" in t]
     ppo_rows = {row["name"]: row for row in summary["sections"]["ppo"]["rows"]}
     assert ppo_rows["ours + LoRA"]["peak_rss_mb"]["median"] > 100 and ppo_rows["ours"]["peak_rss_mb"]["median"] > 100
     assert "**Peak memory with LoRA**" in text and "| ppo: peak memory (RSS) with LoRA vs without |" in text

@@ -1,9 +1,11 @@
 """Stage 1, SFT: TRL's SFTTrainer on prompt/completion or conversational demonstrations."""
 
+import logging
 import math
 
 from datasets import Dataset
 from trl import SFTTrainer, get_peft_config
+from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS, DataCollatorForLanguageModeling
 
 from .. import data, hub
 from ..models import load_causal_lm, load_tokenizer
@@ -41,15 +43,81 @@ def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, sou
     return fitted
 
 
+REAL_TOKENS = "pipeline_real_tokens"  # batch key: non-pad tokens of a packed-rows batch (popped before the model)
+
+
+class PackedRowsCollator:
+    """Packed (bfd) rows -> a batch of rows, each padded to the batch's longest row, with the position_ids of
+    the examples packed in it and no attention mask. Given position_ids and no mask, transformers' mask
+    builder (`find_packed_sequence_indices`) detects where each example starts (position 0) and gives every
+    row a block-diagonal causal mask, so the examples in a row do not see each other: the same loss as
+    unpacked batches, at the cost of rows x max_length^2 attention instead of the square of the whole batch's
+    tokens that TRL's flattened padding-free batch costs without a varlen kernel. Pads get position 0 (each is
+    its own one-token sequence) and label -100; so does every example's first token, as in TRL's padding-free
+    collator (it would otherwise be predicted from the previous example). The count of non-pad tokens travels
+    under REAL_TOKENS for the trainer's `num_tokens` metric."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=False,
+                                                       return_position_ids=True,
+                                                       pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        batch[REAL_TOKENS] = batch.pop("attention_mask").sum()
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
+
+
+class _DropWarning(logging.Filter):
+    """Hides the warnings that do not apply to the rows layout: TRL's that packing/padding-free needs flash
+    attention, and transformers' that input_ids with pads want an attention mask (position_ids stand for it)."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not ("Flash Attention" in message and ("packing" in message or "Padding-free" in message)
+                    or "recommend passing in an `attention_mask`" in message)
+
+
+_NO_MASK_WARNING = _DropWarning()
+
+
 class SFTStageTrainer(SFTTrainer):
     """TRL's SFTTrainer, with rows longer than max_length counted, reported and truncated or dropped as the
     recipe's `overlong_rows` says (TRL truncates them silently, and silently drops the rows left with no
     completion token). Tokenization is TRL's own: only its truncation step is replaced. Packed datasets are
-    left to TRL (packing splits or cuts rows by `packing_strategy`)."""
+    left to TRL (packing splits or cuts rows by `packing_strategy`). With bfd packing, batches are laid out
+    as `packed_batch_layout` says (see PackedRowsCollator)."""
 
-    def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset", **kwargs):
+    def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
+                 packed_batch_layout: str = "auto", **kwargs):
         self.overlong_rows, self.source = overlong_rows, source  # read by _prepare_dataset, in super().__init__
-        super().__init__(*args, **kwargs)
+        training_args, model = kwargs["args"], kwargs["model"]
+        self.packed_rows = (training_args.packing and training_args.packing_strategy in {"bfd", "bfd_split"}
+                            and (packed_batch_layout == "rows" or packed_batch_layout == "auto" and
+                                 getattr(model.config, "_attn_implementation", None) not in FLASH_ATTENTION_VARIANTS))
+        trl_logger = logging.getLogger("trl.trainer.sft_trainer")
+        quiet = _DropWarning()
+        if self.packed_rows:
+            trl_logger.addFilter(quiet)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            trl_logger.removeFilter(quiet)
+        if self.packed_rows:
+            logging.getLogger("transformers.modeling_utils").addFilter(_NO_MASK_WARNING)  # once: the same object
+            self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
+            logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",
+                        training_args.max_length)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        real_tokens = inputs.pop(REAL_TOKENS, None)
+        counted = self._total_train_tokens
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if real_tokens is not None and self.model.training:  # TRL counts one row's length when there is no mask
+            self._total_train_tokens = counted + self.accelerator.gather_for_metrics(real_tokens.reshape(1)).sum().item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         max_length = args.max_length
@@ -82,6 +150,7 @@ def main(script_args, training_args, model_args):
     trainer = SFTStageTrainer(
         overlong_rows=script_args.overlong_rows,
         source=source,
+        packed_batch_layout=script_args.packed_batch_layout,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
