@@ -198,18 +198,21 @@ LONG_ROWS = ([{"prompt": "Write a review of The Lost River.", "completion": " Th
              + [{"prompt": "Write a review of The Lost River. " * 30, "completion": " Fine."}])
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "bfd-packed"])
 @pytest.mark.parametrize("mode, expected", [
     ("truncate", "4 of 10 rows are longer than max_length=48 tokens: truncated (overlong_rows: truncate); "
                  "1 rows have no completion token within max_length: dropped; 9 rows left"),
     ("drop", "4 of 10 rows are longer than max_length=48 tokens: dropped (overlong_rows: drop); 6 rows left"),
 ])
-def test_sft_stage_reports_and_handles_overlong_rows(pretrained, tmp_path, mode, expected):
+def test_sft_stage_reports_and_handles_overlong_rows(pretrained, tmp_path, mode, expected, packing):
+    """bfd packing keeps rows whole: the rows are fitted (and counted) first, then packed."""
     data_file = tmp_path / "long.jsonl"
     data_file.write_text("\n".join(json.dumps(row) for row in LONG_ROWS))
     result = run_python("scripts/sft.py", "--config", ROOT / "recipes" / "tiny" / "sft.yaml",
                         "--model_name_or_path", pretrained, "--dataset_name", data_file, "--max_length", "48",
                         "--overlong_rows", mode, "--max_steps", "1", "--save_strategy", "no", "--report_to", "none",
-                        "--disable_tqdm", "true", "--output_dir", tmp_path / "sft")
+                        "--disable_tqdm", "true", "--output_dir", tmp_path / "sft",
+                        *(["--packing", "true", "--packing_strategy", "bfd"] if packing else []))
     assert f"{data_file} [train]: {expected}" in result.stdout
     assert json.loads((tmp_path / "sft" / "results.json").read_text())["train_loss"] > 0
 
@@ -231,8 +234,10 @@ def test_overlong_rows_drop_with_packing_is_refused(tmp_path):
     from pipeline.stages import sft
 
     args = parse("sft", ["--config", str(ROOT / "recipes" / "tiny" / "sft.yaml"), "--packing", "true",
-                         "--overlong_rows", "drop", "--output_dir", str(tmp_path / "sft")])
-    with pytest.raises(ValueError, match="overlong_rows: drop needs packing: false"):
+                         "--packing_strategy", "wrapped", "--overlong_rows", "drop",
+                         "--output_dir", str(tmp_path / "sft")])
+    with pytest.raises(ValueError, match="overlong_rows: drop needs packing: false or packing_strategy: bfd "
+                                         r"\(packing_strategy wrapped splits"):
         sft.main(*args)
     assert not (tmp_path / "sft").exists()
 

@@ -79,15 +79,15 @@ class _DropWarning(logging.Filter):
                     or "recommend passing in an `attention_mask`" in message)
 
 
-_NO_MASK_WARNING = _DropWarning()
+_ROWS_WARNINGS = _DropWarning()
 
 
 class SFTStageTrainer(SFTTrainer):
     """TRL's SFTTrainer, with rows longer than max_length counted, reported and truncated or dropped as the
     recipe's `overlong_rows` says (TRL truncates them silently, and silently drops the rows left with no
-    completion token). Tokenization is TRL's own: only its truncation step is replaced. Packed datasets are
-    left to TRL (packing splits or cuts rows by `packing_strategy`). With bfd packing, batches are laid out
-    as `packed_batch_layout` says (see PackedRowsCollator)."""
+    completion token). Tokenization is TRL's own: only its truncation step is replaced. With bfd packing the
+    fitted rows are then packed by TRL; bfd_split and wrapped packing are left to TRL (they split or cut rows).
+    With bfd packing, batches are laid out as `packed_batch_layout` says (see PackedRowsCollator)."""
 
     def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
                  packed_batch_layout: str = "auto", **kwargs):
@@ -97,15 +97,14 @@ class SFTStageTrainer(SFTTrainer):
                             and (packed_batch_layout == "rows" or packed_batch_layout == "auto" and
                                  getattr(model.config, "_attn_implementation", None) not in FLASH_ATTENTION_VARIANTS))
         trl_logger = logging.getLogger("trl.trainer.sft_trainer")
-        quiet = _DropWarning()
         if self.packed_rows:
-            trl_logger.addFilter(quiet)
+            trl_logger.addFilter(_ROWS_WARNINGS)
         try:
             super().__init__(*args, **kwargs)
         finally:
-            trl_logger.removeFilter(quiet)
-        if self.packed_rows:
-            logging.getLogger("transformers.modeling_utils").addFilter(_NO_MASK_WARNING)  # once: the same object
+            trl_logger.removeFilter(_ROWS_WARNINGS)
+        if self.packed_rows:  # a forward of packed rows has pads and no mask: transformers warns (once) about it
+            logging.getLogger("transformers.modeling_utils").addFilter(_ROWS_WARNINGS)  # added once: same object
             self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
             logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",
                         training_args.max_length)
@@ -115,29 +114,37 @@ class SFTStageTrainer(SFTTrainer):
         counted = self._total_train_tokens
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if real_tokens is not None and self.model.training:  # TRL counts one row's length when there is no mask
-            self._total_train_tokens = counted + self.accelerator.gather_for_metrics(real_tokens.reshape(1)).sum().item()
+            gathered = self.accelerator.gather_for_metrics(real_tokens.reshape(1))
+            self._total_train_tokens = counted + gathered.sum().item()
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         max_length = args.max_length
-        if (max_length is None or packing or not isinstance(dataset, Dataset)
+        # bfd packing keeps rows whole (it truncates overflow, as padding does): rows are fitted first, then packed.
+        # bfd_split and wrapped cut rows across sequences by design: left to TRL.
+        whole_rows = not packing or args.packing_strategy == "bfd"
+        if (max_length is None or not whole_rows or not isinstance(dataset, Dataset)
                 or "input_ids" in dataset.column_names):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        args.max_length = None  # TRL's preparation without its truncation
+        shuffle = args.shuffle_dataset
+        args.max_length, args.shuffle_dataset = None, False  # TRL's tokenization without its truncation
         try:
-            prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func,
+            prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func,
                                                 dataset_name)
         finally:
-            args.max_length = max_length
-        return fit_to_max_length(prepared, max_length, self.overlong_rows, f"{self.source} [{dataset_name}]",
-                                 args.truncation_mode)
+            args.max_length, args.shuffle_dataset = max_length, shuffle
+        fitted = fit_to_max_length(prepared, max_length, self.overlong_rows, f"{self.source} [{dataset_name}]",
+                                   args.truncation_mode)
+        if packing:  # TRL packs the tokenized rows (and shuffles, if asked)
+            return super()._prepare_dataset(fitted, processing_class, args, True, None, dataset_name)
+        return fitted.shuffle(seed=args.seed) if shuffle else fitted
 
 
 def main(script_args, training_args, model_args):
-    if script_args.overlong_rows == "drop" and training_args.packing:
-        raise ValueError("overlong_rows: drop needs packing: false (packing splits long rows across sequences or "
-                         "cuts them, as packing_strategy says)")
+    if script_args.overlong_rows == "drop" and training_args.packing and training_args.packing_strategy != "bfd":
+        raise ValueError(f"overlong_rows: drop needs packing: false or packing_strategy: bfd (packing_strategy "
+                         f"{training_args.packing_strategy} splits long rows across sequences or cuts them)")
     setup(training_args, "sft")
     publication = hub.prepare("sft", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
