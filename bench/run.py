@@ -44,12 +44,13 @@ RECIPES = os.path.join(ROOT, "recipes", "tiny")
 def settings(quick: bool) -> dict:
     """Run lengths. Tens of optimizer steps per run in the full benchmark; one or two in --quick."""
     if quick:  # PPO on a smaller batch and shorter responses too: a smoke run must stay fast on a busy machine
-        return dict(repeats=1, sft_rows=256, preference_rows=256, sft_steps=2, packed_steps=1, reward_steps=2,
+        return dict(repeats=1, sft_rows=256, preference_rows=256, rerun_rows=3000, sft_steps=2, packed_steps=1,
+                    reward_steps=2,
                     ppo_updates=1, ppo_overrides={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                                   "local_rollout_forward_batch_size": 8, "response_length": 16,
                                                   "num_ppo_epochs": 1})
-    return dict(repeats=3, sft_rows=2000, preference_rows=1500, sft_steps=40, packed_steps=10, reward_steps=30,
-                ppo_updates=6, ppo_overrides={})
+    return dict(repeats=3, sft_rows=2000, preference_rows=1500, rerun_rows=30000, sft_steps=40, packed_steps=10,
+                reward_steps=30, ppo_updates=6, ppo_overrides={})
 
 
 def recipes(s: dict) -> dict:
@@ -159,6 +160,8 @@ def write_recipe(work: str, stage: str, name: str, repeat: int, overrides: dict,
         recipe.update(dataset_name=data["sft"], model_name_or_path=models["lm"])
     elif stage == "sft-varlen":
         recipe.update(dataset_name=data["sft_varlen"], model_name_or_path=models["lm"])
+    elif stage == "sft-rerun":
+        recipe.update(dataset_name=data["sft_rerun"], model_name_or_path=models["lm"])
     elif stage == "reward":
         recipe.update(dataset_name=data["preference"], model_name_or_path=models["reward_init"])
     else:
@@ -170,6 +173,30 @@ def write_recipe(work: str, stage: str, name: str, repeat: int, overrides: dict,
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
     return path, recipe["output_dir"]
+
+
+def rerun_section(runner, work: str, s: dict, prep: dict, say) -> dict:
+    """SFT on a larger file with datasets' cache on: a first run (empty cache), then a rerun of the same recipe
+    (the first run's cache), ours and bare TRL, one training step each: what a rerun or a resumed run prepares
+    again. The first run and its rerun stay in order; the two implementations alternate from repeat to repeat."""
+    runs = {"ours": [], "bare TRL": []}
+    for repeat in range(s["repeats"]):
+        for name in (["ours", "bare TRL"] if repeat % 2 == 0 else ["bare TRL", "ours"]):
+            impl = "ours" if name == "ours" else "bare"
+            cache = os.path.join(work, "rerun-cache", f"{impl}-{repeat}")
+            pair = {}
+            for attempt in ("first", "rerun"):
+                recipe, output_dir = write_recipe(work, "sft-rerun", f"{name} {attempt}", repeat, {"max_steps": 1},
+                                                  prep)
+                pair[attempt] = runner({"kind": "sft-cache", "impl": impl, "recipe": recipe, "cache_dir": cache},
+                                       measured=True)
+                shutil.rmtree(output_dir, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            runs[name].append({"first_setup_s": pair["first"]["setup_s"], "rerun_setup_s": pair["rerun"]["setup_s"],
+                               "other_load_cores": max(pair[a]["other_load_cores"] for a in pair), "repeat": repeat})
+            say(f"rerun  {name:30s} {repeat + 1}/{s['repeats']}: setup {pair['first']['setup_s']:.1f} s first, "
+                f"{pair['rerun']['setup_s']:.1f} s rerun")
+    return {"rows": s["rerun_rows"], "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -347,7 +374,8 @@ def main(argv=None) -> None:
         info["server_start_s"] = start_server(runner)
         say("preparing data and models")
         prep = runner({"kind": "prepare", "work": work, "recipe_dir": RECIPES, "fresh_models": args.fresh_models,
-                       "sft_rows": s["sft_rows"], "preference_rows": s["preference_rows"]})
+                       "sft_rows": s["sft_rows"], "preference_rows": s["preference_rows"],
+                       "rerun_rows": s["rerun_rows"]})
         info["prepare"] = {k: v for k, v in prep.items() if k not in ("data", "models", "run_s", "peak_rss_mb")}
         say(f"models: {prep['model_source']}")
         say("checking padding-free correctness (padded vs flattened forward)")
@@ -386,6 +414,7 @@ def main(argv=None) -> None:
                                                     for name, impl, overrides, what in rows],
                                  "runs": runs}
         info["sections"] = sections
+        info["rerun"] = rerun_section(runner, work, s, prep, say)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

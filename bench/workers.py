@@ -91,7 +91,7 @@ class Probe:
                 probe.pairs += int(inputs["input_ids"].shape[0]) // 2  # chosen rows then rejected rows
             elif "labels" in inputs:
                 if "pipeline_real_tokens" in inputs:  # the pipeline's packed rows (pipeline.stages.sft.REAL_TOKENS)
-                    probe.input_tokens += int(inputs["pipeline_real_tokens"])
+                    probe.input_tokens += int(inputs["pipeline_real_tokens"].sum())
                 elif "attention_mask" in inputs:
                     probe.input_tokens += int(inputs["attention_mask"].sum())
                 else:  # padding-free: one flattened row, no pad
@@ -227,7 +227,8 @@ def _train_job(job: dict, stage: str) -> dict:
         if stage == "sft":
             result.update(tokens=PROBE.input_tokens, loss_tokens=PROBE.loss_tokens,
                           tokens_per_s=PROBE.input_tokens / train_s, loss_tokens_per_s=PROBE.loss_tokens / train_s)
-            result.update(heldout(trainer, job["heldout"]))
+            if job.get("heldout"):
+                result.update(heldout(trainer, job["heldout"]))
         else:
             result.update(pairs=PROBE.pairs, pairs_per_s=PROBE.pairs / train_s)
     return result
@@ -245,6 +246,16 @@ def heldout(trainer, data_file: str) -> dict:
 
 
 def job_sft(job):
+    return _train_job(job, "sft")
+
+
+def job_sft_cache(job):
+    """SFT with datasets' cache on, kept in job["cache_dir"]: a first run (an empty cache) or a rerun (the cache
+    a first run left), to time the data preparation a rerun or a resumed run does again or loads."""
+    import datasets
+
+    datasets.enable_caching()
+    datasets.config.HF_DATASETS_CACHE = job["cache_dir"]
     return _train_job(job, "sft")
 
 
@@ -315,6 +326,11 @@ def job_prepare(job):
             train = train.select(range(min(rows, len(train))))
         data[kind] = os.path.join(work, "data", f"{kind}.jsonl")
         train.to_json(data[kind], lines=True)
+    # a larger SFT file for timing data preparation (the train rows, repeated): first run vs rerun
+    repeated = embedded.build("sft", seed=0)["train"]
+    repeated = datasets.concatenate_datasets([repeated] * -(-job["rerun_rows"] // len(repeated)))
+    data["sft_rerun"] = os.path.join(work, "data", "sft-rerun.jsonl")
+    repeated.select(range(job["rerun_rows"])).to_json(data["sft_rerun"], lines=True)
     data["sft_heldout"] = os.path.join(work, "data", "sft-heldout.jsonl")
     embedded.build("sft", seed=0)["test"].to_json(data["sft_heldout"], lines=True)
 
@@ -477,4 +493,4 @@ def job_noop(job):
 
 
 JOBS = {"noop": job_noop, "prepare": job_prepare, "check_padding_free": job_check_padding_free, "sft": job_sft,
-        "sft-varlen": job_sft, "reward": job_reward, "ppo": job_ppo}
+        "sft-varlen": job_sft, "sft-cache": job_sft_cache, "reward": job_reward, "ppo": job_ppo}

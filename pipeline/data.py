@@ -11,9 +11,11 @@ hh-rlhf transcripts are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns;
 and for preference pairs the turns shared by chosen and rejected become the prompt.
 """
 
+import hashlib
 import os
 import re
 
+import trl
 from datasets import Dataset, DatasetDict, load_dataset
 from trl.data_utils import extract_prompt
 
@@ -23,6 +25,10 @@ USES = ("text", "sft", "preference", "prompt")
 EMBEDDED_PREFIX = "embedded:"
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+# Part of the fingerprint of normalise()'s cached map: datasets hashes a module-level function by its name, not
+# its code, so a cached result must be tied to this file's code (and TRL's extract_prompt) explicitly.
+with open(__file__, "rb") as _source:
+    _CODE_VERSION = hashlib.sha256(_source.read() + trl.__version__.encode()).hexdigest()[:16]
 
 
 class DataError(ValueError):
@@ -128,7 +134,20 @@ def _prompt_of(conversation: list[dict]) -> list[dict]:
     return conversation[:last]
 
 
+def _fields(fmt: str, use: str, columns) -> list[str]:
+    """The columns that normalise() writes for data of format `fmt` (with these columns) used for `use`."""
+    if use == "text":
+        return ["text"]
+    if use == "prompt":
+        return ["prompt"]
+    if fmt == "hh-transcript":
+        return {"preference": ["prompt", "chosen", "rejected"], "sft": ["prompt", "completion"]}[use]
+    return {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"],
+            "preference": (["prompt"] if "prompt" in columns else []) + ["chosen", "rejected"]}[fmt]
+
+
 def _normalise_row(row: dict, fmt: str, use: str) -> dict:
+    fields = _fields(fmt, use, row)
     if use == "text":
         _check_text(row["text"], "text")
         return {"text": row["text"]}
@@ -145,9 +164,6 @@ def _normalise_row(row: dict, fmt: str, use: str) -> dict:
             row, fmt = {"prompt": _prompt_of(parse_transcript(row["chosen"]))}, "prompt"
     if use == "prompt" and fmt == "messages":
         row, fmt = {"prompt": _prompt_of(row["messages"])}, "prompt"
-    fields = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"],
-              "preference": (["prompt"] if "prompt" in row else []) + ["chosen", "rejected"],
-              "prompt": ["prompt"]}[fmt]
     for field in fields:
         _check_text(row[field], field)
     if use == "preference" and row["chosen"] == row["rejected"]:
@@ -171,19 +187,47 @@ def normalise(dataset: Dataset, use: str, source: str, invalid_rows: str = "erro
         fmt = _format(dataset.column_names, dataset[0], use)
     except ValueError as error:
         raise DataError(f"{source}: {error}") from None
-    rows, dropped, first_reason = [], 0, None
-    for index, row in enumerate(dataset):
-        try:
-            rows.append(_normalise_row(row, fmt, use))
-        except ValueError as error:
-            if invalid_rows != "drop":
-                raise DataError(f"{source}: row {index}: {error}") from None
-            dropped, first_reason = dropped + 1, first_reason or f"row {index}: {error}"
+    # A datasets map, so that data read from files or the Hub (Arrow on disk) is checked once: the result is
+    # cached, and so are TRL's tokenization maps after it (a rerun, a resumed run, and the other processes of a
+    # multi-process run, which TRL lets the main process prepare first, load them instead of redoing them).
+    checked = dataset.map(_normalise_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                          fn_kwargs={"fmt": fmt, "use": use, "fields": _fields(fmt, use, dataset.column_names),
+                                     "source": source, "drop": invalid_rows == "drop", "code": _CODE_VERSION},
+                          desc=f"Checking {source}")
+    dropped = len(dataset) - len(checked)
     if dropped:
-        print(f"[data] {source}: dropped {dropped} of {len(dataset)} rows (first: {first_reason})")
-    if not rows:
+        first = next(reason for reason in (_invalid(row, i, fmt, use) for i, row in enumerate(dataset)) if reason)
+        print(f"[data] {source}: dropped {dropped} of {len(dataset)} rows (first: {first})")
+    if len(checked) == 0:
         raise DataError(f"{source}: no valid rows left")
-    return Dataset.from_list(rows)
+    return checked
+
+
+def _normalise_batch(batch: dict, indices: list[int], fmt: str, use: str, fields: list[str], source: str,
+                     drop: bool, code: str) -> dict:
+    """normalise()'s map: the valid rows of a batch, normalised; an invalid row stops it or is left out.
+    (`code` only keys the cache: _CODE_VERSION.)"""
+    out = {field: [] for field in fields}
+    for position, index in enumerate(indices):
+        row = {column: values[position] for column, values in batch.items()}
+        try:
+            normalised = _normalise_row(row, fmt, use)
+        except ValueError as error:
+            if not drop:
+                raise DataError(f"{source}: row {index}: {error}") from None
+            continue
+        for field in fields:
+            out[field].append(normalised[field])
+    return out
+
+
+def _invalid(row: dict, index: int, fmt: str, use: str) -> str | None:
+    """Why a row is invalid ("row <index>: <problem>"), or None."""
+    try:
+        _normalise_row(row, fmt, use)
+    except ValueError as error:
+        return f"row {index}: {error}"
+    return None
 
 
 def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:

@@ -46,8 +46,13 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     # the packed rows and the flattened batch train on the same tokens, and count them alike
     assert len({row["tokens"]["median"] for name, row in varlen.items() if "bfd" in name}) == 1
 
+    rerun = {row["name"]: row for row in summary["rerun"]["rows"]}
+    assert set(rerun) == {"ours", "bare TRL"} and "## Data preparation: a first run and its rerun" in text
+    # with the cache on, a rerun loads the checked and tokenized data instead of preparing it again
+    assert rerun["ours"]["rerun_setup_s"]["median"] < rerun["ours"]["first_setup_s"]["median"]
+
     targets = [t["target"] for t in summary["targets"]]
-    assert len(targets) == 11 and any("episodes/s" in t for t in targets)
+    assert len(targets) == 12 and any("episodes/s" in t for t in targets)
     assert [t for t in targets if "variable-length data" in t]
     ppo_rows = {row["name"]: row for row in summary["sections"]["ppo"]["rows"]}
     assert ppo_rows["ours + LoRA"]["peak_rss_mb"]["median"] > 100 and ppo_rows["ours"]["peak_rss_mb"]["median"] > 100

@@ -168,3 +168,41 @@ def test_missing_split_and_missing_dataset_name(tmp_path):
 def test_unknown_embedded_kind():
     with pytest.raises(ValueError, match="embedded:sft"):
         load_splits("embedded:nope")
+
+
+def test_normalised_files_are_cached_and_the_cache_follows_the_code(tmp_path, monkeypatch):
+    """Data read from a file is checked once: a second load of the same file reuses the cached result (no row
+    checked again), and TRL's tokenization after it is cached too; a change to pipeline/data.py's code (its
+    version key) checks the rows again."""
+    from trl import SFTConfig, SFTTrainer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import pipeline.data as data
+    from pipeline.models import train_tokenizer
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": [USER], "completion": [GOOD if i % 2 else BAD]})
+                              for i in range(40)))
+    checked = []
+    original = data._normalise_row
+    monkeypatch.setattr(data, "_normalise_row", lambda *a: checked.append(1) or original(*a))
+
+    def load():
+        train, _, _ = load_splits(str(path))
+        return normalise(train, "sft", "x")
+
+    first = load()
+    assert len(checked) == 40 and first.cache_files  # written to disk
+    second = load()
+    assert len(checked) == 40 and second._fingerprint == first._fingerprint  # loaded, not checked again
+    assert second.to_list() == first.to_list()
+    monkeypatch.setattr(data, "_CODE_VERSION", "another-version")
+    load()
+    assert len(checked) == 80
+
+    tokenizer = train_tokenizer([USER["content"], GOOD["content"], BAD["content"]] * 20, vocab_size=300)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=second,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), max_length=64, report_to="none",
+                                        use_cpu=True))
+    assert trainer.train_dataset.cache_files  # TRL's tokenization of it went to the cache as well

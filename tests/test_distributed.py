@@ -50,17 +50,27 @@ def test_runner_launches_every_stage_with_accelerate(tiny_run, tmp_path):
     assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed"])
 def test_causal_lm_stages_two_processes_match_one(tiny_run, tmp_path, stage):
-    common = ["--config", tiny_run["recipes"] / f"{stage}.yaml", "--max_steps", "6", "--learning_rate", "1e-3",
-              "--save_strategy", "no", "--report_to", "none"]
-    run_python(f"scripts/{stage}.py", *common, "--per_device_train_batch_size", "8", "--output_dir", tmp_path / "one")
+    """sft-packed: bfd packing in the pipeline's rows layout (a global batch of 4 packed rows)."""
+    script, packed = stage.split("-")[0], stage.endswith("packed")
+    common = ["--config", tiny_run["recipes"] / f"{script}.yaml", "--max_steps", "6", "--learning_rate", "1e-3",
+              "--save_strategy", "no", "--report_to", "none",
+              *(["--packing", "true", "--packing_strategy", "bfd"] if packed else [])]
+    batch = 4 if packed else 8
+    run_python(f"scripts/{script}.py", *common, "--per_device_train_batch_size", batch,
+               "--output_dir", tmp_path / "one")
     run_python("-m", "accelerate.commands.launch", "--config_file", ROOT / "recipes/accelerate/cpu_2proc.yaml",
-               f"scripts/{stage}.py", *common, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "two")
+               f"scripts/{script}.py", *common, "--per_device_train_batch_size", batch // 2,
+               "--output_dir", tmp_path / "two")
     one_results = json.loads((tmp_path / "one" / "results.json").read_text())
     two_results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (one_results["num_processes"], two_results["num_processes"]) == (1, 2)
     assert abs(one_results["train_loss"] - two_results["train_loss"]) < TOLERANCE
+    if packed:  # the real tokens of every packed row, counted across both processes
+        tokens = [[h["num_tokens"] for h in json.loads((tmp_path / run / "trainer_state.json").read_text())[
+            "log_history"] if "num_tokens" in h] for run in ("one", "two")]
+        assert tokens[0] == tokens[1] and tokens[0][-1] > 0
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4

@@ -43,7 +43,7 @@ def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, sou
     return fitted
 
 
-REAL_TOKENS = "pipeline_real_tokens"  # batch key: non-pad tokens of a packed-rows batch (popped before the model)
+REAL_TOKENS = "pipeline_real_tokens"  # batch key: non-pad tokens of each packed row (popped before the model)
 
 
 class PackedRowsCollator:
@@ -64,7 +64,7 @@ class PackedRowsCollator:
 
     def __call__(self, examples):
         batch = self.collate(examples)
-        batch[REAL_TOKENS] = batch.pop("attention_mask").sum()
+        batch[REAL_TOKENS] = batch.pop("attention_mask").sum(dim=1)  # per row: splits along the batch like the rest
         batch["labels"][batch["position_ids"] == 0] = -100
         return batch
 
@@ -114,7 +114,7 @@ class SFTStageTrainer(SFTTrainer):
         counted = self._total_train_tokens
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if real_tokens is not None and self.model.training:  # TRL counts one row's length when there is no mask
-            gathered = self.accelerator.gather_for_metrics(real_tokens.reshape(1))
+            gathered = self.accelerator.gather_for_metrics(real_tokens.sum().reshape(1))
             self._total_train_tokens = counted + gathered.sum().item()
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
