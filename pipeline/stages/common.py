@@ -11,7 +11,10 @@ import sys
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import TrainerCallback
+
+from .. import data
 
 logger = logging.getLogger("pipeline")
 
@@ -145,6 +148,13 @@ def last_checkpoint(training_args) -> str | None:
         logger.info(f"resuming from {checkpoints[-1]}")
         return checkpoints[-1]
     return None
+
+
+def load_data(use: str, script_args):
+    """data.load_for on the main process first: the others then load its cached maps (data read from a file or
+    the Hub) instead of checking and tokenizing the same rows at the same time. Returns (train, test, source)."""
+    with PartialState().main_process_first():
+        return data.load_for(use, script_args)
 
 
 def check_finite(value, what: str, step: int) -> None:

@@ -19,7 +19,8 @@ from trl.experimental.ppo.ppo_trainer import OnlineTrainerState
 from .. import data, embedded, hub, rl
 from ..evaluate import compare_policies
 from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
-from .common import check_finite, finish, gradient_norm, last_checkpoint, logger, mark_output_dir, setup
+from .common import (check_finite, finish, gradient_norm, last_checkpoint, load_data, logger, mark_output_dir,
+                     setup)
 
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
 # logged every update; a NaN/inf in any of them stops the run before that update is saved
@@ -274,7 +275,7 @@ def main(script_args, training_args, model_args):
     publication = hub.prepare("ppo", script_args, training_args, model_args)  # before the trainer
     peft_config = get_peft_config(model_args)
 
-    prompts, eval_prompts, source = data.load_for("prompt", script_args)
+    prompts, eval_prompts, source = load_data("prompt", script_args)
 
     tokenizer = load_tokenizer(training_args.sft_model_path, model_args, padding_side="left")
     check_same_tokenizer({

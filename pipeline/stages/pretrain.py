@@ -10,9 +10,9 @@ import os
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trl import SFTTrainer, get_peft_config
 
-from .. import data, hub
+from .. import hub
 from ..models import fit_to_tokenizer, train_tokenizer
-from .common import finish, last_checkpoint, setup, train
+from .common import finish, last_checkpoint, load_data, setup, train
 
 
 def main(script_args, training_args, model_args):
@@ -20,7 +20,7 @@ def main(script_args, training_args, model_args):
     publication = hub.prepare("pretrain", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
-    train_dataset, eval_dataset, source = data.load_for("text", script_args)
+    train_dataset, eval_dataset, source = load_data("text", script_args)
 
     if checkpoint:  # the tokenizer saved with the checkpoint is the one the weights were trained with
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)

@@ -4,7 +4,7 @@ from trl import RewardTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import load_scalar_head_model, load_tokenizer
-from .common import finish, last_checkpoint, logger, setup, train
+from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
 def reward_peft_config(model_args):
@@ -23,7 +23,7 @@ def main(script_args, training_args, model_args):
     publication = hub.prepare("reward", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
-    train_dataset, eval_dataset, source = data.load_for("preference", script_args)
+    train_dataset, eval_dataset, source = load_data("preference", script_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
     model = load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args)

@@ -9,7 +9,7 @@ from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS, DataCollatorForLan
 
 from .. import data, hub
 from ..models import load_causal_lm, load_tokenizer
-from .common import finish, last_checkpoint, logger, setup, train
+from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
 def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, source: str,
@@ -149,7 +149,7 @@ def main(script_args, training_args, model_args):
     publication = hub.prepare("sft", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
 
-    train_dataset, eval_dataset, source = data.load_for("sft", script_args)
+    train_dataset, eval_dataset, source = load_data("sft", script_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
     model = load_causal_lm(model_args.model_name_or_path, tokenizer, model_args)
