@@ -139,19 +139,27 @@ def _row(summary: dict, section: str, name_start: str) -> dict | None:
     return next((r for r in summary["sections"][section]["rows"] if r["name"].startswith(name_start)), None)
 
 
+def noise_floor(summary: dict) -> float:
+    """How far from 1.0 a ratio of identical work moved in this run: SFT's and reward's train() call, ours vs
+    bare, run the same TRL code on the same data (the largest of the two deviations of the median ratios)."""
+    return max(abs(summary["sections"][s]["ours_vs_bare"]["train_wall"]["ratio"] - 1) for s in ("sft", "reward"))
+
+
 def targets(summary: dict) -> list:
     out = []
     sections = summary["sections"]
+    floor = summary["noise_floor"] = noise_floor(summary)
     for section in ("sft", "reward", "ppo"):
         wall = sections[section]["ours_vs_bare"]
         r = wall["train_wall"]
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, train() call",
-                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET})
+                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET, "within_floor": abs(r["ratio"] - 1) <= floor})
         full = full_recipe_estimate(summary, section)
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, whole run (shared imports "
                               "excluded)",
                     "measured": wall["run_wall"], "full_recipe": full,
                     "met": wall["run_wall"]["ratio"] <= OVERHEAD_TARGET,
+                    "within_floor": abs(wall["run_wall"]["ratio"] - 1) <= floor,
                     "met_full_recipe": full["ratio"] <= OVERHEAD_TARGET})
     check = summary["padding_free_check"]
     for section, data in (("sft-varlen", "variable-length data (multi-turn rows)"),
@@ -166,7 +174,8 @@ def targets(summary: dict) -> list:
     r = ratio([x["episodes_per_s"] for x in sections["ppo"]["runs"]["ours"]],
               [x["episodes_per_s"] for x in sections["ppo"]["runs"]["bare TRL"]])
     out.append({"target": f"ppo: ours / bare TRL episodes/s >= {PPO_TARGET}x", "measured": r,
-                "met": r["ratio"] >= PPO_TARGET, "within_noise": r["paired_min"] <= PPO_TARGET <= r["paired_max"]})
+                "met": r["ratio"] >= PPO_TARGET, "within_noise": r["paired_min"] <= PPO_TARGET <= r["paired_max"],
+                "within_floor": abs(r["ratio"] - 1) <= floor})
     split = _row(summary, "ppo", "ours")["split_per_update_s"]
     out.append({"target": "ppo: time split of an update (generation / scoring / optimisation)",
                 "measured": {k: split[k]["median"] for k in ("wall",) + SPLIT}, "met": True})
@@ -210,6 +219,8 @@ def _x(r: dict) -> str:
 def _verdict(t: dict) -> str:
     if t["met"]:
         return "**met**"
+    if t.get("within_floor"):
+        return "not met, within this run's noise floor (see below the table)"
     if t.get("within_noise"):
         return "not met, within noise (the paired ratios straddle 1.0)"
     return "**not met**"
@@ -309,6 +320,13 @@ def markdown(summary: dict) -> str:
         o, b = rows["ours"], rows["bare TRL"]
         fixed.append(f"{name} {o['setup_s']['median']:.2f} + {o['after_s']['median']:.2f} s vs "
                      f"{b['setup_s']['median']:.2f} + {b['after_s']['median']:.2f} s")
+    add(f"**Noise floor.** SFT's and reward's `train()` run the same TRL code for ours and bare, on the same data "
+        f"with the same steps, yet their ratio came out at {_x(sections['sft']['ours_vs_bare']['train_wall'])} "
+        f"and {_x(sections['reward']['ours_vs_bare']['train_wall'])} in this run: on this shared machine, separate "
+        f"processes doing identical work differ by up to {100 * summary['noise_floor']:.0f}% (the other load "
+        "column shows no other process; the variation comes from the machine itself), and it varies from one run "
+        "of the benchmark to the next. A ratio within that distance of 1.0 is not a measured difference.")
+    add("")
     add("`train()` runs the same TRL code for ours and bare, so its ratio is 1 up to noise. Around it (load data "
         "and models, build the trainer + save and finish; medians), ours vs bare: " + "; ".join(fixed)
         + ". Our stages also import the pipeline, validate every data row and write `results.json`, `recipe.yaml`, "

@@ -349,7 +349,20 @@ def main(argv=None) -> None:
     parser.add_argument("--retry-budget", type=float, default=180,
                         help="total seconds of measuring again runs that shared the CPU with other processes "
                              "(not with --quick)")
+    parser.add_argument("--from-json", metavar="JSON",
+                        help="measure nothing: write the Markdown again from a previous run's JSON (after a change "
+                             "to the report's text or verdicts)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            summary = json.load(f)
+        summary["targets"] = report.targets(summary)
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=False)
+        with open(args.md, "w") as f:
+            f.write(report.markdown(summary))
+        print(f"wrote {os.path.relpath(args.md)} and {os.path.relpath(args.json)} from {args.from_json}")
+        return
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -187,6 +187,18 @@ def test_overlong_rows_are_dropped_and_counted(caplog):
     assert "x [train]: 2 of 4 rows are longer than max_length=10 tokens: dropped (overlong_rows: drop)" in caplog.text
 
 
+def test_overlong_rows_keep_end_and_selected_rows(caplog):
+    """truncation_mode keep_end keeps the last max_length tokens (so (12, 4) keeps its completion and (4, 20)
+    is cut from the front); rows behind an indices mapping (a select or a shuffle) are read in that order."""
+    data = tokenized((3, 5), (4, 20), (12, 4), (4, 4), (10, 0)).select([3, 2, 1, 0, 4])
+    with caplog.at_level("WARNING", logger="pipeline"):
+        out = fit_to_max_length(data, 10, "truncate", "x [train]", truncation_mode="keep_end")
+    assert [len(ids) for ids in out["input_ids"]] == [8, 10, 10, 8]
+    assert out[1]["labels"] == [-100] * 6 + list(range(12, 16)) and out[2]["labels"] == list(range(14, 24))
+    assert ("x [train]: 2 of 5 rows are longer than max_length=10 tokens: truncated (overlong_rows: truncate); "
+            "1 rows have no completion token within max_length: dropped; 4 rows left") in caplog.text
+
+
 def test_no_row_within_max_length_is_an_error():
     with pytest.raises(DataError, match=r"x \[train\]: no row fits in max_length=4 tokens \(2 of 2 are longer\); "
                                         "raise max_length or set overlong_rows: truncate"):

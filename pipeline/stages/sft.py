@@ -3,6 +3,9 @@
 import logging
 import math
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
 from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS, DataCollatorForLanguageModeling
@@ -12,23 +15,39 @@ from ..models import load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
+def _row_lengths_and_targets(dataset: Dataset, max_length: int, truncation_mode: str):
+    """(token count of each row, whether each row keeps a completion token within max_length once truncated as
+    `truncation_mode` says), computed on the Arrow columns: no row is turned into Python lists."""
+    table = dataset.with_format("arrow")[:].combine_chunks()  # follows any indices mapping (select, shuffle)
+    labels = table.column("labels").chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int64()))
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
+    offsets = labels.offsets.to_numpy()
+    position = np.arange(len(flat)) + offsets[0] - offsets[parents]  # of each label within its row
+    kept = position < max_length if truncation_mode == "keep_start" else position >= lengths[parents] - max_length
+    has_target = np.zeros(len(lengths), dtype=bool)
+    has_target[parents[(flat != -100) & kept]] = True
+    return lengths, has_target
+
+
 def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, source: str,
                       truncation_mode: str = "keep_start") -> Dataset:
     """Tokenized rows ({"input_ids", "labels"}) -> rows of at most `max_length` tokens. Rows longer than that
     are truncated (overlong_rows="truncate", TRL's behaviour) or dropped ("drop"); either way they are counted
     and reported. As in TRL, a row left with no token to learn (every label -100: a prompt that fills
     max_length) is dropped, and counted too. Raises DataError if no row is left."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    overlong = sum(length > max_length for length in lengths)
-    if overlong_rows == "drop":
-        fitted = dataset.select([i for i, length in enumerate(lengths) if length <= max_length])
-    else:
+    lengths, has_target = _row_lengths_and_targets(dataset, max_length, truncation_mode)
+    overlong_mask = lengths > max_length
+    overlong = int(overlong_mask.sum())
+    keep = has_target & ~overlong_mask if overlong_rows == "drop" else has_target
+    no_target = int((~has_target & (~overlong_mask if overlong_rows == "drop" else True)).sum())
+    fitted = dataset
+    if overlong and overlong_rows == "truncate":
         cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
-        fitted = dataset.map(lambda row: {"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]})
-    learnable = [i for i, labels in enumerate(fitted["labels"]) if any(label != -100 for label in labels)]
-    no_target = len(fitted) - len(learnable)
-    if no_target:
-        fitted = fitted.select(learnable)
+        fitted = fitted.map(lambda row: {"input_ids": row["input_ids"][cut], "labels": row["labels"][cut]})
+    if not keep.all():
+        fitted = fitted.select(np.flatnonzero(keep))
     if overlong or no_target:
         what = "dropped" if overlong_rows == "drop" else "truncated"
         message = (f"{source}: {overlong} of {len(dataset)} rows are longer than max_length={max_length} tokens: "
