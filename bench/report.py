@@ -514,7 +514,7 @@ def markdown(summary: dict) -> str:
     add("## Reproduce")
     add("")
     add("```bash")
-    add("make bench                          # 5-10 min on 2 cores; writes BENCHMARKS.md and BENCHMARKS.json")
+    add("make bench                          # about 10 min on 2 cores; writes BENCHMARKS.md and .json")
     add(".venv/bin/python bench/run.py --quick --md /tmp/b.md --json /tmp/b.json   # smoke run, < 1 min")
     add("```")
     add("")

@@ -99,3 +99,15 @@ def test_packed_rows_train_on_every_real_token_once(tiny, tmp_path):
         counted[name] = trainer._total_train_tokens
         assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
     assert counted["rows"] == counted["padded"] > 0
+
+
+def test_packed_evaluation_gives_the_padded_loss(tiny, tmp_path):
+    """Evaluation (eval_packing follows packing) goes through the same collator: the same untrained model
+    scores the same held-out loss packed in rows as padded (one evaluation batch each: the Trainer averages
+    per-batch means, which differ with the batch layout)."""
+    losses = {}
+    for name, config in (("padded", {}), ("rows", {"packing": True, "packing_strategy": "bfd"})):
+        trainer = sft_trainer(tiny, tmp_path / name, per_device_eval_batch_size=64, **config)
+        trainer.eval_dataset = trainer.train_dataset
+        losses[name] = trainer.evaluate()["eval_loss"]
+    assert abs(losses["rows"] - losses["padded"]) < 1e-5
