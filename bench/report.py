@@ -152,14 +152,16 @@ def targets(summary: dict) -> list:
     for section in ("sft", "reward", "ppo"):
         wall = sections[section]["ours_vs_bare"]
         r = wall["train_wall"]
+        # SFT's and reward's train() is the same TRL code in ours and bare: their ratio is the floor itself
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, train() call",
-                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET, "within_floor": abs(r["ratio"] - 1) <= floor})
+                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET, "sets_floor": section != "ppo",
+                    "within_floor": section == "ppo" and r["ratio"] - OVERHEAD_TARGET <= floor})
         full = full_recipe_estimate(summary, section)
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, whole run (shared imports "
                               "excluded)",
                     "measured": wall["run_wall"], "full_recipe": full,
                     "met": wall["run_wall"]["ratio"] <= OVERHEAD_TARGET,
-                    "within_floor": abs(wall["run_wall"]["ratio"] - 1) <= floor,
+                    "within_floor": wall["run_wall"]["ratio"] - OVERHEAD_TARGET <= floor,
                     "met_full_recipe": full["ratio"] <= OVERHEAD_TARGET})
     check = summary["padding_free_check"]
     for section, data in (("sft-varlen", "variable-length data (multi-turn rows)"),
@@ -175,7 +177,7 @@ def targets(summary: dict) -> list:
               [x["episodes_per_s"] for x in sections["ppo"]["runs"]["bare TRL"]])
     out.append({"target": f"ppo: ours / bare TRL episodes/s >= {PPO_TARGET}x", "measured": r,
                 "met": r["ratio"] >= PPO_TARGET, "within_noise": r["paired_min"] <= PPO_TARGET <= r["paired_max"],
-                "within_floor": abs(r["ratio"] - 1) <= floor})
+                "within_floor": PPO_TARGET - r["ratio"] <= floor})
     split = _row(summary, "ppo", "ours")["split_per_update_s"]
     out.append({"target": "ppo: time split of an update (generation / scoring / optimisation)",
                 "measured": {k: split[k]["median"] for k in ("wall",) + SPLIT}, "met": True})
@@ -219,6 +221,8 @@ def _x(r: dict) -> str:
 def _verdict(t: dict) -> str:
     if t["met"]:
         return "**met**"
+    if t.get("sets_floor"):
+        return "not met by identical TRL code: this machine's noise (it sets the noise floor, below the table)"
     if t.get("within_floor"):
         return "not met, within this run's noise floor (see below the table)"
     if t.get("within_noise"):

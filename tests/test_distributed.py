@@ -112,3 +112,18 @@ def test_ppo_with_lora_under_two_processes(tiny_run, tmp_path):
     results = json.loads((tmp_path / "ppo" / "results.json").read_text())
     assert results["num_processes"] == 2 and results["policy_trainable_parameters"] < results["policy_total_parameters"]
     assert (tmp_path / "ppo" / "adapter" / "adapter_config.json").exists()
+
+
+def test_bad_row_under_two_processes_stops_every_process_with_one_line(tiny_run, tmp_path):
+    """The main process checks the data first; when it stops on a bad row it still releases the other
+    process, which meets the same row and stops too: no process is left waiting at the barrier."""
+    data_file = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "Write a review.", "completion": " Fine."}] * 5 + [{"prompt": "Write a review.",
+                                                                           "completion": ""}]
+    data_file.write_text("\n".join(json.dumps(row) for row in rows))
+    result = run_python("-m", "accelerate.commands.launch", "--config_file", ROOT / "recipes/accelerate/cpu_2proc.yaml",
+                        "scripts/sft.py", "--config", tiny_run["recipes"] / "sft.yaml", "--dataset_name", data_file,
+                        "--output_dir", tmp_path / "sft", check=False, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: sft:")]
+    assert errors and all(f"{data_file} [train]: row 5: 'completion' is empty" in line for line in errors)

@@ -111,3 +111,14 @@ def test_packed_evaluation_gives_the_padded_loss(tiny, tmp_path):
         trainer.eval_dataset = trainer.train_dataset
         losses[name] = trainer.evaluate()["eval_loss"]
     assert abs(losses["rows"] - losses["padded"]) < 1e-5
+
+
+def test_rows_layout_is_refused_with_flash_attention(tiny, tmp_path):
+    """Flash attention keeps packed examples apart only in one flattened row: rows would let them mix."""
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=128, report_to="none", use_cpu=True,
+                     packing=True, packing_strategy="bfd")
+    model = GPT2LMHeadModel.from_pretrained(tiny["path"])
+    model.config._attn_implementation = "flash_attention_2"  # only read, never run
+    with pytest.raises(ValueError, match="packed_batch_layout: rows needs sdpa or eager attention"):
+        SFTStageTrainer(model=model, args=args, train_dataset=tiny["rows"], processing_class=tiny["tokenizer"],
+                        packed_batch_layout="rows")

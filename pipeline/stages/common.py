@@ -151,10 +151,18 @@ def last_checkpoint(training_args) -> str | None:
 
 
 def load_data(use: str, script_args):
-    """data.load_for on the main process first: the others then load its cached maps (data read from a file or
-    the Hub) instead of checking and tokenizing the same rows at the same time. Returns (train, test, source)."""
-    with PartialState().main_process_first():
+    """data.load_for on each machine's main process first: the others then load its cached maps (data read from
+    a file or the Hub) instead of checking and tokenizing the same rows at the same time. If the main process
+    fails (a bad row), it still releases the others, which then meet the same error and say so themselves.
+    Returns (train, test, source)."""
+    state = PartialState()
+    if not state.is_local_main_process:
+        state.wait_for_everyone()
+    try:
         return data.load_for(use, script_args)
+    finally:
+        if state.is_local_main_process:
+            state.wait_for_everyone()
 
 
 def check_finite(value, what: str, step: int) -> None:

@@ -4,8 +4,8 @@ import logging
 import math
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
+from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS, DataCollatorForLanguageModeling
@@ -15,20 +15,26 @@ from ..models import load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
-def _row_lengths_and_targets(dataset: Dataset, max_length: int, truncation_mode: str):
+def _row_lengths_and_targets(dataset: Dataset, max_length: int, truncation_mode: str, rows_per_part: int = 50_000):
     """(token count of each row, whether each row keeps a completion token within max_length once truncated as
-    `truncation_mode` says), computed on the Arrow columns: no row is turned into Python lists."""
-    table = dataset.with_format("arrow")[:].combine_chunks()  # follows any indices mapping (select, shuffle)
-    labels = table.column("labels").chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int64()))
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
-    offsets = labels.offsets.to_numpy()
-    position = np.arange(len(flat)) + offsets[0] - offsets[parents]  # of each label within its row
-    kept = position < max_length if truncation_mode == "keep_start" else position >= lengths[parents] - max_length
-    has_target = np.zeros(len(lengths), dtype=bool)
-    has_target[parents[(flat != -100) & kept]] = True
-    return lengths, has_target
+    `truncation_mode` says), computed on the Arrow columns, part by part: no row is turned into Python lists."""
+    tokens = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")  # follows select/shuffle
+    lengths, has_target = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=bool)]
+    for start in range(0, len(tokens), rows_per_part):
+        for batch in tokens[start:start + rows_per_part].to_batches():
+            labels = batch.column("labels")
+            length = pc.list_value_length(batch.column("input_ids")).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
+            offsets = labels.offsets.to_numpy()
+            position = np.arange(len(flat)) + offsets[0] - offsets[parents]  # of each label within its row
+            kept = (position < max_length if truncation_mode == "keep_start"
+                    else position >= length[parents] - max_length)
+            target = np.zeros(len(length), dtype=bool)
+            target[parents[(flat != -100) & kept]] = True
+            lengths.append(length)
+            has_target.append(target)
+    return np.concatenate(lengths), np.concatenate(has_target)
 
 
 def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, source: str,
@@ -65,7 +71,7 @@ def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, sou
 REAL_TOKENS = "pipeline_real_tokens"  # batch key: non-pad tokens of each packed row (popped before the model)
 
 
-class PackedRowsCollator:
+class PackedRowsCollator(DataCollatorForLanguageModeling):
     """Packed (bfd) rows -> a batch of rows, each padded to the batch's longest row, with the position_ids of
     the examples packed in it and no attention mask. Given position_ids and no mask, transformers' mask
     builder (`find_packed_sequence_indices`) detects where each example starts (position 0) and gives every
@@ -74,15 +80,15 @@ class PackedRowsCollator:
     tokens that TRL's flattened padding-free batch costs without a varlen kernel. Pads get position 0 (each is
     its own one-token sequence) and label -100; so does every example's first token, as in TRL's padding-free
     collator (it would otherwise be predicted from the previous example). The count of non-pad tokens travels
-    under REAL_TOKENS for the trainer's `num_tokens` metric."""
+    under REAL_TOKENS for the trainer's `num_tokens` metric. Unpacked rows (an unpacked eval set) come out as
+    plain padded rows: one example each, pads in sequences of their own."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=False,
-                                                       return_position_ids=True,
-                                                       pad_to_multiple_of=pad_to_multiple_of)
+        super().__init__(pad_token_id=pad_token_id, padding_free=False, return_position_ids=True,
+                         pad_to_multiple_of=pad_to_multiple_of)
 
-    def __call__(self, examples):
-        batch = self.collate(examples)
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
         batch[REAL_TOKENS] = batch.pop("attention_mask").sum(dim=1)  # per row: splits along the batch like the rest
         batch["labels"][batch["position_ids"] == 0] = -100
         return batch
@@ -111,10 +117,16 @@ class SFTStageTrainer(SFTTrainer):
     def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
                  packed_batch_layout: str = "auto", **kwargs):
         self.overlong_rows, self.source = overlong_rows, source  # read by _prepare_dataset, in super().__init__
-        training_args, model = kwargs["args"], kwargs["model"]
-        self.packed_rows = (training_args.packing and training_args.packing_strategy in {"bfd", "bfd_split"}
-                            and (packed_batch_layout == "rows" or packed_batch_layout == "auto" and
-                                 getattr(model.config, "_attn_implementation", None) not in FLASH_ATTENTION_VARIANTS))
+        model = kwargs.get("model", args[0] if args else None)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        flash = getattr(getattr(model, "config", None), "_attn_implementation", None) in FLASH_ATTENTION_VARIANTS
+        if packed_batch_layout == "rows" and flash:
+            raise ValueError("packed_batch_layout: rows needs sdpa or eager attention (flash attention keeps packed "
+                             "examples apart only in a single flattened row); use packed_batch_layout: auto or flat")
+        packs = training_args is not None and training_args.packing_strategy in {"bfd", "bfd_split"} and (
+            training_args.packing or training_args.eval_packing)
+        self.packed_rows = bool(packs) and (packed_batch_layout == "rows"
+                                            or packed_batch_layout == "auto" and not flash)
         trl_logger = logging.getLogger("trl.trainer.sft_trainer")
         if self.packed_rows:
             trl_logger.addFilter(_ROWS_WARNINGS)
@@ -122,19 +134,26 @@ class SFTStageTrainer(SFTTrainer):
             super().__init__(*args, **kwargs)
         finally:
             trl_logger.removeFilter(_ROWS_WARNINGS)
-        if self.packed_rows:  # a forward of packed rows has pads and no mask: transformers warns (once) about it
-            logging.getLogger("transformers.modeling_utils").addFilter(_ROWS_WARNINGS)  # added once: same object
+        if self.packed_rows:
             self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
             logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",
                         training_args.max_length)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         real_tokens = inputs.pop(REAL_TOKENS, None)
+        if real_tokens is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         counted = self._total_train_tokens
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if real_tokens is not None and self.model.training:  # TRL counts one row's length when there is no mask
-            gathered = self.accelerator.gather_for_metrics(real_tokens.sum().reshape(1))
-            self._total_train_tokens = counted + gathered.sum().item()
+        # rows with pads and no mask: transformers warns that a mask is wanted; position_ids stand for it here
+        quiet = logging.getLogger("transformers.modeling_utils")
+        quiet.addFilter(_ROWS_WARNINGS)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            quiet.removeFilter(_ROWS_WARNINGS)
+        if self.model.training:  # TRL counts one row's length when there is no mask: count the rows' real tokens
+            # per row, so that gather_for_metrics drops the rows repeated to even out the last batch across processes
+            self._total_train_tokens = counted + self.accelerator.gather_for_metrics(real_tokens).sum().item()
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
@@ -153,8 +172,9 @@ class SFTStageTrainer(SFTTrainer):
                                                 dataset_name)
         finally:
             args.max_length, args.shuffle_dataset = max_length, shuffle
-        fitted = fit_to_max_length(prepared, max_length, self.overlong_rows, f"{self.source} [{dataset_name}]",
-                                   args.truncation_mode)
+        with PartialState().main_process_first():  # its map and select are cached: the others load them
+            fitted = fit_to_max_length(prepared, max_length, self.overlong_rows, f"{self.source} [{dataset_name}]",
+                                       args.truncation_mode)
         if packing:  # TRL packs the tokenized rows (and shuffles, if asked)
             return super()._prepare_dataset(fitted, processing_class, args, True, None, dataset_name)
         return fitted.shuffle(seed=args.seed) if shuffle else fitted
