@@ -138,7 +138,8 @@ class PPOTrainer(trl_ppo.PPOTrainer):
         # counters go back (before the progress bar reads them) in on_train_begin, which it calls after zeroing them
         self.callback_handler.callbacks.insert(0, _RestoreState(saved, self.args.num_total_batches))
         logged = [row for row in saved.log_history if "objective/kl_coef" in row]
-        if logged and isinstance(self.kl_control, rl.AdaptiveKLController):  # the KL controller where it was: the last coefficient used, updated by that update's KL
+        # the KL controller where it was: the last coefficient used, updated by that update's KL
+        if logged and isinstance(self.kl_control, rl.AdaptiveKLController):
             self.kl_control.value = logged[-1]["objective/kl_coef"]
             self.args.kl_coef = self.kl_control.update(logged[-1]["objective/kl"], self.args.batch_size)
         if self.ptx is not None:

@@ -47,7 +47,7 @@ def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, sou
     overlong_mask = lengths > max_length
     overlong = int(overlong_mask.sum())
     keep = has_target & ~overlong_mask if overlong_rows == "drop" else has_target
-    no_target = int((~has_target & (~overlong_mask if overlong_rows == "drop" else True)).sum())
+    no_target = int((~keep).sum()) - (overlong if overlong_rows == "drop" else 0)  # the rest dropped for no target
     fitted = dataset
     if overlong and overlong_rows == "truncate":
         cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
