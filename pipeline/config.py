@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from trl import ModelConfig, RewardConfig, ScriptArguments, SFTConfig, TrlParser
-from trl.experimental.ppo import PPOConfig
+from .trainers.ppo import PPOConfig
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
 

@@ -2,8 +2,8 @@
 reference, win rates, EOS rate, length, distinct-n), reward models on preference pairs, perplexity, and
 few-shot prompting.
 
-Rollouts use TRL's own PPO helpers (generation, truncation at EOS, reward-model scoring), so what is
-measured here is what PPO optimised.
+Rollouts use the PPO trainer's own helpers (pipeline.rollout: generation, truncation at EOS, reward-model
+scoring), so what is measured here is what PPO optimised.
 """
 
 import math
@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
-from trl.experimental.ppo.ppo_trainer import batch_generation, forward, truncate_response
-from trl.experimental.utils import first_true_indices, get_reward
-from trl.trainer.utils import pad, selective_log_softmax
+from trl.trainer.utils import selective_log_softmax
+
+from .rollout import first_true_indices, forward, generate, sampling_config, sequence_scores, truncate_after
 
 
 @dataclass
@@ -35,15 +34,10 @@ def encode_prompts(tokenizer, prompts: list) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, temperature: float,
            batch_size: int = 64) -> Rollouts:
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature + 1e-7, top_k=0, top_p=1.0,
-                              do_sample=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    chunks = [batch_generation(model, queries[i:i + batch_size].to(model.device), batch_size, tokenizer.pad_token_id,
-                               config)[0]
-              for i in tqdm(range(0, len(queries), batch_size), desc="generating", unit="batch", leave=False)]
-    query_responses = pad(chunks, padding_value=tokenizer.pad_token_id, padding_side="right")
-    query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
+    config = sampling_config(max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    query_responses = generate(model, queries.to(model.device), tokenizer.pad_token_id, config, batch_size)
     context_length = queries.shape[1]
-    responses = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_responses[:, context_length:])
+    responses = truncate_after(tokenizer.eos_token_id, tokenizer.pad_token_id, query_responses[:, context_length:])
     return Rollouts(
         query_responses=torch.cat((query_responses[:, :context_length], responses), 1),
         context_length=context_length,
@@ -55,15 +49,18 @@ def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, tempera
 @torch.no_grad()
 def sequence_logprob(model, rollouts: Rollouts, pad_token_id: int, temperature: float) -> torch.Tensor:
     """Sum over response tokens of log p(token), at the sampling temperature (as PPO computes it)."""
-    responses = rollouts.query_responses[:, rollouts.context_length:]
-    logits = forward(model, rollouts.query_responses, pad_token_id).logits[:, rollouts.context_length - 1: -1]
+    query_responses = rollouts.query_responses.to(model.device)
+    responses = query_responses[:, rollouts.context_length:]
+    logits = forward(model, query_responses, pad_token_id).logits[:, rollouts.context_length - 1: -1]
     logprobs = selective_log_softmax(logits / (temperature + 1e-7), responses)
     return (logprobs * (responses != pad_token_id)).sum(1).cpu()
 
 
 @torch.no_grad()
 def reward_scores(reward_model, rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
-    return get_reward(reward_model, rollouts.query_responses, pad_token_id, rollouts.context_length)[1].squeeze(-1).cpu()
+    device = next(reward_model.parameters()).device
+    return sequence_scores(reward_model, rollouts.query_responses.to(device), pad_token_id,
+                           rollouts.context_length).float().cpu()
 
 
 def response_lengths(rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
@@ -126,34 +123,70 @@ def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, tempe
     return results
 
 
+def _share(items: list, process_index: int, num_processes: int) -> list:
+    """This process's slice of `items`, every slice the same length (the last item repeated to fill): each
+    process then runs the same number of forward passes, which sharded (ZeRO-3) models need."""
+    per = math.ceil(len(items) / num_processes)
+    items = items + items[-1:] * (per * num_processes - len(items))
+    return items[process_index * per:(process_index + 1) * per]
+
+
+def _gather(values: list, num_processes: int, total: int) -> list:
+    """Every process's values, in process order, without the fill of `_share`."""
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+        values = gather_object(values)
+    return values[:total]
+
+
 def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, max_new_tokens: int,
                      temperature: float, oracle=None, samples_per_prompt: int = 1, seed: int = 0,
-                     names: tuple[str, str] = ("ppo", "sft")) -> dict:
+                     names: tuple[str, str] = ("ppo", "sft"), process_index: int = 0, num_processes: int = 1) -> dict:
     """Both policies answer the same prompts (same seed); metrics are keyed `<metric>_<name>`, plus the KL of
     the first to the second and the first's win rate against the second by the reward model and the oracle.
+    With several processes, each answers its share of the prompts and every process returns the whole result.
 
     oracle: optional callable(prompt_text, response_text) -> float, the gold judge.
     """
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    queries = encode_prompts(tokenizer, prompts)
+    total = len(prompts)
+    mine = _share(prompts, process_index, num_processes)
+    queries = encode_prompts(tokenizer, mine)
     pad = tokenizer.pad_token_id
-    results, rollouts, metrics = {}, {}, {}
+    per_sample, rollouts = {}, {}
     for name, model in zip(names, (policy, reference)):
-        torch.manual_seed(seed)  # same randomness for both policies
+        torch.manual_seed(seed + process_index)  # same randomness for both policies
         rollouts[name] = sample(model, tokenizer, queries, max_new_tokens, temperature)
-        metrics[name] = _policy_metrics(rollouts[name], prompts, pad, reward_model, oracle)
-        results.update(_public(metrics[name], f"_{name}"))
+        rows = {"response": rollouts[name].responses, "has_eos": rollouts[name].has_eos.tolist(),
+                "length": response_lengths(rollouts[name], pad).tolist()}
+        if reward_model is not None:
+            rows["rm"] = reward_scores(reward_model, rollouts[name], pad).tolist()
+        per_sample[name] = rows
     a, b = names
-    results[f"kl_to_{b}"] = (sequence_logprob(policy, rollouts[a], pad, temperature)
-                             - sequence_logprob(reference, rollouts[a], pad, temperature)).mean().item()
+    per_sample[a]["kl"] = (sequence_logprob(policy, rollouts[a], pad, temperature)
+                           - sequence_logprob(reference, rollouts[a], pad, temperature)).tolist()
+    gathered = {name: {key: _gather(values, num_processes, total) for key, values in rows.items()}
+                for name, rows in per_sample.items()}
+    results = {}
+    for name in names:
+        rows = gathered[name]
+        metrics = {"eos_rate": sum(rows["has_eos"]) / total, "response_length": sum(rows["length"]) / total,
+                   "distinct_1": distinct_n(rows["response"], 1), "distinct_2": distinct_n(rows["response"], 2)}
+        if reward_model is not None:
+            metrics["rm_score"] = sum(rows["rm"]) / total
+        if oracle is not None:
+            rows["gold"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rows["response"])]
+            metrics["gold_score"] = sum(rows["gold"]) / total
+        results.update({f"{key}_{name}": value for key, value in metrics.items()})
+    results[f"kl_to_{b}"] = sum(gathered[a]["kl"]) / total
     if reward_model is not None:
-        results[f"rm_win_rate_vs_{b}"] = win_rate(metrics[a]["rm_scores"], metrics[b]["rm_scores"])
+        results[f"rm_win_rate_vs_{b}"] = win_rate(gathered[a]["rm"], gathered[b]["rm"])
     if oracle is not None:
-        results[f"gold_win_rate_vs_{b}"] = win_rate(metrics[a]["gold_scores"], metrics[b]["gold_scores"])
-    results["eval_prompts"] = len(prompts)
+        results[f"gold_win_rate_vs_{b}"] = win_rate(gathered[a]["gold"], gathered[b]["gold"])
+    results["eval_prompts"] = total
     results["samples"] = [
         {"prompt": prompt_text(p), a: ra, b: rb}
-        for p, ra, rb in list(zip(prompts, rollouts[a].responses, rollouts[b].responses))[::samples_per_prompt][:8]
+        for p, ra, rb in list(zip(prompts, gathered[a]["response"], gathered[b]["response"]))[::samples_per_prompt][:8]
     ]
     return results
 

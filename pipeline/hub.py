@@ -50,8 +50,8 @@ STAGE_INFO = {  # what the stage is, how it was trained, the Hub pipeline tag of
     "reward": ("reward model", "TRL `RewardTrainer` on preference pairs: a sequence classifier with one "
                "output, the scalar reward, trained so that the chosen answer scores above the rejected one",
                "text-classification"),
-    "ppo": ("PPO", "`trl.experimental.ppo.PPOTrainer`: the policy is optimised against the frozen reward "
-            "model with a KL penalty to the SFT policy; the value model it trained is in `value_model/`",
+    "ppo": ("PPO", "the pipeline's `PPOTrainer` (TRL 1.12's PPO on transformers' Trainer): the policy is optimised "
+            "against the frozen reward model with a KL penalty to the SFT policy; the value model it trained is in `value_model/`",
             "text-generation"),
 }
 HYPERPARAMETERS = {  # the recipe fields shown in the card, in order (those unset are left out)

@@ -13,6 +13,7 @@
 import json
 import logging
 import os
+import shutil
 
 import torch
 from transformers import (
@@ -280,6 +281,10 @@ def save_lora(trainer, model, output_dir: str) -> None:
         trainer.save_model(adapter_dir)
         if trainer.accelerator.is_main_process:
             merge_adapter(adapter_dir, output_dir)
+            value_model = os.path.join(adapter_dir, "value_model")  # PPO's, trained in full: beside the merged policy
+            if os.path.isdir(value_model):
+                shutil.rmtree(os.path.join(output_dir, "value_model"), ignore_errors=True)
+                shutil.move(value_model, os.path.join(output_dir, "value_model"))
     elif trainer.accelerator.is_main_process:  # the adapter was already merged into the weights, in place
         logger.warning(f"the LoRA adapter was merged into the model before saving: {output_dir} holds the merged "
                        "model, and no adapter folder could be written")

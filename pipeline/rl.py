@@ -1,21 +1,18 @@
-"""The parts the PPO stage adds to TRL's PPOTrainer: KL control, reward functions, and PPO-ptx data.
+"""What the PPO stage adds to PPO as TRL 1.12 had it: KL control, reward functions, and PPO-ptx data.
 
 - KL control: `FixedKLController` (TRL's behaviour) or `AdaptiveKLController` (Ziegler et al. 2019: the
   coefficient moves toward the value that keeps the policy's KL to the reference at a target).
 - Reward functions: Python callables named `module:function` in the recipe, called TRL-GRPO style as
-  `function(prompts=[str], completions=[str]) -> [float]`; `CombinedReward` adds them, weighted, to (or, with
-  `reward_model_weight: 0`, instead of) the reward model's score, behind the interface TRL's PPO reads a reward
-  model through (`base_model_prefix` backbone + `score`).
+  `function(prompts=[str], completions=[str]) -> [float]`; the PPO trainer adds them, weighted, to (or, with
+  `reward_model_weight: 0`, instead of) the reward model's score.
 - PPO-ptx (InstructGPT): `PtxBatches`, an endless stream of packed causal-LM blocks of pretraining or SFT
   text whose loss, times `ptx_coef`, joins every policy update.
 """
 
 import importlib
 import math
-from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 from . import data
 
@@ -67,74 +64,13 @@ def load_function(spec: str):
     return function
 
 
-class CombinedReward(nn.Module):
-    """reward_model_weight x the reward model's score + sum of weight x function(prompts, completions).
-
-    TRL's PPO scores a batch through `get_reward(model, query_responses, pad, context_length)`, which runs
-    `getattr(model, model.base_model_prefix)(...)` and `model.score(hidden_states[-1])` and reads the value at
-    each sequence's last token. Here the "backbone" returns the combined reward at every position (the reward
-    model's per-token score plus the functions' per-sequence values) and `score` passes it through. The prompt
-    length of the batch being scored is set by the trainer (`context_length`) before each batch; `step` names
-    the update in error messages. The mean of each function over an update is kept for the logs (`take_means`).
-    """
-
-    base_model_prefix = "combined"
-
-    def __init__(self, reward_model, tokenizer, functions: list[str], weights: list[float] | None = None,
-                 model_weight: float = 1.0):
-        super().__init__()
-        weights = list(weights) if weights else [1.0] * len(functions)
-        if len(weights) != len(functions):
-            raise ValueError(f"reward_function_weights has {len(weights)} values for {len(functions)} reward functions")
-        self.reward_model = reward_model
-        self.tokenizer = tokenizer
-        self.functions = [(spec.partition(":")[2], load_function(spec), float(w)) for spec, w in zip(functions, weights)]
-        self.model_weight = float(model_weight)
-        self.config = reward_model.config
-        self.context_length: int | None = None
-        self.step = 0
-        self._sums: dict[str, list[float]] = {}
-
-    @property
-    def combined(self):
-        return self._per_token_rewards
-
-    def score(self, hidden):
-        return hidden
-
-    def _per_token_rewards(self, input_ids, attention_mask, position_ids=None, **kwargs):
-        rewards = torch.zeros((*input_ids.shape, 1), device=input_ids.device)
-        if self.model_weight:
-            model = self.reward_model
-            output = getattr(model, model.base_model_prefix)(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
-                output_hidden_states=True, use_cache=False)
-            rewards = rewards + self.model_weight * model.score(output.hidden_states[-1]).float()
-        if self.functions:
-            if self.context_length is None:
-                raise RuntimeError("CombinedReward.context_length must be set before scoring a batch")
-            ids = input_ids.masked_fill(~attention_mask.bool(), self.tokenizer.pad_token_id).tolist()
-            prompts = self.tokenizer.batch_decode([row[: self.context_length] for row in ids], skip_special_tokens=True)
-            completions = self.tokenizer.batch_decode([row[self.context_length:] for row in ids],
-                                                      skip_special_tokens=True)
-            for name, function, weight in self.functions:
-                values = [float(v) for v in function(prompts=prompts, completions=completions)]
-                if len(values) != len(completions):
-                    raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
-                bad = [v for v in values if not math.isfinite(v)]
-                if bad:
-                    from .stages.common import NonFiniteError
-                    raise NonFiniteError(f"reward function {name} returned {bad[0]} at step {self.step}: training "
-                                         f"stopped before that update; the checkpoints already in output_dir are kept")
-                self._sums.setdefault(name, []).extend(values)
-                rewards = rewards + weight * torch.tensor(values, device=rewards.device)[:, None, None]
-        return SimpleNamespace(hidden_states=(rewards,))
-
-    def take_means(self) -> dict[str, float]:
-        """{"rewards/<function>": mean value since the last call} (the raw values, before weighting)."""
-        means = {f"rewards/{name}": sum(v) / len(v) for name, v in self._sums.items() if v}
-        self._sums = {}
-        return means
+def load_reward_functions(specs: list[str], weights: list[float] | None = None) -> list[tuple]:
+    """The recipe's `reward_functions` (and their weights, default 1 each) as (name, function, weight), for
+    pipeline.trainers.ppo.PPOTrainer, which calls each as `function(prompts=[str], completions=[str])`."""
+    weights = list(weights) if weights else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise ValueError(f"reward_function_weights has {len(weights)} values for {len(specs)} reward functions")
+    return [(spec.partition(":")[2], load_function(spec), float(w)) for spec, w in zip(specs, weights)]
 
 
 class PtxBatches:
@@ -192,9 +128,3 @@ def load_ptx(script_args, tokenizer, block_size: int, batch_size: int, seed: int
     except data.DataError:
         rows = data.normalise(train, "sft", f"{source} [train]", script_args.invalid_rows)
     return PtxBatches(rows, tokenizer, block_size, batch_size, seed, source)
-
-
-def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` on full blocks (no padding)."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))

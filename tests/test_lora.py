@@ -148,10 +148,10 @@ def test_ppo_lora_saves_its_adapter(lora_run):
 
 PROBE = """
 import gc, json, os, sys
-import trl.experimental.ppo as trl_ppo
+import pipeline.trainers.ppo as ppo
 from transformers import PreTrainedModel
 
-original = trl_ppo.PPOTrainer.__init__
+original = ppo.PPOTrainer.__init__
 
 def probe(self, *args, **kwargs):
     original(self, *args, **kwargs)
@@ -168,7 +168,7 @@ def probe(self, *args, **kwargs):
     }), flush=True)
     os._exit(0)
 
-trl_ppo.PPOTrainer.__init__ = probe
+ppo.PPOTrainer.__init__ = probe
 from pipeline.stages import run
 run("ppo", sys.argv[1:])
 """
@@ -181,7 +181,7 @@ def _probe_ppo(recipe, *flags) -> dict:
 
 
 def test_ppo_with_lora_holds_one_base_model_copy(lora_run, tiny_run, tmp_path):
-    """Every transformers model alive once TRL's PPOTrainer is built (the stage's own loading, then TRL's): with
+    """Every transformers model alive once the PPOTrainer is built (the stage's own loading, then the trainer's): with
     LoRA one causal LM, the policy (a PeftModel; the reference is the policy with its adapters disabled), and no
     reference copy; without LoRA (the control) two."""
     lora = _probe_ppo(lora_run["recipes"] / "ppo-lora.yaml", "--output_dir", tmp_path / "lora")

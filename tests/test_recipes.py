@@ -7,7 +7,8 @@ import yaml
 
 from pipeline.config import STAGES, parse
 from trl import RewardConfig, SFTConfig
-from trl.experimental.ppo import PPOConfig
+
+from pipeline.trainers.ppo import PPOConfig
 
 from conftest import ROOT, run_python
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from conftest import ROOT, run_python
 
@@ -57,12 +56,13 @@ def saved_steps(output_dir: Path, at_least: int = 0) -> list[int]:
     return [s for s in steps if s >= at_least]
 
 
-def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher=()) -> int:
+def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher=(), env=None) -> int:
     """Start the stage, wait for a randomly chosen early checkpoint to be complete, wait a random extra moment
     (so the kill lands anywhere: mid-step, mid-save), SIGKILL the whole process group. Returns that step."""
     target = rng.choice([SAVE_STEPS, 2 * SAVE_STEPS])
     process = subprocess.Popen([*launcher, *args] if launcher else [sys.executable, *args], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=env)
     deadline = time.time() + 600
     while process.poll() is None and not saved_steps(output_dir, at_least=target) and time.time() < deadline:
         time.sleep(0.02)
@@ -128,24 +128,27 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tiny_run, tmp_path):
     assert state["global_step"] == 12
 
 
-def test_ppo_skips_the_batches_a_checkpoint_trained_on_across_epochs():
-    from pipeline.stages.ppo import _SkipBatches
+def test_ppo_rollout_sampler_repeats_each_batch_and_replays_any_epoch():
+    """The PPO trainer's prompt order: each rollout batch once per micro-batch of its update, whole batches only,
+    a fresh permutation per epoch that depends on (seed, epoch) alone, so a run resumed in a later epoch
+    (transformers calls set_epoch) draws exactly what the uninterrupted run drew."""
+    from pipeline.trainers.ppo import RolloutSampler
 
-    def loader():
-        return DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(7))
+    def epoch(sampler, number):
+        sampler.set_epoch(number)
+        return list(sampler)
 
-    def batches(source, n):
-        def repeat():
-            while True:
-                yield from source
-        stream = repeat()
-        return [next(stream).tolist() for _ in range(n)]
-
-    whole = batches(loader(), 12)  # 4 epochs of 3 batches
+    sampler = RolloutSampler(num_prompts=10, batch_size=3, repeats=2, seed=7)
+    first = epoch(sampler, 0)
+    assert len(first) == len(sampler) == 18  # 3 whole batches of 3, twice each; the 10th prompt waits
+    batches = [first[i:i + 3] for i in range(0, 18, 3)]
+    assert batches[0] == batches[1] and batches[2] == batches[3] and batches[4] == batches[5]
+    assert len({i for b in batches for i in b}) == 9
+    later = [epoch(sampler, n) for n in (1, 2)]
+    assert later[0] != first and later[1] != later[0]
     torch.manual_seed(123)  # the global RNG plays no part in the order
-    for done in (0, 2, 3, 7):
-        assert batches(_SkipBatches(loader(), done), 12 - done) == whole[done:], done
+    fresh = RolloutSampler(num_prompts=10, batch_size=3, repeats=2, seed=7)
+    assert epoch(fresh, 2) == later[1] and epoch(fresh, 0) == first
 
 
 def test_stage_refuses_an_output_dir_holding_another_stage(tiny_run, tmp_path):

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from trl import ModelConfig
-from trl.experimental.utils import get_reward
 
 from conftest import ROOT, run_python
 from pipeline import rl
@@ -51,28 +50,35 @@ def test_reward_function_names_are_checked(spec, message):
         rl.load_function(spec)
 
 
-def test_combined_reward_is_the_weighted_sum_through_trls_get_reward(tiny_run):
+def test_reward_model_score_is_read_at_the_last_response_token_whatever_the_padding(tiny_run):
+    """rollout.sequence_scores (PPO's reward) on left-padded prompts + right-padded responses equals the reward
+    model's own score of each row alone, unpadded; and the score of a row depends on its last real token."""
+    from pipeline.rollout import sequence_scores
+
     path = tiny_run["outputs"] / "reward"
     tokenizer = load_tokenizer(str(path), padding_side="left")
     model = load_scalar_head_model(str(path), tokenizer, ModelConfig()).eval()
-    prompts = tokenizer(["Write a review of The Lost River.", "Hi"], padding=True, return_tensors="pt")["input_ids"]
-    responses = tokenizer([" It was great.", " Bad"], padding=True, padding_side="right",
-                          return_tensors="pt")["input_ids"]
+    texts = [("Write a review of The Lost River.", " It was great."), ("Hi", " Bad")]
+    prompts = tokenizer([p for p, _ in texts], padding=True, return_tensors="pt")["input_ids"]
+    responses = tokenizer([r for _, r in texts], padding=True, padding_side="right", return_tensors="pt")["input_ids"]
+    assert (prompts == tokenizer.pad_token_id).any() and (responses == tokenizer.pad_token_id).any()  # both padded
     rows = torch.cat([prompts, responses], 1)
-    context = prompts.shape[1]
     with torch.no_grad():
-        _, alone, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
-        combined = rl.CombinedReward(model, tokenizer, ["pipeline.embedded:gold_reward", "reward_fns:length"],
-                                     [2.0, 0.5], model_weight=0.25)
-        combined.context_length = context
-        _, both, _ = get_reward(combined, rows, tokenizer.pad_token_id, context)
-    from pipeline.embedded import gold_score
-    gold = [gold_score("Write a review of The Lost River.", " It was great."), gold_score("Hi", " Bad")]
-    lengths = [len(" It was great."), len(" Bad")]
-    expected = [0.25 * a + 2.0 * g + 0.5 * n for a, g, n in zip(alone.tolist(), gold, lengths)]
-    assert both.tolist() == pytest.approx(expected, rel=1e-5)
-    assert combined.take_means() == pytest.approx({"rewards/gold_reward": sum(gold) / 2,
-                                                   "rewards/length": sum(lengths) / 2})
+        scores = sequence_scores(model, rows, tokenizer.pad_token_id, prompts.shape[1])
+        alone = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in texts]
+        shorter = sequence_scores(model, rows[:, :-1], tokenizer.pad_token_id, prompts.shape[1])
+    assert scores.tolist() == pytest.approx(alone, abs=1e-4)
+    assert shorter[0].item() == pytest.approx(scores[0].item(), abs=1e-4)  # row 0 ended earlier: padding cut
+    assert shorter[1].item() != pytest.approx(scores[1].item(), abs=1e-4)  # row 1 lost its last token
+
+
+def test_reward_functions_are_loaded_with_their_weights():
+    functions = rl.load_reward_functions(["reward_fns:constant", "reward_fns:length"], [2.0, 0.5])
+    assert [(name, weight) for name, _, weight in functions] == [("constant", 2.0), ("length", 0.5)]
+    assert functions[1][1](prompts=["p"], completions=["abc"]) == [3.0]
+    assert [w for _, _, w in rl.load_reward_functions(["reward_fns:constant"])] == [1.0]
+    with pytest.raises(ValueError, match="has 1 values for 2 reward functions"):
+        rl.load_reward_functions(["reward_fns:constant", "reward_fns:length"], [1.0])
 
 
 def ppo(tiny_run, output_dir, *extra, check=True):
@@ -94,6 +100,7 @@ def test_reward_function_values_reach_ppo_scores_and_adaptive_kl_is_logged(tiny_
     for row in rows:
         assert row["objective/scores"] == pytest.approx(2.5)  # the function alone is the score
         assert row["rewards/constant"] == pytest.approx(2.5)
+        assert row["objective/rlhf_reward"] == pytest.approx(2.5 + row["objective/non_score_reward"])
     coefs = [row["objective/kl_coef"] for row in rows]
     assert coefs[0] == pytest.approx(0.05)  # the recipe's kl_coef first
     for before, after, row in zip(coefs, coefs[1:], rows):  # each update's KL moves the next coefficient

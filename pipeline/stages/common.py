@@ -212,7 +212,8 @@ def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[
     push exits with code 3 and keeps everything on disk)."""
     from ..models import parameter_counts, peft_model, save_lora
 
-    metrics = {**metrics, **parameter_counts(trainer), "num_processes": trainer.accelerator.num_processes}
+    metrics = {**metrics, **parameter_counts(trainer), "num_processes": trainer.accelerator.num_processes,
+               "distributed_type": trainer.accelerator.distributed_type.value}
     lora = peft_model(trainer)
     if lora is not None:  # LoRA: the adapter in output_dir/adapter, the merged model in output_dir
         save_lora(trainer, lora, training_args.output_dir)

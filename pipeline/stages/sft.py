@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTTrainer, get_peft_config
-from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS, DataCollatorForLanguageModeling
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
 from ..models import load_causal_lm, load_tokenizer
@@ -119,7 +119,7 @@ class SFTStageTrainer(SFTTrainer):
         self.overlong_rows, self.source = overlong_rows, source  # read by _prepare_dataset, in super().__init__
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        flash = getattr(getattr(model, "config", None), "_attn_implementation", None) in FLASH_ATTENTION_VARIANTS
+        flash = "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
         if packed_batch_layout == "rows" and flash:
             raise ValueError("packed_batch_layout: rows needs sdpa or eager attention (flash attention keeps packed "
                              "examples apart only in a single flattened row); use packed_batch_layout: auto or flat")

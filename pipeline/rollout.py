@@ -1,0 +1,78 @@
+"""Rollouts of a causal LM on left-padded prompts, shared by PPO training and the evaluation.
+
+Rows are `query + response`: queries left-padded, responses right-padded, the pad token marking both paddings
+(GPT-2 gets a pad token distinct from EOS: pipeline.models). `forward` rebuilds the attention mask and
+position ids from the pads, so a row means the same to the model whatever its padding.
+"""
+
+import torch
+from transformers import GenerationConfig
+from trl.trainer.utils import pad
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row, or the row length if there is none."""
+    length = bools.shape[-1]
+    positions = torch.arange(length, device=bools.device)
+    return torch.where(bools, positions, length).min(-1).values
+
+
+def truncate_after(stop_token_id: int, pad_token_id: int, responses: torch.Tensor) -> torch.Tensor:
+    """Everything after the first `stop_token_id` of each response becomes padding (the stop token is kept)."""
+    stop = first_true_indices(responses == stop_token_id).unsqueeze(-1)
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    return responses.masked_fill(positions > stop, pad_token_id)
+
+
+def forward(model, query_responses: torch.Tensor, pad_token_id: int, **kwargs):
+    """The model on padded rows, pads masked out and positions counted from each row's first real token."""
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+                 output_hidden_states=True, use_cache=False, **kwargs)
+
+
+def sampling_config(response_length: int, temperature: float, eos_token_id: int | None,
+                    pad_token_id: int) -> GenerationConfig:
+    """Plain sampling at `temperature` (no top-k/top-p), as PPO's log-probabilities assume."""
+    return GenerationConfig(max_new_tokens=response_length, min_new_tokens=0, temperature=temperature + 1e-7,
+                            top_k=0, top_p=1.0, do_sample=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, pad_token_id: int, config: GenerationConfig, batch_size: int,
+             return_logits: bool = False):
+    """Sample a response for every query, `batch_size` queries at a time. Returns the right-padded
+    `query + response` rows and, with `return_logits`, the processed logits of every generated token (the
+    temperature applied: what the sampled tokens were drawn from)."""
+    rows, logits = [], []
+    for start in range(0, len(queries), batch_size):
+        query = queries[start:start + batch_size]
+        mask = query != pad_token_id
+        output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask, generation_config=config,
+                                return_dict_in_generate=True, output_scores=return_logits)
+        rows.append(torch.cat((query, output.sequences[:, query.shape[1]:]), 1))
+        if return_logits:
+            logits.append(torch.stack(output.scores, 1))
+    # trl's `pad` stacks the chunks (chunks, rows, ...), padded to the longest: flattened back to rows
+    query_responses = pad(rows, padding_value=pad_token_id, padding_side="right")
+    query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
+    if not return_logits:
+        return query_responses
+    logits = pad(logits, padding_value=0, padding_side="right")
+    return query_responses, logits.view(-1, *logits.shape[2:])[: len(queries)]
+
+
+def scalar_head(model, query_responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """A sequence-classification model's 1-label head at every position: (rows, tokens)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = forward(backbone, query_responses, pad_token_id).hidden_states[-1]
+    return model.score(hidden).squeeze(-1)
+
+
+def sequence_scores(model, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
+    """A reward model's score of each row, read at its last response token (the last one before padding)."""
+    values = scalar_head(model, query_responses, pad_token_id)
+    last = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
+    return values[torch.arange(len(values), device=values.device), last.clamp(min=0)]

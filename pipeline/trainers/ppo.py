@@ -1,0 +1,560 @@
+"""PPO for causal LMs on transformers' Trainer loop: TRL 1.12's algorithm and config field names, since TRL
+deleted its `PPOTrainer` in 1.13.
+
+Built the way TRL's current online trainers (RLOO, GRPO) are: the Trainer's dataloader hands over one rollout
+batch of prompts per update, repeated once per micro-batch of the update; `_prepare_inputs` generates and
+scores the rollouts when an update starts (policy samples, reference log-probs, values, rewards with the
+per-token KL penalty, GAE advantages) and then returns one micro-batch of them per call; `compute_loss` is
+PPO's clipped loss on that micro-batch. An update is `num_ppo_epochs x num_mini_batches` ordinary optimizer
+steps, each of `gradient_accumulation_steps` micro-batches, so checkpoints, resume, gradient accumulation,
+DDP/DeepSpeed/FSDP wrapping, callbacks, logging and progress bars are transformers' own.
+
+Sizes, per update (as TRL 1.12 names them): `local_batch_size` = per_device_train_batch_size x
+gradient_accumulation_steps x num_mini_batches rollouts per process, `batch_size` = that x processes;
+`num_total_batches` = ceil(total_episodes / batch_size) updates. A step of the Trainer (`global_step`,
+`logging_steps`, `save_steps`) is one optimizer step: an update is num_ppo_epochs x num_mini_batches steps.
+
+Beside TRL 1.12: reward functions beside the reward model (`reward_functions`), adaptive KL (`kl_control`),
+PPO-ptx (`ptx`, `ptx_coef`), checkpoints that hold the value model (`value_model/`) and, when taken in the middle
+of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run.
+"""
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import Sampler
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from trl.models import create_reference_model, prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
+
+from .. import rollout
+from . import ppo_math
+
+VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
+ROLLOUTS = "rollouts"  # subfolder of a checkpoint taken in the middle of an update: each process's rollouts
+STATE_FILE = "ppo_state.json"  # the KL coefficient in force, in every checkpoint
+INVALID_LOGPROB = 1.0  # log-prob written at padding (TRL 1.12's value): equal for policy and reference, KL 0
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """TRL 1.12's `PPOConfig` fields and defaults (TRL's trainers' defaults for `learning_rate`, `logging_steps`,
+    `gradient_checkpointing` and `bf16` too), on transformers' `TrainingArguments`."""
+
+    learning_rate: float = field(default=3e-6, metadata={"help": "Initial learning rate (AdamW)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps (a float < 1: a ratio)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    bf16: bool | None = field(default=None, metadata={"help": "bfloat16 mixed precision; default: true unless fp16."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preprocessing."})
+    num_mini_batches: int = field(default=1, metadata={
+        "help": "Mini-batches per rollout batch per PPO epoch; each is one optimizer step."})
+    total_episodes: int | None = field(default=None, metadata={
+        "help": "Rollouts to train on in all (default: num_train_epochs x the prompts)."})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={
+        "help": "Rows per generation and per scoring forward pass, per process."})
+    num_sample_generations: int = field(default=10, metadata={
+        "help": "How many times to print sample completions of the eval prompts during training (0: never)."})
+    response_length: int = field(default=53, metadata={"help": "Tokens generated per response, at most."})
+    stop_token: Literal["eos"] | None = field(default=None, metadata={
+        "help": "'eos': responses end at the tokenizer's EOS (what follows is padding)."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "A token id that ends responses instead."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "Subtracted from the score of a response that does not contain EOS."})
+    sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "The SFT policy (and reference)."})
+    reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={
+        "help": "The reward model (frozen; the value model starts from it too)."})
+    model_adapter_name: str | None = field(default=None, metadata={"help": "LoRA: the adapter to train."})
+    ref_adapter_name: str | None = field(default=None, metadata={
+        "help": "LoRA: an adapter to use as the reference (default: the policy with its adapters disabled)."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={
+        "help": "KL estimator: 'k1' (log-ratio) or 'k3' (lower variance, never negative)."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={
+        "help": "ZeRO-3: gather the policy's weights for generation (faster; off: generate sharded, less memory)."})
+    # computed by the trainer (TRL 1.12 kept them in the config too); reported in recipe.yaml as the run used them
+    num_total_batches: int | None = field(default=None, metadata={"help": "Computed: updates in the run."})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "Computed: rows per micro-batch, all processes."})
+    local_batch_size: int | None = field(default=None, metadata={"help": "Computed: rollouts per update per process."})
+    batch_size: int | None = field(default=None, metadata={"help": "Computed: rollouts per update, all processes."})
+    local_mini_batch_size: int | None = field(default=None, metadata={"help": "Computed: rows per optimizer step per process."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Computed: rows per optimizer step."})
+
+    def __post_init__(self):
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        super().__post_init__()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models as one module, so one optimizer and one DDP/DeepSpeed/FSDP wrapper hold both.
+    `forward` returns (policy output, value at every position); with `ptx_input_ids`, also the policy's
+    causal-LM loss on those blocks (PPO-ptx), inside the same wrapped forward."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.config = policy.config  # what Trainer and the model card read
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:  # read by TRL's unwrap_model_for_generation
+        policy = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        return getattr(policy, "is_activation_checkpointing", False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        for model in (self.policy, self.value_model):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        for model in (self.policy, self.value_model):
+            model.gradient_checkpointing_disable()
+
+    def forward(self, input_ids, attention_mask, position_ids, ptx_input_ids=None, **kwargs):
+        kwargs = {"return_dict": True, "use_cache": False}
+        policy_output = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    **kwargs)
+        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, **kwargs).hidden_states[-1]
+        values = self.value_model.score(hidden).squeeze(-1)
+        if ptx_input_ids is None:
+            return policy_output, values, None
+        logits = self.policy(input_ids=ptx_input_ids, **kwargs).logits[:, :-1].float()
+        ptx_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ptx_input_ids[:, 1:].reshape(-1))
+        return policy_output, values, ptx_loss
+
+
+class RolloutSampler(Sampler):
+    """Prompt indices for the Trainer's dataloader: each epoch a permutation of the prompts drawn from
+    (seed, epoch) alone, cut into rollout batches of `batch_size` (all processes; a last partial one is dropped),
+    each batch repeated `repeats` times, once per micro-batch of its update. Accelerate then deals each copy of a
+    batch out to the processes, the same slice to the same process every time. Seeding by epoch (transformers
+    calls `set_epoch`) makes a resumed run draw what the uninterrupted one drew."""
+
+    def __init__(self, num_prompts: int, batch_size: int, repeats: int, seed: int):
+        self.num_prompts, self.batch_size, self.repeats, self.seed = num_prompts, batch_size, repeats, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for start in range(0, self.num_prompts - self.batch_size + 1, self.batch_size):
+            chunk = order[start:start + self.batch_size].tolist()
+            for _ in range(self.repeats):
+                yield from chunk
+
+    def __len__(self) -> int:
+        return self.num_prompts // self.batch_size * self.batch_size * self.repeats
+
+
+class PPOTrainer(Trainer):
+    """PPO on transformers' Trainer. Arguments as TRL 1.12's PPOTrainer (`model` is the policy; `ref_model`
+    None: a copy of it, or with `peft_config` the policy with its adapters disabled), plus:
+
+    reward_functions: callables `f(prompts=[str], completions=[str]) -> [float]`, as (name, function, weight),
+        added to `reward_model_weight` x the reward model's score (which may be 0: functions alone);
+    kl_control: an object with `.value` and `.update(kl, episodes)` (pipeline.rl), moving `kl_coef` after
+        each update;
+    ptx, ptx_coef: PPO-ptx: `ptx.next()` gives a batch of token blocks whose causal-LM loss, times ptx_coef,
+        joins every micro-batch's loss (`ptx.skip(n)` passes over n batches on resume).
+    """
+
+    _tag_names = ["trl", "ppo", "pipeline"]
+
+    def __init__(self, args: PPOConfig, processing_class, model, ref_model, reward_model, train_dataset, value_model,
+                 data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None,
+                 reward_functions=(), reward_model_weight: float = 1.0, kl_control=None, ptx=None,
+                 ptx_coef: float = 0.0):
+        if ref_model is not None and ref_model is model:
+            raise ValueError("model and ref_model must be different objects (pass ref_model=None for a copy)")
+        if args.stop_token and args.stop_token_id is not None:
+            raise ValueError("set stop_token or stop_token_id, not both")
+        if args.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {args.kl_estimator!r}")
+        self.stop_token_id = processing_class.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+
+        if peft_config is not None:
+            from peft import get_peft_model
+            model = get_peft_model(model, peft_config)
+        self.is_peft_model = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        if ref_model is None and not self.is_peft_model:
+            ref_model = create_reference_model(model)
+        for module in (model, ref_model, value_model, reward_model):
+            if module is not None:
+                disable_dropout_in_model(module)
+
+        self._set_sizes(args, len(train_dataset))
+        self.ref_model, self.reward_model = ref_model, reward_model
+        self.reward_functions, self.reward_model_weight = list(reward_functions), float(reward_model_weight)
+        self.kl_coef = args.kl_coef if kl_control is None else kl_control.value
+        self.kl_control = kl_control
+        self.ptx, self.ptx_coef = (ptx if ptx_coef else None), ptx_coef
+        self._buffer = None  # the current update's rollouts
+        self._micro_step = None  # micro-batches trained since the start of the run
+        self._metrics: dict[str, list[float]] = {}
+        self._resume_from = None
+
+        super().__init__(model=PolicyAndValue(model, value_model), args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers,
+                         data_collator=data_collator or DataCollatorWithPadding(processing_class))
+
+        for name in ("ref_model", "reward_model"):
+            frozen = getattr(self, name)
+            if frozen is None:
+                continue
+            if self.is_deepspeed_enabled:
+                frozen = prepare_deepspeed(frozen, self.accelerator)
+            elif self.is_fsdp_enabled:
+                frozen = prepare_fsdp(frozen, self.accelerator)
+            else:
+                frozen = frozen.to(self.accelerator.device).eval()
+            setattr(self, name, frozen)
+
+    @staticmethod
+    def _set_sizes(args: PPOConfig, num_prompts: int) -> None:
+        """The batch sizes of TRL 1.12's names, and the Trainer's step budget (`max_steps`) from them."""
+        processes = args.world_size
+        args.local_mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        args.local_batch_size = args.local_mini_batch_size * args.num_mini_batches
+        args.micro_batch_size = args.per_device_train_batch_size * processes
+        args.mini_batch_size = args.local_mini_batch_size * processes
+        args.batch_size = args.local_batch_size * processes
+        if args.whiten_rewards and args.local_mini_batch_size < 8:
+            raise ValueError(f"whiten_rewards needs at least 8 rows per process and optimizer step, got "
+                             f"{args.local_mini_batch_size} (per_device_train_batch_size x gradient_accumulation_steps)")
+        if num_prompts < args.batch_size:
+            raise ValueError(f"{num_prompts} prompts are fewer than one rollout batch of {args.batch_size} "
+                             f"(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
+                             f"{processes} processes)")
+        if args.total_episodes is None:
+            args.total_episodes = int(args.num_train_epochs * num_prompts)
+        if args.total_episodes <= 0:
+            raise ValueError(f"total_episodes must be > 0, got {args.total_episodes}")
+        args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
+        args.max_steps = args.num_total_batches * args.num_ppo_epochs * args.num_mini_batches
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.args.num_ppo_epochs * self.args.num_mini_batches
+
+    @property
+    def micro_batches_per_update(self) -> int:
+        return self.steps_per_update * self.args.gradient_accumulation_steps
+
+    # ---- data: one rollout batch of prompts, once per micro-batch of its update
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["input_ids"]
+
+    def get_train_dataloader(self):
+        return self._get_dataloader(self.train_dataset, "Training", batch_size=self.args.local_batch_size,
+                                    sampler_fn=self._get_train_sampler, is_training=True)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RolloutSampler(len(dataset), self.args.batch_size, self.micro_batches_per_update, self.args.seed)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_from, self._micro_step, self._buffer = resume_from_checkpoint, None, None
+        if resume_from_checkpoint:
+            self._load_ppo_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _prepare_inputs(self, batch):
+        if self._micro_step is None:  # the first micro-batch of this run (a resumed one starts where it stopped)
+            self._micro_step = self.state.global_step * self.args.gradient_accumulation_steps
+            if self.ptx is not None:
+                self.ptx.skip(self._micro_step)
+            if self._micro_step % self.micro_batches_per_update:
+                self._buffer = self._load_rollouts(self._resume_from)
+        position = self._micro_step % self.micro_batches_per_update
+        if position == 0:
+            self._buffer = self._make_rollouts(batch["input_ids"].to(self.accelerator.device))
+        self._micro_step += 1
+        indices = self._buffer["schedule"][position]
+        inputs = {key: value[indices] for key, value in self._buffer.items()
+                  if isinstance(value, torch.Tensor) and key != "schedule"}
+        if self.ptx is not None:
+            inputs["ptx_input_ids"] = self.ptx.next().to(self.accelerator.device)
+        return inputs
+
+    # ---- rollouts
+    @torch.no_grad()
+    def _make_rollouts(self, queries: torch.Tensor) -> dict:
+        """Generate, score and compute advantages for one update's prompts on this process; the micro-batch
+        schedule of the update (a fresh shuffle per PPO epoch) comes with them."""
+        args, pad = self.args, self.processing_class.pad_token_id
+        context = queries.shape[1]
+        step = self.state.global_step + 1
+        config = rollout.sampling_config(args.response_length, args.temperature, self.stop_token_id, pad)
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
+            query_responses, logits = rollout.generate(unwrapped.policy, queries, pad, config,
+                                                       args.local_rollout_forward_batch_size, return_logits=True)
+        responses = query_responses[:, context:]
+        logprobs = selective_log_softmax(logits, responses)
+        del logits
+        if self.stop_token_id is not None:
+            responses = rollout.truncate_after(self.stop_token_id, pad, responses)
+            query_responses = torch.cat((queries, responses), 1)
+
+        ref_logprobs, values, scores = [], [], []
+        wrapper = self.accelerator.unwrap_model(self.model)
+        chunk = args.local_rollout_forward_batch_size
+        for start in range(0, len(query_responses), chunk):
+            rows = query_responses[start:start + chunk]
+            with self._reference() as reference:
+                ref_logits = rollout.forward(reference, rows, pad).logits[:, context - 1:-1]
+            ref_logprobs.append(selective_log_softmax(ref_logits / (args.temperature + 1e-7), rows[:, context:]))
+            values.append(rollout.scalar_head(wrapper.value_model, rows, pad)[:, context - 1:-1])
+            if self.reward_model_weight:
+                scores.append(self.reward_model_weight * rollout.sequence_scores(self.reward_model, rows, pad, context))
+        ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values).float()
+        scores = torch.cat(scores).float() if scores else torch.zeros(len(queries), device=queries.device)
+        if self.reward_functions:
+            scores = scores + self._function_rewards(query_responses, context, step)
+        self._check_finite(scores, "the reward (objective/scores)", step)
+
+        scores, has_eos = ppo_math.apply_missing_eos_penalty(scores, responses, self.processing_class.eos_token_id,
+                                                             args.missing_eos_penalty)
+        _, padding, padding_p1, score_at = ppo_math.response_masks(responses, pad)
+        logprobs = logprobs.masked_fill(padding, INVALID_LOGPROB)
+        ref_logprobs = ref_logprobs.masked_fill(padding, INVALID_LOGPROB)
+        values = values.masked_fill(padding_p1, 0)
+
+        kl = ppo_math.kl_per_token(logprobs, ref_logprobs, args.kl_estimator)
+        rewards, non_score = ppo_math.token_rewards(scores, kl, self.kl_coef, score_at)
+        if args.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, ~padding_p1, shift_mean=False).masked_fill(padding_p1, 0)
+        advantages, returns = ppo_math.gae(rewards, values, args.gamma, args.lam)
+        advantages = ppo_math.masked_whiten(advantages, ~padding).masked_fill(padding, 0)
+
+        mean_kl = self._global_mean(kl.sum(1).mean())
+        self._record({
+            "objective/kl": mean_kl,
+            "objective/entropy": (-logprobs).masked_fill(padding, 0).sum(1).mean(),
+            "objective/non_score_reward": non_score.sum(1).mean(),
+            "objective/rlhf_reward": non_score.sum(1).mean() + scores.mean(),
+            "objective/scores": scores.mean(),
+            "objective/kl_coef": self.kl_coef,
+            "val/num_eos_tokens": has_eos.float().sum() * self.accelerator.num_processes,
+            "episode": (self.state.global_step // self.steps_per_update + 1) * args.batch_size,
+        })
+        self._print_samples(query_responses, context, scores)
+        if self.kl_control is not None:  # the next update's coefficient, from this one's KL
+            self.kl_coef = self.kl_control.update(mean_kl, args.batch_size)
+
+        schedule = []
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(args.local_batch_size, device=queries.device)
+            schedule += list(order.split(args.per_device_train_batch_size))
+        return {"query_responses": query_responses, "logprobs": logprobs, "values": values, "returns": returns,
+                "advantages": advantages, "padding": padding, "padding_p1": padding_p1,
+                "context_length": torch.full((len(queries),), context, device=queries.device),
+                "schedule": schedule}
+
+    def _print_samples(self, query_responses: torch.Tensor, context: int, scores: torch.Tensor, rows: int = 4):
+        """`num_sample_generations` times in a run, a few of this update's rollouts and scores (main process)."""
+        every = max(1, self.args.num_total_batches // self.args.num_sample_generations) \
+            if self.args.num_sample_generations > 0 else 0
+        update = self.state.global_step // self.steps_per_update
+        if not every or update % every or not self.accelerator.is_main_process:
+            return
+        decode = self.processing_class.batch_decode
+        print(f"update {update + 1}/{self.args.num_total_batches}: sample rollouts (score | prompt | response)")
+        for prompt, response, score in zip(decode(query_responses[:rows, :context], skip_special_tokens=True),
+                                           decode(query_responses[:rows, context:], skip_special_tokens=True),
+                                           scores[:rows].tolist()):
+            print(f"  {score:+.3f} | {' '.join(prompt.split())} | {' '.join(response.split())}")
+
+    def _reference(self):
+        """The reference policy: the frozen copy, or the LoRA policy with its adapters disabled (or set to
+        `ref_adapter_name`)."""
+        if self.ref_model is not None:
+            return nullcontext(self.ref_model)
+        return _AdapterReference(self.accelerator.unwrap_model(self.model).policy, self.args)
+
+    def _function_rewards(self, query_responses: torch.Tensor, context: int, step: int) -> torch.Tensor:
+        tokenizer = self.processing_class
+        rows = query_responses.tolist()
+        prompts = tokenizer.batch_decode([row[:context] for row in rows], skip_special_tokens=True)
+        completions = tokenizer.batch_decode([row[context:] for row in rows], skip_special_tokens=True)
+        total = torch.zeros(len(rows), device=query_responses.device)
+        for name, function, weight in self.reward_functions:
+            values = [float(v) for v in function(prompts=prompts, completions=completions)]
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} "
+                                 f"completions")
+            bad = [v for v in values if not math.isfinite(v)]
+            if bad:
+                from ..stages.common import NonFiniteError
+                raise NonFiniteError(f"reward function {name} returned {bad[0]} at step {step}: training stopped "
+                                     f"before that update; the checkpoints already in output_dir are kept")
+            values = torch.tensor(values, device=total.device)
+            self._record({f"rewards/{name}": values.mean()})
+            total = total + weight * values
+        return total
+
+    # ---- the loss of one micro-batch
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args, pad = self.args, self.processing_class.pad_token_id
+        context = int(inputs["context_length"][0])
+        rows = inputs["query_responses"]
+        mask = rows != pad
+        policy_output, values, ptx_loss = model(input_ids=rows.masked_fill(~mask, 0), attention_mask=mask,
+                                                position_ids=mask.cumsum(1) - mask.long(),
+                                                ptx_input_ids=inputs.get("ptx_input_ids"))
+        logits = policy_output.logits[:, context - 1:-1] / (args.temperature + 1e-7)
+        responses = rows[:, context:]
+        padding, padding_p1 = inputs["padding"], inputs["padding_p1"]
+        logprobs = selective_log_softmax(logits, responses).masked_fill(padding, INVALID_LOGPROB)
+        values = values[:, context - 1:-1].float().masked_fill(padding_p1, 0)
+
+        pg_loss, pg_clipfrac, ratio = ppo_math.policy_loss(logprobs, inputs["logprobs"], inputs["advantages"],
+                                                           ~padding, args.cliprange)
+        vf_loss, vf_clipfrac = ppo_math.value_loss(values, inputs["values"], inputs["returns"], ~padding_p1,
+                                                   args.cliprange_value)
+        loss = pg_loss + args.vf_coef * vf_loss
+        if ptx_loss is not None:
+            loss = loss + self.ptx_coef * ptx_loss
+        step = self.state.global_step + 1
+        self._check_finite(loss, "the PPO loss", step)
+        with torch.no_grad():
+            tokens = ~padding
+            record = {
+                "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
+                "policy/clipfrac_avg": pg_clipfrac, "val/clipfrac_avg": vf_clipfrac,
+                "policy/approxkl_avg": ppo_math.masked_mean(0.5 * (logprobs - inputs["logprobs"]) ** 2, tokens),
+                "policy/entropy_avg": ppo_math.masked_mean(entropy_from_logits(logits.float()), tokens),
+                "val/ratio": ppo_math.masked_mean(ratio, tokens),
+            }
+            if ptx_loss is not None:
+                record["loss/ptx_avg"] = ptx_loss
+            self._record(record)
+        return (loss, policy_output) if return_outputs else loss
+
+    # ---- logging: every value recorded since the last log, averaged, then averaged over processes
+    def _record(self, values: dict) -> None:
+        for key, value in values.items():
+            self._metrics.setdefault(key, []).append(float(value))
+
+    def _global_mean(self, value) -> float:
+        tensor = torch.as_tensor(float(value), device=self.accelerator.device).reshape(1)
+        return self.accelerator.gather(tensor).mean().item()
+
+    def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
+        if not torch.isfinite(value).all():
+            from ..stages.common import check_finite
+            bad = value[~torch.isfinite(value)].flatten()[0].item() if value.dim() else value.item()
+            check_finite(bad, what, step)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._metrics:
+            keys = sorted(self._metrics)
+            local = torch.tensor([sum(self._metrics[k]) / len(self._metrics[k]) for k in keys],
+                                 device=self.accelerator.device)
+            merged = self.accelerator.gather(local[None]).mean(0).tolist()
+            logs = {**logs, **dict(zip(keys, merged))}
+            ratios = self._metrics.get("val/ratio", [])
+            if len(ratios) > 1:
+                logs["val/ratio_var"] = float(torch.tensor(ratios).var())
+            self._metrics = {}
+        super().log(logs, start_time)
+
+    # ---- saving and loading: the policy in the folder, the value model in value_model/
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        wrapper = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = wrapper.state_dict()
+        parts = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                 for name in ("policy", "value_model")}
+        os.makedirs(output_dir, exist_ok=True)
+        wrapper.policy.save_pretrained(output_dir, state_dict=parts["policy"])
+        wrapper.value_model.save_pretrained(os.path.join(output_dir, VALUE_MODEL), state_dict=parts["value_model"])
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial):
+        # written before transformers writes trainer_state.json, the checkpoint's completion mark
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        if self._micro_step is not None and self._micro_step % self.micro_batches_per_update:
+            os.makedirs(os.path.join(folder, ROLLOUTS), exist_ok=True)
+            torch.save({**self._buffer, "metrics": self._metrics},
+                       os.path.join(folder, ROLLOUTS, f"process-{self.accelerator.process_index}.pt"))
+        if self.args.should_save:
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump({"kl_coef": self.kl_coef}, f)
+        super()._save_checkpoint(model, trial)
+
+    def _load_ppo_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.kl_coef = json.load(f)["kl_coef"]
+            if self.kl_control is not None:
+                self.kl_control.value = self.kl_coef
+
+    def _load_rollouts(self, checkpoint: str) -> dict:
+        path = os.path.join(checkpoint, ROLLOUTS, f"process-{self.accelerator.process_index}.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} was saved in the middle of a PPO update but has no {path}: "
+                             f"resume from a checkpoint at an update boundary")
+        saved = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+        self._metrics = saved.pop("metrics")
+        return saved
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        for module, folder in ((wrapper.policy, resume_from_checkpoint),
+                               (wrapper.value_model, os.path.join(resume_from_checkpoint, VALUE_MODEL))):
+            # transformers' own loading (full weights or a peft adapter); it reads self.model for tied weights
+            wrapped, self.model = self.model, module
+            try:
+                super()._load_from_checkpoint(folder, model=module)
+            finally:
+                self.model = wrapped
+
+
+class _AdapterReference:
+    """Context: the LoRA policy with its adapters disabled (or `ref_adapter_name` active), as the reference."""
+
+    def __init__(self, policy, args):
+        self.policy, self.args = policy, args
+
+    def __enter__(self):
+        if self.args.ref_adapter_name:
+            self.policy.set_adapter(self.args.ref_adapter_name)
+            self._context = nullcontext()
+        else:
+            self._context = self.policy.disable_adapter()
+        self._context.__enter__()
+        return self.policy
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+        if self.args.ref_adapter_name:
+            self.policy.set_adapter(self.args.model_adapter_name or "default")
+        return False
