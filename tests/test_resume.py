@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -58,7 +59,7 @@ def saved_steps(output_dir: Path, at_least: int = 0) -> list[int]:
 
 def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher=(), env=None) -> int:
     """Start the stage, wait for a randomly chosen early checkpoint to be complete, wait a random extra moment
-    (so the kill lands anywhere: mid-step, mid-save), SIGKILL the whole process group. Returns that step."""
+    (so the kill lands anywhere: mid-step, mid-save), SIGKILL every process of the run. Returns that step."""
     target = rng.choice([SAVE_STEPS, 2 * SAVE_STEPS])
     process = subprocess.Popen([*launcher, *args] if launcher else [sys.executable, *args], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -68,7 +69,16 @@ def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.2))
     if process.poll() is None:
+        # the whole tree, as when a machine dies: torch's launcher starts its workers in sessions of their own,
+        # so killing the launcher's process group would leave them training
+        tree = psutil.Process(process.pid).children(recursive=True)
         os.killpg(process.pid, signal.SIGKILL)
+        for child in tree:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"the stage ended before it was killed:\n{process.stderr.read()[-3000:]}"
     assert not (output_dir / "results.json").exists()

@@ -68,8 +68,8 @@ def test_reward_model_score_is_read_at_the_last_response_token_whatever_the_padd
         alone = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in texts]
         shorter = sequence_scores(model, rows[:, :-1], tokenizer.pad_token_id, prompts.shape[1])
     assert scores.tolist() == pytest.approx(alone, abs=1e-4)
-    assert shorter[0].item() == pytest.approx(scores[0].item(), abs=1e-4)  # row 0 ended earlier: padding cut
-    assert shorter[1].item() != pytest.approx(scores[1].item(), abs=1e-4)  # row 1 lost its last token
+    assert shorter[1].item() == pytest.approx(scores[1].item(), abs=1e-4)  # row 1 ended earlier: padding cut
+    assert shorter[0].item() != pytest.approx(scores[0].item(), abs=1e-4)  # row 0 lost its last token
 
 
 def test_reward_functions_are_loaded_with_their_weights():
@@ -85,6 +85,12 @@ def ppo(tiny_run, output_dir, *extra, check=True):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return run_python("scripts/ppo.py", "--config", tiny_run["recipes"] / "ppo.yaml", "--output_dir", output_dir,
                       "--report_to", "none", "--logging_steps", "1", *extra, check=check, env=env)
+
+
+def steps(output_dir) -> list[dict]:
+    """The log of every optimizer step (logging_steps 1)."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [row for row in history if "loss/policy_avg" in row]
 
 
 def updates(output_dir) -> list[dict]:
@@ -116,13 +122,15 @@ def test_ptx_is_off_at_zero_and_changes_the_policy_update_when_on(tiny_run, tmp_
     ppo(tiny_run, tmp_path / "zero", "--ptx_coef", "0", "--ptx_dataset_name", "embedded:corpus")
     ppo(tiny_run, tmp_path / "ptx", "--ptx_coef", "1.0", "--ptx_dataset_name", "embedded:corpus",
         "--ptx_block_size", "32")
-    plain, zero, ptx = (updates(tmp_path / name) for name in ("plain", "zero", "ptx"))
-    keys = ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl")
+    plain, zero, ptx = (steps(tmp_path / name) for name in ("plain", "zero", "ptx"))
+    keys = ("loss/policy_avg", "loss/value_avg")
     assert [[r[k] for k in keys] for r in zero] == [[r[k] for k in keys] for r in plain]  # no ptx at 0
     assert all("loss/ptx_avg" not in r for r in zero)
     assert all(r["loss/ptx_avg"] > 0 for r in ptx)
-    assert ptx[0]["objective/scores"] == plain[0]["objective/scores"]  # same first rollout ...
-    assert ptx[0]["loss/policy_avg"] != plain[0]["loss/policy_avg"]  # ... different update
+    assert updates(tmp_path / "ptx")[0]["objective/scores"] == updates(tmp_path / "plain")[0]["objective/scores"]
+    # the first optimizer step sees the same rollouts and weights; from the second on, ptx has moved the policy
+    assert ptx[0]["loss/policy_avg"] == plain[0]["loss/policy_avg"]
+    assert ptx[1]["loss/policy_avg"] != plain[1]["loss/policy_avg"]
     assert ptx[-1]["loss/ptx_avg"] < ptx[0]["loss/ptx_avg"] * 1.5  # the LM loss is held, not blown up
 
 

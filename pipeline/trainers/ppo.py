@@ -94,6 +94,8 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self):
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.ddp_find_unused_parameters is None:  # every parameter of the policy and value model is used
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
 
 
@@ -229,6 +231,7 @@ class PPOTrainer(Trainer):
     @staticmethod
     def _set_sizes(args: PPOConfig, num_prompts: int) -> None:
         """The batch sizes of TRL 1.12's names, and the Trainer's step budget (`max_steps`) from them."""
+        _ = args.device  # sets up the distributed state, which `world_size` reads
         processes = args.world_size
         args.local_mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         args.local_batch_size = args.local_mini_batch_size * args.num_mini_batches
@@ -509,6 +512,12 @@ class PPOTrainer(Trainer):
                 json.dump({"kl_coef": self.kl_coef}, f)
         super()._save_checkpoint(model, trial)
 
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # every process's files (its RNG state, its rollouts) are on disk before the main process writes
+        # trainer_state.json, the mark of a complete checkpoint
+        self.accelerator.wait_for_everyone()
+
     def _load_ppo_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.isfile(path):
@@ -522,9 +531,11 @@ class PPOTrainer(Trainer):
         if not os.path.isfile(path):
             raise ValueError(f"{checkpoint} was saved in the middle of a PPO update but has no {path}: "
                              f"resume from a checkpoint at an update boundary")
-        saved = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
         self._metrics = saved.pop("metrics")
-        return saved
+        device = self.accelerator.device
+        saved["schedule"] = [indices.to(device) for indices in saved["schedule"]]
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in saved.items()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
