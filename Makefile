@@ -22,10 +22,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# The stages against bare TRL scripts, side by side (about 10 minutes on 2 cores): BENCHMARKS.md and .json
+# The stages against bare TRL scripts, side by side: BENCHMARKS.md and .json; then PPO against TRL 1.12's
+# PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/ppo_vs_trl112.py
 
 clean:
 	rm -rf outputs

@@ -4,10 +4,8 @@ import statistics
 
 # the throughput metric of each section, and its unit
 THROUGHPUT = {"sft": ("tokens_per_s", "tokens/s"), "sft-varlen": ("tokens_per_s", "tokens/s"),
-              "reward": ("pairs_per_s", "pairs/s"),
-              "ppo": ("episodes_per_s", "episodes/s")}
-SPLIT = ("generation", "reference", "value", "reward", "optimisation")
-OVERHEAD_TARGET, PACKING_TARGET, PPO_TARGET = 1.05, 1.5, 1.0
+              "reward": ("pairs_per_s", "pairs/s")}
+OVERHEAD_TARGET, PACKING_TARGET = 1.05, 1.5
 LOADED = 0.25  # other processes' CPU use (cores, mean over a run) above which a run counts as disturbed
 EXACT = 1e-4  # packed layouts: largest per-token loss difference that still counts as the same computation
 
@@ -29,16 +27,6 @@ def ratio(a: list, b: list) -> dict:
             "paired_max": max(paired), "paired": paired}
 
 
-def per_update_split(run: dict) -> dict:
-    """Mean seconds per PPO update in generation, scoring (reference / value / reward) and optimisation (the
-    rest of the update: the PPO epochs, plus advantages and logging)."""
-    updates = run["updates"]
-    mean = {k: sum(u[k] for u in updates) / len(updates) for k in ("wall", "generation", "reference", "value",
-                                                                     "reward")}
-    mean["optimisation"] = mean["wall"] - sum(mean[k] for k in ("generation", "reference", "value", "reward"))
-    return mean
-
-
 def summarise(info: dict) -> dict:
     out = {k: v for k, v in info.items() if k != "sections"}
     out["sections"] = {}
@@ -52,14 +40,10 @@ def summarise(info: dict) -> dict:
             row = dict(config, unit=unit)
             for metric in ("other_load_cores", key, "train_s", "setup_s", "after_s", "run_s", "peak_rss_mb",
                            "train_loss", "heldout_loss", "tokens",
-                           "loss_tokens", "loss_tokens_per_s", "pairs", "episodes", "steps"):
+                           "loss_tokens", "loss_tokens_per_s", "pairs", "steps"):
                 if metric in results[0]:
                     row[metric] = stat([r[metric] for r in results])
             row["vs_reference"] = ratio([r[key] for r in results], [r[key] for r in runs[reference]])
-            if section == "ppo":
-                splits = [per_update_split(r) for r in results]
-                row["split_per_update_s"] = {k: stat([s[k] for s in splits]) for k in ("wall",) + SPLIT}
-                row["results"] = {k: stat([r["results"][k] for r in results]) for k in results[0]["results"]}
             rows.append(row)
         section_out = {"reference": reference, "rows": rows, "runs": runs}
         if "bare TRL" in runs:
@@ -108,11 +92,7 @@ def _work(section: str, run: dict):
     """What a run computed: identical for ours and bare when they trained the same thing."""
     if section == "sft":
         return run["tokens"], run["steps"], round(run["train_loss"], 4)
-    if section == "reward":
-        return run["pairs"], run["steps"], round(run["train_loss"], 4)
-    # PPO: the same episodes. Not the same prompts in the same order: our stage draws its prompt order from a
-    # generator seeded by `seed` alone (so that a resumed run can replay it), bare TRL from the global RNG
-    return (run["episodes"],)
+    return run["pairs"], run["steps"], round(run["train_loss"], 4)
 
 
 def full_recipe_estimate(summary: dict, section: str) -> dict:
@@ -125,18 +105,12 @@ def full_recipe_estimate(summary: dict, section: str) -> dict:
     if section == "sft":
         work = sizes["sft"] * summary["prepare"]["sft_lengths"]["mean"] * recipe["num_train_epochs"]
         train_s = work / ours["tokens_per_s"]["median"]
-    elif section == "reward":
-        train_s = sizes["preference"] * recipe["num_train_epochs"] / ours["pairs_per_s"]["median"]
     else:
-        train_s = recipe["total_episodes"] / ours["episodes_per_s"]["median"]
+        train_s = sizes["preference"] * recipe["num_train_epochs"] / ours["pairs_per_s"]["median"]
     fixed = {name: row["setup_s"]["median"] + row["after_s"]["median"] for name, row in (("ours", ours),
                                                                                         ("bare", bare))}
     return {"train_s": train_s, "fixed_ours_s": fixed["ours"], "fixed_bare_s": fixed["bare"],
             "ratio": (train_s + fixed["ours"]) / (train_s + fixed["bare"])}
-
-
-def _row(summary: dict, section: str, name_start: str) -> dict | None:
-    return next((r for r in summary["sections"][section]["rows"] if r["name"].startswith(name_start)), None)
 
 
 def noise_floor(summary: dict) -> float:
@@ -149,13 +123,13 @@ def targets(summary: dict) -> list:
     out = []
     sections = summary["sections"]
     floor = summary["noise_floor"] = noise_floor(summary)
-    for section in ("sft", "reward", "ppo"):
+    for section in ("sft", "reward"):
         wall = sections[section]["ours_vs_bare"]
         r = wall["train_wall"]
         # SFT's and reward's train() is the same TRL code in ours and bare: their ratio is the floor itself
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, train() call",
-                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET, "sets_floor": section != "ppo",
-                    "within_floor": section == "ppo" and r["ratio"] - OVERHEAD_TARGET <= floor})
+                    "measured": r, "met": r["ratio"] <= OVERHEAD_TARGET, "sets_floor": True,
+                    "within_floor": False})
         full = full_recipe_estimate(summary, section)
         out.append({"target": f"{section}: ours / bare TRL wall <= {OVERHEAD_TARGET}x, whole run (shared imports "
                               "excluded)",
@@ -173,26 +147,10 @@ def targets(summary: dict) -> list:
                               f"{data}",
                     "measured": best["vs_reference"], "config": best["name"], "correct_on_cpu": correct,
                     "met": best["vs_reference"]["ratio"] >= PACKING_TARGET and correct})
-    r = ratio([x["episodes_per_s"] for x in sections["ppo"]["runs"]["ours"]],
-              [x["episodes_per_s"] for x in sections["ppo"]["runs"]["bare TRL"]])
-    out.append({"target": f"ppo: ours / bare TRL episodes/s >= {PPO_TARGET}x", "measured": r,
-                "met": r["ratio"] >= PPO_TARGET, "within_noise": r["paired_min"] <= PPO_TARGET <= r["paired_max"],
-                "within_floor": PPO_TARGET - r["ratio"] <= floor})
-    split = _row(summary, "ppo", "ours")["split_per_update_s"]
-    out.append({"target": "ppo: time split of an update (generation / scoring / optimisation)",
-                "measured": {k: split[k]["median"] for k in ("wall",) + SPLIT}, "met": True})
     if "rerun" in summary:
         r = summary["rerun"]["rerun_ours_vs_bare"]
         out.append({"target": "no work repeated: a rerun's setup (data preparation + model loading), ours / bare "
                               "TRL", "measured": r, "met": True, "reported": "data preparation section"})
-    lora = _row(summary, "ppo", "ours + LoRA")
-    if lora is not None:
-        full = sections["ppo"]["runs"]["ours"]
-        out.append({"target": "ppo: peak memory (RSS) with LoRA vs without",
-                    "measured": ratio([x["peak_rss_mb"] for x in sections["ppo"]["runs"][lora["name"]]],
-                                      [x["peak_rss_mb"] for x in full]),
-                    "lora_mb": lora["peak_rss_mb"]["median"], "full_mb": _row(summary, "ppo", "ours")["peak_rss_mb"][
-                        "median"], "met": True})
     return out
 
 
@@ -233,7 +191,7 @@ def _verdict(t: dict) -> str:
 def markdown(summary: dict) -> str:
     m, s = summary["machine"], summary["settings"]
     sections = summary["sections"]
-    sft, reward, ppo = sections["sft"], sections["reward"], sections["ppo"]
+    sft, reward = sections["sft"], sections["reward"]
     check = summary["padding_free_check"]
     prep = summary["prepare"]
     lengths = prep["sft_lengths"]
@@ -294,11 +252,6 @@ def markdown(summary: dict) -> str:
     add("| target | measured | verdict |")
     add("|---|---|---|")
     for t in summary["targets"]:
-        if "time split" in t["target"]:
-            split = t["measured"]
-            shares = ", ".join(f"{k} {100 * split[k] / split['wall']:.0f}%" for k in SPLIT)
-            add(f"| {t['target']} | {split['wall']:.2f} s per update: {shares} | reported below |")
-            continue
         if "full_recipe" in t:
             f = t["full_recipe"]
             add(f"| {t['target']} | these short runs: {_x(t['measured'])}; the full recipe (≈{f['train_s']:.0f} s of "
@@ -309,17 +262,13 @@ def markdown(summary: dict) -> str:
         if "reported" in t:
             add(f"| {t['target']} | {_x(t['measured'])} | reported ({t['reported']}) |")
             continue
-        if "lora_mb" in t:
-            add(f"| {t['target']} | {t['lora_mb']:,.0f} MB vs {t['full_mb']:,.0f} MB: {_x(t['measured'])} | "
-                "reported (PPO section) |")
-            continue
         extra = ""
         if "config" in t:
             extra = f" ({t['config']}; {'correct' if t['correct_on_cpu'] else 'NOT correct'} on this CPU attention)"
         add(f"| {t['target']} | {_x(t['measured'])}{extra} | {_verdict(t)} |")
     add("")
     fixed = []
-    for name in ("sft", "reward", "ppo"):
+    for name in ("sft", "reward"):
         rows = {r["name"]: r for r in sections[name]["rows"]}
         o, b = rows["ours"], rows["bare TRL"]
         fixed.append(f"{name} {o['setup_s']['median']:.2f} + {o['after_s']['median']:.2f} s vs "
@@ -334,20 +283,16 @@ def markdown(summary: dict) -> str:
     add("`train()` runs the same TRL code for ours and bare, so its ratio is 1 up to noise. Around it (load data "
         "and models, build the trainer + save and finish; medians), ours vs bare: " + "; ".join(fixed)
         + ". Our stages also import the pipeline, validate every data row and write `results.json`, `recipe.yaml`, "
-        "`trainer_state.json` and a model card; our PPO stage's finish includes its evaluation against the SFT "
-        "policy (cut to 8 prompts × 1 sample here; the demo's evaluation is larger, and is a result, not overhead). "
-        "These costs are fixed: the benchmark's short runs magnify them, so the whole-run target is also given for "
+        "`trainer_state.json` and a model card. These costs are fixed: the benchmark's short runs magnify them, so the whole-run target is also given for "
         "the full recipe, estimated from the measured throughput and fixed costs.")
     add("")
     add("Ours and bare TRL train exactly the same thing: "
         + ", ".join(f"{name} {'yes' if sections[name]['ours_vs_bare']['same_work'] else 'NO'}"
-                    for name in ("sft", "reward", "ppo"))
-        + " (per repeat: the same token and step counts and training loss for SFT and reward; for PPO the same "
-          "episodes and settings, from a different prompt order: ours draws it from a generator seeded by `seed` "
-          "alone, so that a resumed run can replay it; TRL's from the global RNG). TRL config "
-          "fields that differ between the two: "
+                    for name in ("sft", "reward"))
+        + " (per repeat: the same token and step counts and training loss). TRL config fields that differ between "
+          "the two: "
         + "; ".join(f"{name}: {', '.join(sections[name]['ours_vs_bare']['config_differences']) or 'none'}"
-                    for name in ("sft", "reward", "ppo")) + ".")
+                    for name in ("sft", "reward")) + ".")
     add("")
 
     # SFT
@@ -436,56 +381,14 @@ def markdown(summary: dict) -> str:
             f"{_s(r['run_s'])} | {_s(r['peak_rss_mb'])} | {_s(r['train_loss'], _f3)} | {_s(r['other_load_cores'])} |")
     add("")
 
-    # PPO
-    ours_ppo = ppo["rows"][0]
-    add("## PPO: episodes/s and where an update's time goes")
+    add("## PPO: against TRL 1.12, in BENCHMARKS_PPO.md")
     add("")
-    lay = summary["ppo_layout"]
-    add(f"`recipes/tiny/ppo.yaml` ({lay['episodes_per_update']} episodes per update: "
-        f"{lay['per_device_train_batch_size']} per micro-batch × {lay['gradient_accumulation_steps']} accumulation "
-        f"steps, {lay['num_ppo_epochs']} PPO epoch{'s' if lay['num_ppo_epochs'] != 1 else ''}, "
-        f"{lay['response_length']} response tokens, rollout forward batch "
-        f"{lay['local_rollout_forward_batch_size']}"
-        + (f"; the --quick run shrinks these: {', '.join(f'{k}: {v}' for k, v in s['ppo_overrides'].items())}"
-           if s["ppo_overrides"] else "") + ") on the 320 training prompts of `embedded:prompt`, "
-        f"{s['ppo_updates']} update{'s' if s['ppo_updates'] > 1 else ''} per run, `report_to: none`. Our stage also "
-        "evaluates the policy against the SFT policy after training (cut to 8 prompts × 1 sample here): that is in "
-        "its run time, not in `train()`.")
-    add("")
-    add("| configuration | episodes/s | vs ours | train() s | run s | peak RSS MB | mean RM score | mean KL "
-        "| other load |")
-    add("|---|---|---|---|---|---|---|---|---|")
-    for r in ppo["rows"]:
-        res = r["results"]
-        add(f"| {r['name']} | {_s(r['episodes_per_s'])} | {_x(r['vs_reference'])} | {_s(r['train_s'])} | "
-            f"{_s(r['run_s'])} | {_s(r['peak_rss_mb'])} | {_s(res['objective/scores'], _f3)} | "
-            f"{_s(res['objective/kl'], _f3)} | {_s(r['other_load_cores'])} |")
-    add("")
-    add("Configurations: " + "; ".join(f"*{r['name']}*: {r['what']}" for r in ppo["rows"]) + ". RM score and KL "
-        "are TRL's logged `objective/scores` and `objective/kl`, averaged over the run's updates; their spread "
-        "across repeats is the seeds' spread, the yardstick for \"the same results\". Ours and bare see their "
-        "prompts in different orders (above), so their scores differ by chance, not by work. Besides, TRL's `PPOTrainer` never seeds numpy's "
-        "global RNG, which orders its PPO mini-batches (`np.random.permutation`), so a bare script that does not "
-        "call `transformers.set_seed` itself is not reproducible from one run to the next (two bare runs with the "
-        "same seed end with different weights; seeding numpy makes them identical). Our stage calls it.")
-    add("")
-    add("Seconds per update (mean over the run's updates; median and spread over repeats), and share of the "
-        "update. *generation*: `batch_generation` (sampling the responses); *reference*, *value*, *reward*: the "
-        "scoring forward passes of the rollout (reference policy log-probs, value model, reward model); "
-        "*optimisation*: the rest of the update, i.e. the PPO epochs (forward + backward + optimizer steps of "
-        "policy and value model), plus advantage computation and logging. Timed by wrapping TRL's module-level "
-        "functions inside the benchmark's own process; TRL's files are untouched.")
-    add("")
-    add("| configuration | update s | " + " | ".join(SPLIT) + " |")
-    add("|---|---|" + "---|" * len(SPLIT))
-    for r in ppo["rows"]:
-        sp = r["split_per_update_s"]
-        add(f"| {r['name']} | {_s(sp['wall'])} | "
-            + " | ".join(f"{_s(sp[k])} ({100 * sp[k]['median'] / sp['wall']['median']:.0f}%)" for k in SPLIT) + " |")
-    add("")
-    add(_ppo_recipe_note(ppo, ours_ppo))
-    add("")
-    add(_lora_note(ppo, ours_ppo, summary["prepare"]))
+    add("TRL deleted its `PPOTrainer` in 1.13, so there is no bare-TRL PPO script to compare the pipeline's PPO stage "
+        "with on the TRL this benchmark runs. `bench/ppo_vs_trl112.py` (run by `make bench` after this script) "
+        "compares the pipeline's `PPOTrainer` (`pipeline/trainers/ppo.py`) with TRL 1.12's "
+        "`trl.experimental.ppo.PPOTrainer`, in a separate virtual environment, on the same models, prompts and "
+        "config: episodes/s, peak memory, the time split of `train()`, and the trained policies' gold score, win "
+        "rate and KL against the SFT policy. Its results are in `BENCHMARKS_PPO.md` and `BENCHMARKS_PPO.json`.")
     add("")
 
     if "rerun" in summary:
@@ -512,19 +415,19 @@ def markdown(summary: dict) -> str:
     add("## GPU rows: not measured")
     add("")
     add("This task has no GPU, so the GPU rows of the benchmark (bf16 SFT model FLOPs utilisation for a GPT-2 "
-        "124M config, PPO sequences/s at 256 prompt + 256 response tokens) were not measured, and `bench/run.py` "
-        "has no GPU mode: it is not implemented rather than shipped untested.")
+        "124M config) were not measured, and `bench/run.py` has no GPU mode: it is not implemented rather than "
+        "shipped untested.")
     add("")
     add("## Reproduce")
     add("")
     add("```bash")
-    add("make bench                          # about 10 min on 2 cores; writes BENCHMARKS.md and .json")
+    add("make bench                          # this (BENCHMARKS.md and .json), then bench/ppo_vs_trl112.py")
     add(".venv/bin/python bench/run.py --quick --md /tmp/b.md --json /tmp/b.json   # smoke run, < 1 min")
     add("```")
     add("")
-    add("It uses `outputs/tiny/{pretrain,sft,reward}` when a `make demo` has written them (copied first), and "
+    add("It uses `outputs/tiny/{pretrain,sft}` when a `make demo` has written them (copied first), and "
         "otherwise (or with `--fresh-models`) an untrained tiny GPT-2 with a tokenizer trained on the embedded "
-        "corpus: the throughput is the same, the PPO responses are not (an untrained policy never stops early).")
+        "corpus: the throughput is about the same.")
     add("")
     return "\n".join(lines)
 
@@ -593,61 +496,3 @@ def _sft_recipe_note(sft: dict, check: dict, where: str = "") -> str:
                        f"({_s(spread, _f3)}): a candidate change for `recipes/tiny/sft.yaml` ({change}).")
     return text + (f", but it trains to a {'worse' if loss > spread['max'] else 'different'} held-out loss "
                    f"({loss:.3f} vs {_s(spread, _f3)} over the same steps): not proposed for the recipe.")
-
-
-def _lora_note(ppo: dict, ours: dict, prep: dict) -> str:
-    """PPO's peak memory with and without LoRA, and what it is made of at this model size."""
-    lora = next((r for r in ppo["rows"] if "LoRA" in r["name"]), None)
-    if lora is None:
-        return ""
-    full_mb, lora_mb = ours["peak_rss_mb"]["median"], lora["peak_rss_mb"]["median"]
-    # float32 weights: the reference copy LoRA drops; Adam's two moments + the gradient of the full policy
-    copy_mb = prep["parameters"] * 4 / 2**20
-    return (f"**Peak memory with LoRA** (*{lora['name']}* vs *ours*): {lora_mb:,.0f} MB vs {full_mb:,.0f} MB peak "
-            f"RSS ({_x(ratio(lora['peak_rss_mb']['values'], ours['peak_rss_mb']['values']))}), "
-            f"{_x(lora['vs_reference'])} the episodes/s. With LoRA, PPO holds one copy of the policy's weights "
-            f"(the reference is the policy with its adapters disabled) and keeps gradients and Adam moments for "
-            f"the adapters only; without it, a second copy (the reference) and gradients + moments for every "
-            f"weight. At {prep['parameters'] / 1e6:.2f}M parameters one float32 copy is {copy_mb:.1f} MB, so the "
-            f"saving (about 4 copies, ≈{4 * copy_mb:.0f} MB) is below the noise of a process whose RSS is mostly "
-            "the torch runtime and activations; for GPT-2 124M (≈475 MB a copy) it is about 1.9 GB, and it grows "
-            "with the model. Generation, the reference forward (through the adapter-free base) and the PPO "
-            "epochs cost about the same, plus the adapters' own matrix products.")
-
-
-def _ppo_recipe_note(ppo: dict, ours: dict) -> str:
-    """Which PPO layout wins, and whether it changes the results beyond the seeds' spread."""
-    notes = []
-    runs = len(ours["vs_reference"]["paired"])
-    for r in ppo["rows"][2:]:
-        if "LoRA" in r["name"]:  # not a layout experiment: a memory row, described after the table
-            continue
-        change = {k: v for k, v in r["overrides"].items() if ours["overrides"].get(k) != v}
-        speed = r["vs_reference"]
-        same = all(ours["results"][k]["min"] <= r["results"][k]["median"] <= ours["results"][k]["max"]
-                   or abs(r["results"][k]["median"] - ours["results"][k]["median"]) < 1e-3
-                   for k in ("objective/scores", "objective/kl"))
-        clear = speed["paired_min"] > 1.0 and speed["ratio"] >= 1.05
-        memory = r["peak_rss_mb"]["median"] - ours["peak_rss_mb"]["median"]
-        cost = f"peak RSS {memory:+.0f} MB ({100 * memory / ours['peak_rss_mb']['median']:+.0f}%)"
-        if clear:
-            verdict = f"faster in all {runs} paired repeats, {cost}" + (
-                "; the RM score and KL stay within the seeds' spread: a candidate change for "
-                f"`recipes/tiny/ppo.yaml` ({', '.join(f'`{k}: {val}`' for k, val in change.items())})"
-                + ("; the gain is under 10%, so confirm it with a second `make bench` before adopting it"
-                   if speed["ratio"] < 1.10 else "")
-                if same else "; but the RM score or KL moves outside the seeds' spread: not proposed")
-        elif speed["paired_max"] < 1.0:
-            verdict = f"slower in all {runs} paired repeats, {cost}: the recipe's setting is the better one"
-        else:
-            verdict = f"no clear difference (the paired ratios straddle 1.0 or the gain is under 5%), {cost}"
-        note = f"*{r['name']}*: {_x(speed)} episodes/s vs ours, {verdict}."
-        if "local_rollout_forward_batch_size" in change:
-            mine, theirs = ours["split_per_update_s"], r["split_per_update_s"]
-            note += (f" Generation alone takes {theirs['generation']['median']:.2f} s per update in chunks vs "
-                     f"{mine['generation']['median']:.2f} s in one batch (the recipe's setting, and TRL's default): "
-                     f"{theirs['generation']['median'] / mine['generation']['median']:.2f}× faster in one batch, "
-                     f"but generation is only {100 * mine['generation']['median'] / mine['wall']['median']:.0f}% "
-                     "of an update at these sizes.")
-        notes.append(note)
-    return "**Layout experiments** (TRL's own PPOConfig fields only). " + " ".join(notes)

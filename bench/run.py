@@ -3,7 +3,9 @@
     python bench/run.py            # the full benchmark (about 10 minutes on 2 CPU cores)
     python bench/run.py --quick    # a smoke run: tiny steps, 1 repeat (well under a minute)
 
-Writes BENCHMARKS.md and BENCHMARKS.json at the repository root (--md / --json to choose).
+Writes BENCHMARKS.md and BENCHMARKS.json at the repository root (--md / --json to choose). Sections: SFT (ours vs
+bare TRL, and packing), reward (ours vs bare TRL), data preparation on a rerun. PPO is benchmarked by
+bench/ppo_vs_trl112.py instead (our PPOTrainer against TRL 1.12's, the last TRL with one: BENCHMARKS_PPO.md).
 
 Method: every measured run is its own child process (forked from a server that has imported torch,
 transformers, trl, datasets and accelerate once); the compared configurations get the same model, the same
@@ -43,37 +45,16 @@ RECIPES = os.path.join(ROOT, "recipes", "tiny")
 
 def settings(quick: bool) -> dict:
     """Run lengths. Tens of optimizer steps per run in the full benchmark; one or two in --quick."""
-    if quick:  # PPO on a smaller batch and shorter responses too: a smoke run must stay fast on a busy machine
+    if quick:
         return dict(repeats=1, sft_rows=256, preference_rows=256, rerun_rows=3000, sft_steps=2, packed_steps=1,
-                    reward_steps=2,
-                    ppo_updates=1, ppo_overrides={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                                                  "local_rollout_forward_batch_size": 8, "response_length": 16,
-                                                  "num_ppo_epochs": 1})
+                    reward_steps=2)
     return dict(repeats=3, sft_rows=2000, preference_rows=1500, rerun_rows=30000, sft_steps=40, packed_steps=10,
-                reward_steps=30, ppo_updates=6, ppo_overrides={})
+                reward_steps=30)
 
 
 def recipes(s: dict) -> dict:
     """recipes/tiny as the benchmark runs them (before the per-configuration overrides)."""
-    out = {stage: yaml.safe_load(open(os.path.join(RECIPES, f"{stage}.yaml"))) for stage in ("sft", "reward", "ppo")}
-    out["ppo"].update(s["ppo_overrides"])
-    return out
-
-
-def lora_fields() -> dict:
-    """The LoRA fields of recipes/tiny/ppo-lora.yaml (use_peft, lora_*): the PPO row with LoRA."""
-    recipe = yaml.safe_load(open(os.path.join(RECIPES, "ppo-lora.yaml")))
-    return {k: v for k, v in recipe.items() if k == "use_peft" or k.startswith("lora_")}
-
-
-def ppo_layout(s: dict) -> dict:
-    ppo = recipes(s)["ppo"]
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
-            "local_rollout_forward_batch_size", "num_ppo_epochs", "response_length")
-    layout = {k: ppo.get(k, 1 if k == "num_mini_batches" else None) for k in keys}
-    layout["episodes_per_update"] = (layout["per_device_train_batch_size"] * layout["gradient_accumulation_steps"]
-                                     * layout["num_mini_batches"])
-    return layout
+    return {stage: yaml.safe_load(open(os.path.join(RECIPES, f"{stage}.yaml"))) for stage in ("sft", "reward")}
 
 
 def matched_batch(lengths: dict) -> int:
@@ -100,10 +81,6 @@ def packed_configurations(s: dict, lengths: dict) -> list:
 
 def configurations(s: dict, prep: dict) -> dict:
     """{section: [(name, impl, recipe overrides, what)]}. The first row of a section is its reference."""
-    layout = ppo_layout(s)
-    micro, accumulation = layout["per_device_train_batch_size"], layout["gradient_accumulation_steps"]
-    ppo_batch, rollout = layout["episodes_per_update"], layout["local_rollout_forward_batch_size"]
-    episodes = {**s["ppo_overrides"], "total_episodes": ppo_batch * s["ppo_updates"]}
     return {
         "sft": [
             ("ours", "ours", {"max_steps": s["sft_steps"]},
@@ -130,22 +107,6 @@ def configurations(s: dict, prep: dict) -> dict:
             ("bare TRL", "bare", {"max_steps": s["reward_steps"]},
              "bench/bare_reward.py: RewardTrainer with the same RewardConfig"),
         ],
-        "ppo": [
-            ("ours", "ours", episodes,
-             f"pipeline PPO stage, recipes/tiny/ppo.yaml: micro-batch {micro} x {accumulation} accumulation steps, "
-             f"rollout forward batch {rollout}"),
-            ("bare TRL", "bare", episodes, "bench/bare_ppo.py: PPOTrainer with the same PPOConfig"),
-            (f"ours, micro-batch {ppo_batch} x 1", "ours",
-             {**episodes, "per_device_train_batch_size": ppo_batch, "gradient_accumulation_steps": 1},
-             f"per_device_train_batch_size: {ppo_batch}, gradient_accumulation_steps: 1 (the same {ppo_batch} "
-             "episodes per update, one micro-batch)"),
-            (f"ours, rollout chunks of {micro}", "ours", {**episodes, "local_rollout_forward_batch_size": micro},
-             f"local_rollout_forward_batch_size: {micro} (generation and scoring in {ppo_batch // micro} chunks "
-             f"instead of {max(1, ppo_batch // rollout)})"),
-            ("ours + LoRA", "ours", {**episodes, **lora_fields()},
-             "the LoRA fields of recipes/tiny/ppo-lora.yaml (" + ", ".join(f"{k}: {v}" for k, v in lora_fields().items())
-             + "): the policy trains adapters, and the reference is the policy with its adapters disabled (no copy)"),
-        ],
     }
 
 
@@ -165,8 +126,7 @@ def write_recipe(work: str, stage: str, name: str, repeat: int, overrides: dict,
     elif stage == "reward":
         recipe.update(dataset_name=data["preference"], model_name_or_path=models["reward_init"])
     else:
-        recipe.update(dataset_name=data["prompt"], sft_model_path=models["policy"],
-                      reward_model_path=models["reward"], eval_max_prompts=8, eval_samples_per_prompt=1)
+        raise ValueError(f"unknown bench stage {stage!r}")
     recipe.update(overrides)
     path = os.path.join(work, "recipes", f"{stage}-{slug}-{repeat}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -375,7 +335,7 @@ def main(argv=None) -> None:
     began, wall_start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     info = {"machine": machine(), "load_average_start": load_average(), "settings": s,
             "mode": "quick" if args.quick else "full", "date": began.strftime("%Y-%m-%d %H:%M UTC"),
-            "recipes": recipes(s), "ppo_layout": ppo_layout(s)}
+            "recipes": recipes(s)}
 
     def say(message):
         print(f"[{time.perf_counter() - wall_start:6.1f}s] {message}", flush=True)

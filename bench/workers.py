@@ -4,11 +4,11 @@ Every measured run is a fresh child process forked from a server that has alread
 transformers, trl, datasets and accelerate (multiprocessing's "forkserver"), so each run pays no shared import
 cost but starts from the same clean state, and its RSS high-water mark (ru_maxrss) is that run's alone.
 
-A child installs a `Probe` (timers around `Trainer.train`, `PPOTrainer.train`, `Trainer.training_step` and the
-module-level `batch_generation` / `forward` / `get_reward` of `trl.experimental.ppo.ppo_trainer`; TRL's files
-are not touched, the wrappers live only in the child) and then runs either the pipeline's stage (`ours`:
-`pipeline.stages.run(stage, ["--config", recipe])`, exactly what `scripts/<stage>.py` does) or the bare-TRL
-script in this folder (`bare`) with the same recipe's TRL config fields.
+A child installs a `Probe` (a timer around `Trainer.train` and a counter in `Trainer.training_step`; TRL's and
+transformers' files are not touched, the wrappers live only in the child) and then runs either the pipeline's
+stage (`ours`: `pipeline.stages.run(stage, ["--config", recipe])`, exactly what `scripts/<stage>.py` does) or
+the bare-TRL script in this folder (`bare`) with the same recipe's TRL config fields. PPO is not here: TRL 1.16
+has no PPOTrainer (bench/ppo_vs_trl112.py compares ours with TRL 1.12's).
 
 This module imports nothing heavy at import time: the parent process (bench/run.py) imports it too.
 """
@@ -22,7 +22,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the shared third-party stack, imported once by the fork server (not the pipeline: its import is its own cost)
-PRELOAD = ["torch", "transformers", "datasets", "accelerate", "trl", "trl.experimental.ppo"]
+PRELOAD = ["torch", "transformers", "datasets", "accelerate", "trl"]
 
 now = time.perf_counter
 
@@ -40,37 +40,18 @@ class Probe:
         self.input_tokens = 0  # SFT: non-pad tokens fed to the model
         self.loss_tokens = 0  # SFT: tokens with a label (completion tokens)
         self.pairs = 0  # reward: preference pairs
-        self.split = {"generation": 0.0, "reference": 0.0, "value": 0.0, "reward": 0.0}
-        self.updates = []  # PPO: per update {"wall", "generation", "reference", "value", "reward"}
 
     def install(self):
-        import torch
         import transformers
         from trl import RewardTrainer
-        from trl.experimental.ppo import ppo_trainer as ppo
 
         probe = self
-
-        class UpdateClock(transformers.TrainerCallback):
-            """PPO: one on_step_end per update (rollout + scoring + PPO epochs)."""
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.last, self.last_split = now(), dict(probe.split)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                t, split = now(), dict(probe.split)
-                update = {k: split[k] - self.last_split[k] for k in split}
-                update["wall"] = t - self.last
-                probe.updates.append(update)
-                self.last, self.last_split = t, split
 
         def timed_train(original):
             def train(trainer, *args, **kwargs):
                 if probe.depth:
                     return original(trainer, *args, **kwargs)
                 probe.trainer = trainer
-                if isinstance(trainer, ppo.PPOTrainer):
-                    trainer.add_callback(UpdateClock())
                 probe.depth += 1
                 probe.train_start = now()
                 try:
@@ -82,7 +63,6 @@ class Probe:
             return train
 
         transformers.Trainer.train = timed_train(transformers.Trainer.train)
-        ppo.PPOTrainer.train = timed_train(ppo.PPOTrainer.train)
 
         original_step = transformers.Trainer.training_step
 
@@ -100,27 +80,6 @@ class Probe:
             return original_step(trainer, model, inputs, *args, **kwargs)
 
         transformers.Trainer.training_step = training_step
-
-        def timed(function, bucket):
-            def wrapper(*args, **kwargs):
-                name = bucket(args)
-                if not probe.depth or name is None:
-                    return function(*args, **kwargs)
-                start = now()
-                try:
-                    return function(*args, **kwargs)
-                finally:
-                    probe.split[name] += now() - start
-            return wrapper
-
-        # rollout: generation, then per chunk the reference forward, the value and the reward model (no grad);
-        # the PPO epochs call `forward` too, with grad: that is optimisation, not scoring
-        ppo.batch_generation = timed(ppo.batch_generation, lambda args: "generation")
-        ppo.forward = timed(ppo.forward, lambda args: None if torch.is_grad_enabled() else "reference")
-        def reward_or_value(args):
-            return "reward" if args[0] is getattr(probe.trainer, "reward_model", None) else "value"
-
-        ppo.get_reward = timed(ppo.get_reward, reward_or_value)
         return self
 
 
@@ -183,17 +142,11 @@ def _train_job(job: dict, stage: str) -> dict:
 
         from bench import bare_sft
         bare_sft.main(recipe["model_name_or_path"], recipe["dataset_name"], trl_fields(SFTConfig, recipe))
-    elif stage == "reward":
+    else:
         from trl import RewardConfig
 
         from bench import bare_reward
         bare_reward.main(recipe["model_name_or_path"], recipe["dataset_name"], trl_fields(RewardConfig, recipe))
-    else:
-        from trl.experimental.ppo import PPOConfig
-
-        from bench import bare_ppo
-        bare_ppo.main(recipe["sft_model_path"], recipe["reward_model_path"], recipe["dataset_name"],
-                      trl_fields(PPOConfig, recipe))
     end = now()
     trainer = PROBE.trainer
     if trainer is None or PROBE.train_end is None:
@@ -208,29 +161,14 @@ def _train_job(job: dict, stage: str) -> dict:
         if hasattr(trainer.model, "config") else None,
         "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    history = trainer.state.log_history
-    if stage == "ppo":
-        episodes = int(trainer.state.episode)
-        logged = [h for h in history if "objective/scores" in h]
-        result.update(
-            episodes=episodes, episodes_per_s=episodes / train_s, updates=PROBE.updates,
-            split_total=dict(PROBE.split),
-            # the first update's rollout precedes any optimisation: identical for ours and bare
-            first_update_scores=logged[0]["objective/scores"] if logged else None,
-            results={k: sum(h[k] for h in logged) / len(logged) for k in
-                     ("objective/scores", "objective/kl", "objective/rlhf_reward", "policy/approxkl_avg",
-                      "loss/value_avg")} if logged else {},
-        )
+    result.update(steps=int(trainer.state.global_step), train_loss=float(PROBE.train_output.training_loss))
+    if stage == "sft":
+        result.update(tokens=PROBE.input_tokens, loss_tokens=PROBE.loss_tokens,
+                      tokens_per_s=PROBE.input_tokens / train_s, loss_tokens_per_s=PROBE.loss_tokens / train_s)
+        if job.get("heldout"):
+            result.update(heldout(trainer, job["heldout"]))
     else:
-        result.update(steps=int(trainer.state.global_step),
-                      train_loss=float(PROBE.train_output.training_loss))
-        if stage == "sft":
-            result.update(tokens=PROBE.input_tokens, loss_tokens=PROBE.loss_tokens,
-                          tokens_per_s=PROBE.input_tokens / train_s, loss_tokens_per_s=PROBE.loss_tokens / train_s)
-            if job.get("heldout"):
-                result.update(heldout(trainer, job["heldout"]))
-        else:
-            result.update(pairs=PROBE.pairs, pairs_per_s=PROBE.pairs / train_s)
+        result.update(pairs=PROBE.pairs, pairs_per_s=PROBE.pairs / train_s)
     return result
 
 
@@ -263,10 +201,6 @@ def job_reward(job):
     return _train_job(job, "reward")
 
 
-def job_ppo(job):
-    return _train_job(job, "ppo")
-
-
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -279,12 +213,12 @@ def _snapshot(source: str, dest: str) -> None:
             shutil.copy2(os.path.join(source, name), os.path.join(dest, name))
 
 
-def _fresh_models(work: str, recipe_dir: str) -> tuple[str, str]:
-    """A tiny GPT-2 (untrained) with a BPE tokenizer trained on the embedded corpus, as in the pretrain recipe,
-    and a reward model made of it with a new 1-output head. For a machine without a prior `make demo`."""
+def _fresh_models(work: str, recipe_dir: str) -> str:
+    """A tiny GPT-2 (untrained) with a BPE tokenizer trained on the embedded corpus, as in the pretrain recipe.
+    For a machine without a prior `make demo`."""
     import torch
     import yaml
-    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline import embedded
     from pipeline.models import fit_to_tokenizer, train_tokenizer
@@ -300,11 +234,7 @@ def _fresh_models(work: str, recipe_dir: str) -> tuple[str, str]:
     lm = os.path.join(work, "models", "lm")
     fit_to_tokenizer(GPT2LMHeadModel(config), tokenizer).save_pretrained(lm)
     tokenizer.save_pretrained(lm)
-    reward = os.path.join(work, "models", "reward")
-    fit_to_tokenizer(AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1), tokenizer)\
-        .save_pretrained(reward)
-    tokenizer.save_pretrained(reward)
-    return lm, reward
+    return lm
 
 
 def job_prepare(job):
@@ -320,7 +250,7 @@ def job_prepare(job):
 
     work, recipe_dir = job["work"], job["recipe_dir"]
     data = {}
-    for kind, rows in (("sft", job["sft_rows"]), ("preference", job["preference_rows"]), ("prompt", None)):
+    for kind, rows in (("sft", job["sft_rows"]), ("preference", job["preference_rows"])):
         train = embedded.build(kind, seed=0)["train"]
         if rows is not None:
             train = train.select(range(min(rows, len(train))))
@@ -335,23 +265,21 @@ def job_prepare(job):
     embedded.build("sft", seed=0)["test"].to_json(data["sft_heldout"], lines=True)
 
     demo = os.path.join(ROOT, "outputs", "tiny")
-    stages = ("pretrain", "sft", "reward")
+    stages = ("pretrain", "sft")
     models, source = {}, "fresh"
     if not job["fresh_models"] and all(os.path.isfile(os.path.join(demo, s, "model.safetensors")) for s in stages):
         try:
             for stage in stages:
                 _snapshot(os.path.join(demo, stage), os.path.join(work, "models", stage))
-            models = {"lm": os.path.join(work, "models", "pretrain"), "policy": os.path.join(work, "models", "sft"),
-                      "reward": os.path.join(work, "models", "reward")}
+            models = {"lm": os.path.join(work, "models", "pretrain"), "policy": os.path.join(work, "models", "sft")}
             AutoModelForCausalLM.from_pretrained(models["lm"]), AutoModelForCausalLM.from_pretrained(models["policy"])
-            AutoModelForSequenceClassification.from_pretrained(models["reward"], num_labels=1)
-            source = "outputs/tiny (pretrain, sft, reward), copied"
+            source = "outputs/tiny (pretrain, sft), copied"
         except Exception as error:  # a half-written demo output: fall back to fresh models
             print(f"outputs/tiny unusable ({error}); creating fresh models")
             models = {}
     if not models:
-        lm, reward = _fresh_models(work, recipe_dir)
-        models = {"lm": lm, "policy": lm, "reward": reward}
+        lm = _fresh_models(work, recipe_dir)
+        models = {"lm": lm, "policy": lm}
         source = "fresh: untrained tiny GPT-2 + BPE tokenizer from recipes/tiny/pretrain.yaml (no outputs/tiny)"
     # the reward stage starts from the SFT policy with a new score head: made once here, so that ours and bare
     # start from the same weights (a head initialised at load time depends on the RNG state of the process)
@@ -409,7 +337,7 @@ def job_prepare(job):
     model = AutoModelForCausalLM.from_pretrained(models["lm"])
     return {
         "data": data, "models": models, "model_source": source, "parameters": model.num_parameters(),
-        "train_rows": {kind: len(embedded.build(kind, seed=0)["train"]) for kind in ("sft", "preference", "prompt")},
+        "train_rows": {kind: len(embedded.build(kind, seed=0)["train"]) for kind in ("sft", "preference")},
         "model_config": {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions",
                                                                "vocab_size")},
         "sft_lengths": stats(lengths),
@@ -493,4 +421,4 @@ def job_noop(job):
 
 
 JOBS = {"noop": job_noop, "prepare": job_prepare, "check_padding_free": job_check_padding_free, "sft": job_sft,
-        "sft-varlen": job_sft, "sft-cache": job_sft_cache, "reward": job_reward, "ppo": job_ppo}
+        "sft-varlen": job_sft, "sft-cache": job_sft_cache, "reward": job_reward}

@@ -1,6 +1,7 @@
 """`make bench` in its smoke mode (`bench/run.py --quick`): every configuration runs, ours and bare TRL train the
 same thing, and BENCHMARKS-style Markdown and JSON are written with the expected rows. The figures of a quick run
-mean nothing; the real benchmark is `make bench`, not a test."""
+mean nothing; the real benchmark is `make bench`, not a test. (PPO is not in bench/run.py: TRL 1.16 has no
+PPOTrainer; bench/ppo_vs_trl112.py compares ours with TRL 1.12's in its own environment.)"""
 
 import json
 
@@ -19,7 +20,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert [n for n in names["sft"] if "packing bfd" in n] and [n for n in names["sft"] if "wrapped" in n]
     assert names["sft-varlen"][0] == "ours" and [n for n in names["sft-varlen"] if "packing bfd flat" in n]
     assert names["reward"] == ["ours", "bare TRL"]
-    assert names["ppo"][:2] == ["ours", "bare TRL"] and len(names["ppo"]) == 5 and names["ppo"][-1] == "ours + LoRA"
+    assert set(names) == {"sft", "sft-varlen", "reward"}
     for section, rows in names.items():
         for name in rows:
             assert f"| {name} |" in text
@@ -32,12 +33,6 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     sft = {row["name"]: row for row in summary["sections"]["sft"]["rows"]}
     assert sft["ours"]["tokens_per_s"]["median"] > 0 and sft["ours"]["peak_rss_mb"]["median"] > 100
     assert sft["ours"]["heldout_loss"] == sft["bare TRL"]["heldout_loss"]  # the same training, the same model
-    ppo = summary["sections"]["ppo"]["rows"][0]
-    split = {k: v["median"] for k, v in ppo["split_per_update_s"].items()}
-    assert split["generation"] > 0 and split["reference"] > 0 and split["value"] > 0 and split["reward"] > 0
-    assert split["optimisation"] > 0
-    assert abs(sum(split[k] for k in ("generation", "reference", "value", "reward", "optimisation"))
-               - split["wall"]) < 1e-6
 
     check = summary["padding_free_check"]["sdpa"]  # both packed layouts equal padded; without the block mask not
     assert check["max_abs_diff_padding_free"] < 1e-4 < check["max_abs_diff_without_block_mask"]
@@ -52,11 +47,8 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert rerun["ours"]["rerun_setup_s"]["median"] < rerun["ours"]["first_setup_s"]["median"]
 
     targets = [t["target"] for t in summary["targets"]]
-    assert len(targets) == 12 and any("episodes/s" in t for t in targets)
+    assert len(targets) == 7 and not any("ppo" in t for t in targets)
     assert [t for t in targets if "variable-length data" in t]
-    ppo_rows = {row["name"]: row for row in summary["sections"]["ppo"]["rows"]}
-    assert ppo_rows["ours + LoRA"]["peak_rss_mb"]["median"] > 100 and ppo_rows["ours"]["peak_rss_mb"]["median"] > 100
-    assert "**Peak memory with LoRA**" in text and "| ppo: peak memory (RSS) with LoRA vs without |" in text
-    for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model", "## PPO",
-                    "## GPU rows: not measured"):
+    for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model",
+                    "## PPO: against TRL 1.12, in BENCHMARKS_PPO.md", "## GPU rows: not measured"):
         assert heading in text
