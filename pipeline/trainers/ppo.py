@@ -44,12 +44,15 @@ INVALID_LOGPROB = 1.0  # log-prob written at padding (TRL 1.12's value): equal f
 @dataclass
 class PPOConfig(TrainingArguments):
     """TRL 1.12's `PPOConfig` fields and defaults (TRL's trainers' defaults for `learning_rate`, `logging_steps`,
-    `gradient_checkpointing` and `bf16` too), on transformers' `TrainingArguments`."""
+    `gradient_checkpointing` and `bf16` too), on transformers' `TrainingArguments`. `max_grad_norm` defaults to
+    0 (no clipping): TRL 1.12's loop never clipped, whatever the field said; here a value > 0 clips."""
 
     learning_rate: float = field(default=3e-6, metadata={"help": "Initial learning rate (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps (a float < 1: a ratio)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 mixed precision; default: true unless fp16."})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "Clip the gradient norm at this value (0: no clipping, as TRL 1.12's PPO loop did)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preprocessing."})
     num_mini_batches: int = field(default=1, metadata={
         "help": "Mini-batches per rollout batch per PPO epoch; each is one optimizer step."})
