@@ -1,0 +1,115 @@
+"""Every stage under DeepSpeed ZeRO-2 and ZeRO-3 with 2 CPU processes (DS_ACCELERATOR=cpu,
+recipes/accelerate/zero{2,3}_cpu.yaml): it trains, saves a model that loads in plain transformers, and PPO
+(generation and the evaluation on every process, the weights sharded under ZeRO-3) is killed after a checkpoint
+and resumes where an uninterrupted run ends. And PPO launched as 2 machines x 1 process on 127.0.0.1."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import ROOT, run_python
+
+pytest.importorskip("deepspeed")
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
+SHORT = {"pretrain": ["--max_steps", "4"], "sft": ["--max_steps", "4"], "reward": ["--max_steps", "4"],
+         "ppo": ["--total_episodes", "32", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                 "--num_ppo_epochs", "2"]}
+
+
+def launcher(zero: int) -> list:
+    return ["-m", "accelerate.commands.launch", "--config_file", ROOT / f"recipes/accelerate/zero{zero}_cpu.yaml"]
+
+
+def stage_args(tiny_run, stage, output_dir, *extra) -> list:
+    return [f"scripts/{stage}.py", "--config", tiny_run["recipes"] / f"{stage}.yaml", "--output_dir", output_dir,
+            "--report_to", "none", "--save_strategy", "no", *SHORT[stage], *extra]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
+def test_stage_trains_and_saves_under_deepspeed(tiny_run, tmp_path, stage, zero):
+    output = tmp_path / stage
+    run_python(*launcher(zero), *stage_args(tiny_run, stage, output), env=ENV)
+    results = json.loads((output / "results.json").read_text())
+    assert (results["num_processes"], results["distributed_type"]) == (2, "DEEPSPEED")
+    base_dir = tiny_run["outputs"] / {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "sft"}[stage]
+    loader = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    trained, base = loader.from_pretrained(output).state_dict(), loader.from_pretrained(base_dir).state_dict()
+    if stage != "pretrain":  # pretrain starts from scratch: nothing to compare with
+        assert trained.keys() == base.keys()
+        assert any(not torch.equal(trained[k], base[k]) for k in trained)  # the gathered weights are the trained ones
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    if stage == "ppo":
+        value = AutoModelForSequenceClassification.from_pretrained(output / "value_model")
+        reward = AutoModelForSequenceClassification.from_pretrained(tiny_run["outputs"] / "reward")
+        assert any(not torch.equal(a, b) for a, b in zip(value.state_dict().values(), reward.state_dict().values()))
+        # the evaluation ran on both processes, each on its share of the prompts, and gathered every answer
+        assert results["eval_prompts"] == 8 and 0 <= results["gold_win_rate_vs_sft"] <= 1
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_ppo_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, zero):
+    from test_resume import STAGES, command, kill_after_a_checkpoint, logged, saved_steps
+
+    launch = [sys.executable, *map(str, launcher(zero))]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    shorter = ["--total_episodes", "96"]  # 6 updates of 4 optimizer steps; checkpoints every 3 steps
+    run_python(*launch[1:], *command(tiny_run, "ppo", uninterrupted, shorter), env=ENV)
+    kill_after_a_checkpoint(command(tiny_run, "ppo", interrupted, shorter), interrupted, random.Random(zero),
+                            launcher=launch, env=ENV)
+    saved = saved_steps(interrupted)
+    checkpoint = interrupted / f"checkpoint-{saved[-1]}"
+    assert (checkpoint / f"global_step{saved[-1]}").is_dir()  # DeepSpeed's own engine checkpoint
+    resumed = run_python(*launch[1:], *command(tiny_run, "ppo", interrupted, shorter), env=ENV)
+    assert f"resuming from {checkpoint}" in resumed.stdout + resumed.stderr
+    keys = STAGES["ppo"][1]
+    expected, got = logged(uninterrupted, keys), logged(interrupted, keys)
+    assert list(got) == list(expected) and max(got) > saved[-1]
+    for step, values in expected.items():
+        for key, value in values.items():
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ppo_as_two_machines_on_loopback_through_the_slurm_script(tiny_run, tmp_path):
+    """scripts/slurm/launch.slurm with stand-ins for Slurm's srun (one task per node, SLURM_NODEID set) and
+    scontrol (the node list: 127.0.0.1): two `accelerate launch --num_machines 2 --machine_rank 0|1` commands,
+    1 process each, form one gloo job that trains PPO, evaluates it and saves it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nshift\npids=()\nfor node in $(seq 0 $((SLURM_NNODES - 1))); do\n"
+        "  SLURM_NODEID=$node \"$@\" & pids+=($!)\ndone\nrc=0\nfor p in \"${pids[@]}\"; do wait $p || rc=1; done\n"
+        "exit $rc\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    config = tmp_path / "one_process_per_machine.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmixed_precision: 'no'\n"
+                      "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nsame_network: true\nuse_cpu: false\n")
+    output = tmp_path / "ppo"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "PYTHON": sys.executable,
+           "MAIN_PORT": str(free_port())}
+    extra = [str(a) for a in stage_args(tiny_run, "ppo", output)[3:]]  # the flags after --config <recipe>
+    result = subprocess.run(["bash", "scripts/slurm/launch.slurm", "ppo", str(tiny_run["recipes"] / "ppo.yaml"),
+                             str(config), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert (results["num_processes"], results["distributed_type"]) == (2, "MULTI_CPU")
+    assert results["eval_prompts"] == 8
+    AutoModelForCausalLM.from_pretrained(output)
+    AutoModelForSequenceClassification.from_pretrained(output / "value_model")
