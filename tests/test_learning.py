@@ -12,10 +12,10 @@ def test_demo_recipes_learn_what_the_oracle_prefers(tmp_path):
     run_python("-m", "pipeline", "run", recipes, timeout=1800)
     results = json.loads((tmp_path / "outputs" / "results.json").read_text())
     # The reward model learned from noisy labels agrees with the noise-free oracle on held-out pairs.
-    assert results["reward"]["eval_accuracy"] >= 0.8
+    assert results["reward"]["eval_accuracy"] >= 0.85
     # PPO, which only saw the learned reward model, pleases the oracle more than the SFT policy does.
     ppo = results["ppo"]
     assert ppo["gold_score_ppo"] > ppo["gold_score_sft"] + 0.5
-    assert ppo["gold_win_rate_vs_sft"] >= 0.6
+    assert ppo["gold_win_rate_vs_sft"] >= 0.8
     assert ppo["rm_score_ppo"] > ppo["rm_score_sft"]
     assert 0 < ppo["kl_to_sft"] < 50
