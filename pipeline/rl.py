@@ -10,7 +10,6 @@
 """
 
 import importlib
-import math
 
 import torch
 
