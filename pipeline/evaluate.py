@@ -85,24 +85,26 @@ def prompt_text(prompt) -> str:
     return prompt[-1]["content"] if isinstance(prompt, list) else prompt
 
 
-def _policy_metrics(rollouts: Rollouts, prompts: list, pad: int, reward_model=None, oracle=None) -> dict:
-    metrics = {
-        "eos_rate": rollouts.has_eos.float().mean().item(),
-        "response_length": response_lengths(rollouts, pad).mean().item(),
-        "distinct_1": distinct_n(rollouts.responses, 1),
-        "distinct_2": distinct_n(rollouts.responses, 2),
-    }
+def _per_sample(rollouts: Rollouts, pad: int, reward_model=None) -> dict:
+    """Each answer's text, EOS, length and (with a reward model) score: lists that processes can gather."""
+    rows = {"response": rollouts.responses, "has_eos": rollouts.has_eos.tolist(),
+            "length": response_lengths(rollouts, pad).tolist()}
     if reward_model is not None:
-        metrics["rm_scores"] = reward_scores(reward_model, rollouts, pad)
-        metrics["rm_score"] = metrics["rm_scores"].mean().item()
+        rows["rm"] = reward_scores(reward_model, rollouts, pad).tolist()
+    return rows
+
+
+def _summary(rows: dict, prompts: list, oracle=None) -> dict:
+    """Means over the answers of `_per_sample`'s rows; with an oracle, each answer's gold score joins the rows."""
+    total = len(rows["response"])
+    metrics = {"eos_rate": sum(rows["has_eos"]) / total, "response_length": sum(rows["length"]) / total,
+               "distinct_1": distinct_n(rows["response"], 1), "distinct_2": distinct_n(rows["response"], 2)}
+    if "rm" in rows:
+        metrics["rm_score"] = sum(rows["rm"]) / total
     if oracle is not None:
-        metrics["gold_scores"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rollouts.responses)]
-        metrics["gold_score"] = sum(metrics["gold_scores"]) / len(metrics["gold_scores"])
+        rows["gold"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rows["response"])]
+        metrics["gold_score"] = sum(rows["gold"]) / total
     return metrics
-
-
-def _public(metrics: dict, suffix: str = "") -> dict:
-    return {f"{k}{suffix}": v for k, v in metrics.items() if not k.endswith("_scores")}
 
 
 def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, temperature: float, reward_model=None,
@@ -113,7 +115,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, tempe
     torch.manual_seed(seed)
     rollouts = sample(policy, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, temperature)
     pad = tokenizer.pad_token_id
-    results = _public(_policy_metrics(rollouts, prompts, pad, reward_model, oracle))
+    results = _summary(_per_sample(rollouts, pad, reward_model), prompts, oracle)
     if reference is not None:
         results["kl_to_reference"] = (sequence_logprob(policy, rollouts, pad, temperature)
                                       - sequence_logprob(reference, rollouts, pad, temperature)).mean().item()
@@ -157,11 +159,7 @@ def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, 
     for name, model in zip(names, (policy, reference)):
         torch.manual_seed(seed + process_index)  # same randomness for both policies
         rollouts[name] = sample(model, tokenizer, queries, max_new_tokens, temperature)
-        rows = {"response": rollouts[name].responses, "has_eos": rollouts[name].has_eos.tolist(),
-                "length": response_lengths(rollouts[name], pad).tolist()}
-        if reward_model is not None:
-            rows["rm"] = reward_scores(reward_model, rollouts[name], pad).tolist()
-        per_sample[name] = rows
+        per_sample[name] = _per_sample(rollouts[name], pad, reward_model)
     a, b = names
     per_sample[a]["kl"] = (sequence_logprob(policy, rollouts[a], pad, temperature)
                            - sequence_logprob(reference, rollouts[a], pad, temperature)).tolist()
@@ -169,15 +167,7 @@ def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, 
                 for name, rows in per_sample.items()}
     results = {}
     for name in names:
-        rows = gathered[name]
-        metrics = {"eos_rate": sum(rows["has_eos"]) / total, "response_length": sum(rows["length"]) / total,
-                   "distinct_1": distinct_n(rows["response"], 1), "distinct_2": distinct_n(rows["response"], 2)}
-        if reward_model is not None:
-            metrics["rm_score"] = sum(rows["rm"]) / total
-        if oracle is not None:
-            rows["gold"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rows["response"])]
-            metrics["gold_score"] = sum(rows["gold"]) / total
-        results.update({f"{key}_{name}": value for key, value in metrics.items()})
+        results.update({f"{key}_{name}": value for key, value in _summary(gathered[name], prompts, oracle).items()})
     results[f"kl_to_{b}"] = sum(gathered[a]["kl"]) / total
     if reward_model is not None:
         results[f"rm_win_rate_vs_{b}"] = win_rate(gathered[a]["rm"], gathered[b]["rm"])
