@@ -104,6 +104,8 @@ def _summary(rows: dict, prompts: list, oracle=None) -> dict:
     if oracle is not None:
         rows["gold"] = [oracle(prompt_text(p), r) for p, r in zip(prompts, rows["response"])]
         metrics["gold_score"] = sum(rows["gold"]) / total
+        if hasattr(oracle, "term_means"):  # the gold score in its parts (pipeline.embedded.ORACLE)
+            metrics.update(oracle.term_means([prompt_text(p) for p in prompts], rows["response"]))
     return metrics
 
 

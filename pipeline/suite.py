@@ -2,22 +2,22 @@
 
 - the reward model on the held-out pairs of its recipe's dataset (against the oracle on the embedded task):
   accuracy, mean margin, score distribution;
-- perplexity of every policy (pretrain, SFT, PPO) on the pretraining corpus's held-out text, which shows
+- perplexity of every policy (pretrain, SFT, PPO and the other stage-3 policies) on the pretraining corpus's held-out text, which shows
   what RL costs the language model ("alignment tax");
 - zero-, one- and few-shot accuracy of every policy on a held-out task of the embedded world.
-The policies' answers to held-out prompts (scores, KL, win rates, diversity) are measured by the PPO stage.
+The policies' answers to held-out prompts (scores, KL, win rates, diversity) are measured by the stage-3 stages.
 """
 
 import os
 
 from . import data, embedded
-from .config import parse, recipe_file
+from .config import STAGE3, STAGES, parse, recipe_file
 from .embedded.fewshot import sentiment_task
 from .evaluate import evaluate_reward_model, few_shot_accuracy, perplexity
 from .models import load_causal_lm, load_scalar_head_model, load_tokenizer
 
 SHOTS = [0, 1, 2]  # the tiny model sees 128 positions: two demonstrations fit
-POLICY_STAGES = ("pretrain", "sft", "ppo")
+POLICY_STAGES = ("pretrain", "sft", *STAGE3)
 
 
 def _recipe(recipe_dir: str, stage: str, variant: str | None) -> str:
@@ -29,7 +29,7 @@ def _recipe(recipe_dir: str, stage: str, variant: str | None) -> str:
 def _resolved(recipe_dir: str, overrides: list[str], variant: str | None = None) -> dict:
     """The parsed recipes of the stages whose model exists (a partial run evaluates what it has)."""
     stages = {stage: parse(stage, ["--config", _recipe(recipe_dir, stage, variant), *overrides])
-              for stage in ("pretrain", "sft", "reward", "ppo")
+              for stage in STAGES
               if os.path.isfile(_recipe(recipe_dir, stage, variant))}
     return {stage: args for stage, args in stages.items()
             if os.path.isfile(os.path.join(args[1].output_dir, "config.json"))}
@@ -50,7 +50,7 @@ def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 50
             tokenizer = load_tokenizer(training_args.output_dir, model_args)
             model = load_scalar_head_model(training_args.output_dir, tokenizer, model_args).eval()
             results["reward_model"] = evaluate_reward_model(model, tokenizer, pairs,
-                                                            oracle=embedded.gold_score if on_embedded else None)
+                                                            oracle=embedded.ORACLE if on_embedded else None)
 
     texts = None
     if "pretrain" in stages:

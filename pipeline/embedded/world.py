@@ -108,24 +108,34 @@ def sentence_polarity(s: str) -> float:
     return total
 
 
-def gold_score(prompt: str, response: str) -> float:
-    """The oracle: how much a reader who asked `prompt` likes `response`.
+GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "empty")
 
-    + sentiment: the sum of the sentences' polarities (negation flips, intensifiers x1.5), capped at +-3;
-    + 1 if the asked title is named, -1 if it is not, -1 for each other title named;
-    - 1 for each repeated sentence; - 1 if the text does not end a sentence; - 2 if it is empty.
+
+def gold_terms(prompt: str, response: str) -> dict[str, float]:
+    """The oracle's score of `response` to `prompt`, term by term (they sum to `gold_score`):
+
+    sentiment: the sum of the sentences' polarities (negation flips, intensifiers x1.5), capped at +-3;
+    asked_title: +1 if the asked title is named, -1 if it is not; other_titles: -1 for each other title named;
+    repeated_sentences: -1 for each repeated sentence; unfinished: -1 if the text does not end a sentence;
+    empty: -2 for an empty answer (then every other term is 0).
     """
+    terms = dict.fromkeys(GOLD_TERMS, 0.0)
     text = response.strip()
     if not text:
-        return -2.0
+        terms["empty"] = -2.0
+        return terms
     sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
     sentiment = sum(sentence_polarity(s) for s in sentences)
-    score = max(-SENTIMENT_CAP, min(SENTIMENT_CAP, sentiment))
+    terms["sentiment"] = max(-SENTIMENT_CAP, min(SENTIMENT_CAP, sentiment))
     asked = title_of_request(prompt)
     named = {t for t in TITLES if t in text}
-    score += 1.0 if asked in named else -1.0
-    score -= len(named - {asked})
-    score -= len(sentences) - len(set(sentences))
-    if text[-1] not in ".?!":
-        score -= 1.0
-    return score
+    terms["asked_title"] = 1.0 if asked in named else -1.0
+    terms["other_titles"] = -float(len(named - {asked}))
+    terms["repeated_sentences"] = -float(len(sentences) - len(set(sentences)))
+    terms["unfinished"] = 0.0 if text[-1] in ".?!" else -1.0
+    return terms
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The oracle: how much a reader who asked `prompt` likes `response` (the sum of `gold_terms`, at most 4)."""
+    return sum(gold_terms(prompt, response).values())
