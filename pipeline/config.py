@@ -14,10 +14,17 @@ from pathlib import Path
 
 import yaml
 
-from trl import ModelConfig, RewardConfig, ScriptArguments, SFTConfig, TrlParser
+from trl import DPOConfig, GRPOConfig, ModelConfig, RewardConfig, RLOOConfig, ScriptArguments, SFTConfig, TrlParser
 from .trainers.ppo import PPOConfig
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")  # the order the runner runs them in
+CHAIN = ("pretrain", "sft", "reward", "ppo")  # what `run` runs without --stages: the ChatGPT chain
+STAGE3 = ("ppo", "grpo", "rloo", "dpo")  # alternatives to each other, each from the SFT policy (and reward model)
+
+
+def upstream(stage: str) -> tuple[str, ...]:
+    """The stages whose output `stage` reads: those before it, except the other stage-3 algorithms."""
+    return tuple(s for s in STAGES[: STAGES.index(stage)] if s not in STAGE3)
 
 
 @dataclass
@@ -61,13 +68,19 @@ class SFTArguments(PipelineArguments):
 
 
 @dataclass
-class PPOArguments(PipelineArguments):
-    """Reward functions, KL control and PPO-ptx (see pipeline/rl.py), and the evaluation after PPO: the policy
-    against the SFT policy on held-out prompts."""
+class PolicyEvalArguments(PipelineArguments):
+    """The evaluation after a stage-3 algorithm: the trained policy against the SFT policy on held-out prompts."""
 
-    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are dropped (and counted)."})
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt and policy."})
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Cap on held-out prompts evaluated."})
+
+
+@dataclass
+class OnlineArguments(PolicyEvalArguments):
+    """What the online algorithms (PPO, GRPO, RLOO) are rewarded by: the learned reward model, Python reward
+    functions, or both, weighted."""
+
+    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are dropped (and counted)."})
     reward_functions: list[str] = field(default_factory=list, metadata={
         "help": "Python callables 'module:function', called as function(prompts=[str], completions=[str]) -> "
                 "[float], added to the reward model's score (e.g. pipeline.embedded:gold_reward)."})
@@ -75,6 +88,12 @@ class PPOArguments(PipelineArguments):
         "help": "One weight per reward function (default 1 each)."})
     reward_model_weight: float = field(default=1.0, metadata={
         "help": "Weight of the reward model's score; 0 leaves the reward to the functions alone."})
+
+
+@dataclass
+class PPOArguments(OnlineArguments):
+    """Reward functions, KL control and PPO-ptx (see pipeline/rl.py), and the evaluation after PPO."""
+
     kl_control: str = field(default="fixed", metadata={
         "help": "'fixed': kl_coef throughout; 'adaptive': kl_coef moves toward keeping the KL at kl_target "
                 "(Ziegler et al. 2019).", "choices": ["fixed", "adaptive"]})
@@ -87,6 +106,29 @@ class PPOArguments(PipelineArguments):
     ptx_block_size: int = field(default=128, metadata={"help": "PPO-ptx: tokens per ptx sequence."})
 
 
+@dataclass
+class GroupArguments(OnlineArguments):
+    """GRPO and RLOO (TRL's trainers): the policy is `model_name_or_path` (the SFT policy); the reward model is
+    `reward_model_path`, given to TRL as a `reward_funcs` entry beside the reward functions."""
+
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "The learned reward model (a sequence classifier); needed unless reward_model_weight is 0."})
+
+
+@dataclass
+class DPOArguments(PolicyEvalArguments):
+    """DPO (TRL's DPOTrainer) on preference pairs from the SFT policy (`model_name_or_path`, also the
+    reference). The reward model is not trained against; it only scores the evaluation (rm_* results)."""
+
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "A reward model to score the evaluation's answers with (optional: without it, no rm_* results)."})
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "Prompts for the evaluation against the SFT policy (default: the prompts of dataset_name's test "
+                "split), e.g. embedded:prompt, the prompts the online algorithms are evaluated on."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Evaluation: tokens per answer at most."})
+    eval_temperature: float = field(default=0.7, metadata={"help": "Evaluation: sampling temperature."})
+
+
 def recipe_file(recipe_dir, stage: str, variant: str | None = None) -> Path:
     """A stage's recipe in a folder: <stage>.yaml, or <stage>-<variant>.yaml (e.g. sft-lora.yaml)."""
     return Path(recipe_dir) / (f"{stage}-{variant}.yaml" if variant else f"{stage}.yaml")
@@ -97,6 +139,9 @@ CLASSES = {
     "sft": (SFTArguments, SFTConfig),
     "reward": (PipelineArguments, RewardConfig),
     "ppo": (PPOArguments, PPOConfig),
+    "grpo": (GroupArguments, GRPOConfig),
+    "rloo": (GroupArguments, RLOOConfig),
+    "dpo": (DPOArguments, DPOConfig),
 }
 
 

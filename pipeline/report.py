@@ -9,7 +9,7 @@ and the run's `results.json` (stage -> final metrics + `wall_seconds`, and `wall
   reward_model.png   reward-model loss, accuracy and margin per step (+ held-out accuracy and margin)
   ppo_training.png   PPO per update: reward-model score, KL to the reference, entropy, value loss
   gold_scores.png    SFT vs PPO policy: gold (oracle) and reward-model scores, win rates, KL
-  report.md          the results table, the plots, SFT-vs-PPO samples
+  report.md          the results table, the plots, the gold score in its parts, SFT-vs-stage-3 samples
 
 Whatever is missing (a stage, a metric, a log) is left out; a plot with nothing to show is not written.
 
@@ -27,16 +27,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")  # pipeline.config's, without importing TRL
+STAGE3 = ("ppo", "grpo", "rloo", "dpo")
+GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "empty")
 PLOT_FILES = ("lm_loss.png", "reward_model.png", "ppo_training.png", "gold_scores.png")
-# The headline metrics of each stage, in this order; for PPO every other metric follows (except samples).
+# The headline metrics of each stage, in this order; for stage 3 every other metric follows (except samples).
 HEADLINE = {
     "pretrain": ["eval_perplexity"],
     "sft": ["eval_perplexity"],
     "reward": ["eval_accuracy", "eval_margin"],
-    "ppo": ["gold_score_sft", "gold_score_ppo", "gold_win_rate_vs_sft", "rm_score_sft", "rm_score_ppo",
-            "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", "eos_rate_ppo", "response_length_sft",
-            "response_length_ppo"],
+    **{stage: ["gold_score_sft", f"gold_score_{stage}", "gold_win_rate_vs_sft", "rm_score_sft", f"rm_score_{stage}",
+               "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft",
+               f"response_length_{stage}"] for stage in STAGE3},
 }
 STYLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 11,
          "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 15, "axes.grid": True,
@@ -319,7 +321,7 @@ def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
         if not isinstance(metrics, dict):
             continue
         keys = [k for k in HEADLINE[stage] if k in metrics]
-        if stage == "ppo":
+        if stage in STAGE3:
             keys += sorted(k for k in metrics if k not in keys and k not in ("samples", "wall_seconds"))
         keys += ["wall_seconds"] if "wall_seconds" in metrics else []
         rows += [(stage, key, _fmt(metrics[key], key)) for key in keys
@@ -368,15 +370,38 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
         for plot in plots:
             title, caption = PLOT_CAPTIONS.get(plot.name, (plot.stem, ""))
             lines += [f"### {title}", "", caption, "", f"![{title}]({plot.name})", ""]
-    samples = results.get("ppo", {}).get("samples") if isinstance(results.get("ppo"), dict) else None
-    samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
-    if samples:
-        lines += ["## Samples", "", "Answers of the SFT and PPO policies to the same held-out prompt.", "",
-                  "| prompt | SFT answer | PPO answer |", "|---|---|---|"]
-        lines += [f"| {md_cell(s.get('prompt', ''))} | {md_cell(s.get('sft', ''))} | {md_cell(s.get('ppo', ''))} |"
-                  for s in samples]
-        lines.append("")
+    lines += gold_terms_table(results)
+    for stage in STAGE3:
+        samples = results.get(stage, {}).get("samples") if isinstance(results.get(stage), dict) else None
+        samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+        if samples:
+            name = stage.upper()
+            lines += [f"## Samples: SFT and {name}", "", f"Answers of the SFT and {name} policies to the same "
+                      "held-out prompt.", "", f"| prompt | SFT answer | {name} answer |", "|---|---|---|"]
+            lines += [f"| {md_cell(s.get('prompt', ''))} | {md_cell(s.get('sft', ''))} | {md_cell(s.get(stage, ''))} |"
+                      for s in samples]
+            lines.append("")
     return "\n".join(lines)
+
+
+def gold_terms_table(results: Mapping[str, dict]) -> list[str]:
+    """The gold score in its parts for the SFT policy and every stage-3 policy evaluated against it: the mean of
+    each term of the oracle (they sum to the gold score) and how often an answer names the asked title alone."""
+    columns = [(stage, f"_{stage}") for stage in STAGE3 if isinstance(results.get(stage), dict)
+               and _is_number(results[stage].get(f"gold_sentiment_{stage}"))]
+    if not columns:
+        return []
+    sft_from = results[columns[0][0]]
+    keys = [f"gold_{term}" for term in GOLD_TERMS] + ["gold_score", "title_only_rate"]
+    lines = ["## The gold score in its parts", "", "The mean of each term of the oracle over the held-out answers "
+             "(the terms sum to the gold score), and how often an answer names the asked title and no other.", "",
+             "| term | SFT | " + " | ".join(stage.upper() for stage, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for key in keys:
+        cells = [_fmt(sft_from.get(f"{key}_sft", ""))] + [_fmt(results[stage].get(key + suffix, ""))
+                                                           for stage, suffix in columns]
+        lines.append(f"| {key.removeprefix('gold_')} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -10,6 +10,7 @@
 """
 
 import importlib
+import math
 
 import torch
 
@@ -70,6 +71,34 @@ def load_reward_functions(specs: list[str], weights: list[float] | None = None) 
     if len(weights) != len(specs):
         raise ValueError(f"reward_function_weights has {len(weights)} values for {len(specs)} reward functions")
     return [(spec.partition(":")[2], load_function(spec), float(w)) for spec, w in zip(specs, weights)]
+
+
+def for_trl(name: str, function, tokenizer):
+    """One of our reward functions (text in, floats out) as a reward function for TRL's GRPO/RLOO trainers,
+    which call it with conversational prompts and completions (lists of messages): the prompt is passed as the
+    text the policy saw (the chat template's, as PPO passes it), the completion as the answer's text. A wrong
+    number of values, or a value that is not a finite number, stops training with a line naming the function."""
+    def reward(prompts, completions, **kwargs):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 if isinstance(p, list) else p for p in prompts]
+        answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        values = list(function(prompts=texts, completions=answers))
+        if len(values) != len(answers):
+            raise ValueError(f"reward function {name} returned {len(values)} values for {len(answers)} completions")
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"reward function {name} returned {values[:3]}...: expected a number per completion") from None
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            from .stages.common import NonFiniteError
+            step = kwargs.get("trainer_state").global_step if kwargs.get("trainer_state") is not None else "?"
+            raise NonFiniteError(f"reward function {name} returned {bad[0]} at step {step}: training stopped before "
+                                 "that update; the checkpoints already in output_dir are kept")
+        return values
+
+    reward.__name__ = name
+    return reward
 
 
 class PtxBatches:

@@ -1,0 +1,35 @@
+"""What the online stage-3 algorithms (PPO, GRPO, RLOO) share: prompts to sample from, and a reward."""
+
+from .. import data
+from .common import logger
+
+
+def require_reward(stage: str, script_args, reward_model_path: str | None) -> None:
+    """Before anything is loaded: the stage must be rewarded by something (a reward model with a weight, or a
+    reward function)."""
+    uses_model = bool(reward_model_path) and script_args.reward_model_weight != 0
+    if not uses_model and not script_args.reward_functions:
+        raise ValueError(f"{stage} has no reward: set reward_model_path (the reward stage's output_dir) or "
+                         "reward_functions (module:function), or both")
+
+
+def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, source: str, keep_prompts: bool = False):
+    """Prompts -> {"input_ids"} through the chat template's generation prompt; over-long ones are dropped.
+    keep_prompts: the rows keep their prompt (TRL's GRPO and RLOO tokenize it themselves) and lose the ids."""
+    def tokenize(row):
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        return {"input_ids": ids}
+
+    tokenized = dataset.map(tokenize, remove_columns=[] if keep_prompts else dataset.column_names)
+    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= max_prompt_length)
+    if len(kept) < len(tokenized):
+        logger.warning(f"{source}: dropped {len(tokenized) - len(kept)} prompts longer than {max_prompt_length} tokens")
+    if len(kept) == 0:
+        raise data.DataError(f"{source}: every prompt is longer than max_prompt_length={max_prompt_length} tokens")
+    return kept.remove_columns("input_ids") if keep_prompts else kept
+
+
