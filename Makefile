@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test compare clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# PPO, GRPO, RLOO, DPO and oracle-reward PPO from the demo's SFT policy and reward model, 3 seeds each:
+# COMPARISON.md, COMPARISON.json and docs/comparison/*.png
+compare: setup
+	$(PY) -m pipeline compare
 
 # The stages against bare TRL scripts, side by side: BENCHMARKS.md and .json; then PPO against TRL 1.12's
 # PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json

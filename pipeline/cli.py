@@ -1,9 +1,13 @@
 """The project's command line: `python -m pipeline <command>` (also installed as `rlhf-pipeline`).
 
   run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [--lora] [-- --field value ...]
-        run every stage that has a recipe in DIR (pretrain, sft, reward, ppo), in order, each in its own
-        process (through `accelerate launch` when a config is given); flags after `--` go to every stage;
-        --lora runs the stages that have a LoRA recipe (<stage>-lora.yaml) instead
+        run the stages that have a recipe in DIR in order, each in its own process (through `accelerate
+        launch` when a config is given): pretrain, sft, reward, ppo, or those --stages names (also grpo,
+        rloo, dpo; `all` for every one); flags after `--` go to every stage; --lora runs the stages that
+        have a LoRA recipe (<stage>-lora.yaml) instead
+  compare [--recipes DIR] [--seeds 0,1,2] [--algorithms ...]
+        PPO, GRPO, RLOO, DPO and oracle-reward PPO from one SFT policy and reward model, over seeds:
+        COMPARISON.md, COMPARISON.json and plots (see docs/comparison.md)
   eval suite DIR | policy MODEL | compare A B | reward MODEL | perplexity MODEL | fewshot MODEL
         evaluate any checkpoint (a local folder or a Hub id); prints JSON (--output FILE writes it)
   generate MODEL PROMPT...   answer prompts (greedy, sampling or beam search)
@@ -26,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import STAGES, parse, recipe_file
+from .config import CHAIN, STAGE3, STAGES, parse, recipe_file, upstream
 from .hub import PUSH_FAILED  # a stage's exit code when training succeeded and only its Hub push failed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +38,8 @@ HEADLINE = {
     "pretrain": ["eval_perplexity"],
     "sft": ["eval_perplexity"],
     "reward": ["eval_accuracy", "eval_margin"],
-    "ppo": ["rm_score_sft", "rm_score_ppo", "rm_win_rate_vs_sft", "gold_score_sft", "gold_score_ppo",
-            "gold_win_rate_vs_sft", "kl_to_sft", "eos_rate_ppo"],
+    **{stage: ["rm_score_sft", f"rm_score_{stage}", "rm_win_rate_vs_sft", "gold_score_sft", f"gold_score_{stage}",
+               "gold_win_rate_vs_sft", "kl_to_sft", f"eos_rate_{stage}"] for stage in STAGE3},
 }
 
 
@@ -71,9 +75,9 @@ def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, for
     """("skip" | "run", why): a stage is skipped when it finished with the same recipe and the same
     recipes before it; a stage whose recipe or inputs changed runs again, its old output moved aside."""
     done = state.get(stage)
-    upstream = {s: state[s]["fingerprint"] for s in STAGES[: STAGES.index(stage)] if s in state}
+    inputs = {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}
     finished = os.path.isfile(os.path.join(output_dir, "results.json"))
-    if done and finished and not force and done["fingerprint"] == fingerprints[stage] and done["upstream"] == upstream:
+    if done and finished and not force and done["fingerprint"] == fingerprints[stage] and done["upstream"] == inputs:
         return "skip", "finished with this recipe and these inputs (--force reruns it)"
     if done and os.path.isdir(output_dir):
         aside = f"{output_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -109,10 +113,11 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         raise FileNotFoundError(f"recipe folder '{recipe_dir}' does not exist (see `python -m pipeline ls`)")
     if accelerate_config and not os.path.isfile(accelerate_config):
         raise FileNotFoundError(f"accelerate config '{accelerate_config}' does not exist")
+    stages = list(STAGES) if stages and "all" in stages else stages
     unknown = set(stages or ()) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}")
-    plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and (not stages or s in stages)]
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)} (or all)")
+    plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and s in (stages or CHAIN)]
     if not plan:
         raise FileNotFoundError(f"no stage recipe ({', '.join(recipe_file('', s, variant).name for s in STAGES)}) "
                                 f"in '{recipe_dir}'")
@@ -153,7 +158,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
         state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "upstream": {s: state[s]["fingerprint"] for s in STAGES[: STAGES.index(stage)] if s in state}}
+                        "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
     if evaluate:
         print(f"\n=== evaluation: {recipe_dir}", flush=True)
@@ -200,8 +205,9 @@ def print_summary(results: dict, results_path: Path) -> None:
     for stage, key, value in rows:
         print(f"{stage + '.' + key:<{width}}  {value}")
     print(f"{'wall_seconds_total':<{width}}  {_fmt(results.get('wall_seconds_total'))}")
-    for sample in results.get("ppo", {}).get("samples", [])[:3]:
-        print(f"\nprompt: {sample['prompt']}\n  sft: {sample['sft'].strip()}\n  ppo: {sample['ppo'].strip()}")
+    for stage in [s for s in STAGE3 if s in results][:1]:  # a few answers of the first stage-3 policy
+        for sample in results[stage].get("samples", [])[:3]:
+            print(f"\nprompt: {sample['prompt']}\n  sft: {sample['sft'].strip()}\n  {stage}: {sample[stage].strip()}")
     print(f"\nresults written to {results_path}")
 
 
@@ -268,7 +274,7 @@ def evaluate_command(args, overrides: list[str]) -> dict:
     from . import embedded, evaluate
     from .embedded.fewshot import sentiment_task
 
-    oracle = embedded.gold_score if getattr(args, "dataset", "").startswith("embedded:") else None
+    oracle = embedded.ORACLE if getattr(args, "dataset", "").startswith("embedded:") else None
     if args.what == "suite":
         from .suite import evaluate_run
 
@@ -304,13 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_parser = commands.add_parser("run", help="run every stage of a recipe folder in order, then evaluate")
     run_parser.add_argument("recipe_dir")
-    run_parser.add_argument("--stages", help="comma-separated subset, e.g. reward,ppo")
+    run_parser.add_argument("--stages", help="comma-separated, e.g. reward,ppo or sft,reward,grpo,dpo; `all`: every "
+                            "stage with a recipe (default: pretrain,sft,reward,ppo)")
     run_parser.add_argument("--accelerate_config", help="launch each stage with `accelerate launch --config_file`")
     run_parser.add_argument("--results", help="results file (default: results.json beside the stage outputs)")
     run_parser.add_argument("--skip_eval", action="store_true", help="do not run the evaluation suite after")
     run_parser.add_argument("--force", action="store_true", help="rerun stages that already finished")
     run_parser.add_argument("--lora", action="store_true",
                             help="run the stages that have a LoRA recipe (<stage>-lora.yaml), from those recipes")
+
+    from .compare import ALGORITHMS, SEEDS
+
+    compare_parser = commands.add_parser("compare", help="PPO, GRPO, RLOO, DPO and oracle-reward PPO over seeds: "
+                                         "COMPARISON.md, COMPARISON.json, plots")
+    compare_parser.add_argument("--recipes", default="recipes/tiny", help="the recipe folder (default recipes/tiny)")
+    compare_parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
+    compare_parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of "
+                                + ", ".join(ALGORITHMS))
+    compare_parser.add_argument("--output_dir", default="outputs/compare", help="where the runs go")
+    compare_parser.add_argument("--markdown", default="COMPARISON.md", help="the table (and .json beside it)")
+    compare_parser.add_argument("--plots_dir", default="docs/comparison", help="where the two plots go")
+    compare_parser.add_argument("--accelerate_config", help="launch each run with `accelerate launch --config_file`")
+    compare_parser.add_argument("--force", action="store_true", help="rerun the runs that already finished")
 
     eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")
     eval_parser.add_argument("--output", help="also write the JSON result to this file")
@@ -391,6 +412,15 @@ def main(argv: list[str] | None = None) -> None:
             run(args.recipe_dir, args.stages.split(",") if args.stages else None, args.accelerate_config,
                 overrides, args.results, evaluate=not args.skip_eval, force=args.force,
                 variant=LORA if args.lora else None)
+        elif args.command == "compare":
+            from .compare import compare
+
+            try:
+                seeds = [int(seed) for seed in args.seeds.split(",")]
+            except ValueError:
+                raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+            compare(args.recipes, seeds, args.algorithms.split(","), args.output_dir, args.markdown, args.plots_dir,
+                    overrides, args.accelerate_config, args.force)
         elif args.command == "eval":
             result = evaluate_command(args, overrides)
             text = json.dumps(result, indent=2, sort_keys=True)

@@ -9,7 +9,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-# Tiny settings: every stage runs a handful of steps, so the whole chain takes about a minute on 2 cores.
+# Tiny settings: every stage runs a handful of steps, so the whole chain takes about two minutes on 2 cores.
 TINY_OVERRIDES = {
     "pretrain": {"vocab_size": 400, "n_layer": 1, "n_embd": 32, "n_head": 2, "max_steps": 15, "max_length": 64,
                  "per_device_eval_batch_size": 64, "logging_steps": 2},
@@ -17,6 +17,12 @@ TINY_OVERRIDES = {
     "reward": {"max_steps": 10, "max_length": 64, "logging_steps": 2},
     "ppo": {"total_episodes": 64, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
             "response_length": 16, "eval_max_prompts": 8, "eval_samples_per_prompt": 1},
+    # 4 optimizer steps of 8 answers (2 prompts x 4), each generation used twice
+    **{stage: {"max_steps": 4, "num_generations": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+               "num_iterations": 2, "max_completion_length": 16, "save_steps": 2, "logging_steps": 1,
+               "eval_max_prompts": 8, "eval_samples_per_prompt": 1} for stage in ("grpo", "rloo")},
+    "dpo": {"max_steps": 6, "max_length": 64, "per_device_train_batch_size": 8, "save_steps": 3, "logging_steps": 2,
+            "eval_max_new_tokens": 16, "eval_max_prompts": 8, "eval_samples_per_prompt": 1},
 }
 
 
@@ -43,8 +49,9 @@ def run_python(*args, check=True, timeout=900, **kwargs) -> subprocess.Completed
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """The whole chain (pretrain -> sft -> reward -> ppo) through the runner, on tiny settings."""
+    """Every stage through the runner (pretrain -> sft -> reward -> ppo, then grpo, rloo and dpo from the same
+    SFT policy and reward model), on tiny settings."""
     base = tmp_path_factory.mktemp("tiny")
     recipes = write_recipes(base / "recipes", base / "outputs")
-    result = run_python("-m", "pipeline", "run", recipes)
+    result = run_python("-m", "pipeline", "run", recipes, "--stages", "all")
     return {"outputs": base / "outputs", "recipes": recipes, "log": result.stdout + result.stderr}

@@ -11,3 +11,11 @@ def length(prompts, completions, **kwargs):
 
 def not_a_number(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def wrong_count(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def not_numbers(prompts, completions, **kwargs):
+    return ["good"] * len(completions)

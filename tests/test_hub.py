@@ -140,6 +140,26 @@ def test_sft_stage_pushes_its_output_folder(tiny_run, fake_hub, tmp_path):
     assert hub.resolved_recipe(*reparsed) == recipe
 
 
+@pytest.mark.parametrize("stage", ["grpo", "dpo"])
+def test_stage3_stage_pushes_its_folder_with_its_card(tiny_run, fake_hub, tmp_path, stage):
+    out = tmp_path / stage
+    result = run_python(f"scripts/{stage}.py", "--config", tiny_run["recipes"] / f"{stage}.yaml", "--max_steps", 2,
+                        "--output_dir", out, "--push_to_hub", "true", "--hub_model_id", f"user/tiny-{stage}",
+                        "--hub_token", TOKEN, env=stage_env(fake_hub, tmp_path), timeout=600)
+    assert f"pushed {out} to user/tiny-{stage}" in result.stdout
+    arrived = fake_hub.files(f"user/tiny-{stage}")
+    assert arrived == pushable(out)
+    meta = metadata(arrived["README.md"])
+    results = yaml.safe_load(arrived["results.json"])
+    metrics = model_index_metrics(meta)
+    for key in ("gold_win_rate_vs_sft", f"gold_score_{stage}", f"rm_score_{stage}", "kl_to_sft",
+                f"gold_asked_title_{stage}"):
+        assert metrics[key] == pytest.approx(results[key]), key
+    assert {stage, "trl", "pipeline"} <= set(meta["tags"])
+    assert 'AutoModelForCausalLM.from_pretrained("' + f"user/tiny-{stage}" + '")' in arrived["README.md"].decode()
+    assert fake_hub.unknown_requests() == [] and TOKEN not in result.stdout + result.stderr
+
+
 def test_failed_push_exits_3_with_one_line_and_keeps_the_results(tiny_run, fake_hub, tmp_path):
     fake_hub.fail_with = 401
     out = tmp_path / "sft"

@@ -4,6 +4,7 @@ trains its score head beside the adapters; PPO with LoRA keeps one base model (t
 its adapters disabled); 4-bit loading is GPU-only and fails in one line on CPU."""
 
 import json
+import math
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import ROOT, TINY_OVERRIDES, run_python
 
-LORA_STAGES = ("sft", "reward", "ppo")
+LORA_STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
 
 
 def write_lora_recipes(dest, outputs, pretrain_recipe):
@@ -36,10 +37,11 @@ def write_lora_recipes(dest, outputs, pretrain_recipe):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_run, tmp_path_factory):
-    """The LoRA chain (sft -> reward -> ppo, the *-lora.yaml recipes) through `run --lora`, on the tiny pretrain."""
+    """The LoRA chain (sft -> reward -> ppo, then grpo and dpo: the *-lora.yaml recipes) through `run --lora`, on
+    the tiny pretrain."""
     base = tmp_path_factory.mktemp("lora")
     recipes = write_lora_recipes(base / "recipes", base / "outputs", tiny_run["recipes"] / "pretrain.yaml")
-    result = run_python("-m", "pipeline", "run", recipes, "--lora")
+    result = run_python("-m", "pipeline", "run", recipes, "--lora", "--stages", "all")
     return {"outputs": base / "outputs", "recipes": recipes, "log": result.stdout + result.stderr,
             "full": tiny_run["outputs"]}
 
@@ -128,9 +130,9 @@ def test_lora_chain_runs_and_is_evaluated(lora_run):
     in the LoRA run's folder and evaluates them; PPO's policy trains only its adapters."""
     assert "] pretrain:" not in lora_run["log"] and "] sft:" in lora_run["log"]  # pretrain did not run
     results = json.loads((lora_run["outputs"] / "results.json").read_text())
-    assert set(results) >= {"sft", "reward", "ppo", "eval"}
+    assert set(results) >= {"sft", "reward", "ppo", "grpo", "dpo", "eval"}
     assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1 and 0 <= results["reward"]["eval_accuracy"] <= 1
-    assert set(results["eval"]["perplexity"]) == {"pretrain", "sft", "ppo"}
+    assert set(results["eval"]["perplexity"]) == {"pretrain", "sft", "ppo", "grpo", "dpo"}
     ppo = results["ppo"]
     assert 0 < ppo["policy_trainable_parameters"] < 0.5 * ppo["policy_total_parameters"]
     full = _results(lora_run["full"] / "ppo")
@@ -138,6 +140,17 @@ def test_lora_chain_runs_and_is_evaluated(lora_run):
     # the PPO output is a whole causal LM, with the value model beside it
     AutoModelForCausalLM.from_pretrained(lora_run["outputs"] / "ppo")
     AutoModelForSequenceClassification.from_pretrained(lora_run["outputs"] / "ppo" / "value_model")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "dpo"])
+def test_stage3_lora_trains_only_adapters_and_saves_them_beside_the_merged_model(lora_run, stage):
+    results = _results(lora_run["outputs"] / stage)
+    assert 0 < results["trainable_parameters"] < 0.5 * results["total_parameters"]
+    adapter = lora_run["outputs"] / stage / "adapter"
+    assert _lora_numel(adapter) == results["trainable_parameters"]
+    merged = AutoModelForCausalLM.from_pretrained(lora_run["outputs"] / stage)  # a plain checkpoint
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert 0 <= results["gold_win_rate_vs_sft"] <= 1 and math.isfinite(results["kl_to_sft"])
 
 
 def test_ppo_lora_saves_its_adapter(lora_run):

@@ -17,7 +17,7 @@ REQUIRED = {
 
 def test_runner_runs_every_stage_and_collects_results(tiny_run):
     results = json.loads((tiny_run["outputs"] / "results.json").read_text())
-    for stage in ("pretrain", "sft", "reward", "ppo"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo"):
         assert results[stage]["wall_seconds"] > 0
     for stage, keys in REQUIRED.items():
         for key in keys:
@@ -27,7 +27,7 @@ def test_runner_runs_every_stage_and_collects_results(tiny_run):
     assert "gold_win_rate_vs_sft" in tiny_run["log"]  # the summary table is printed
     evaluation = results["eval"]
     assert evaluation["reward_model"]["reference"] == "oracle"
-    assert set(evaluation["perplexity"]) == {"pretrain", "sft", "ppo"}
+    assert set(evaluation["perplexity"]) == {"pretrain", "sft", "ppo", "grpo", "rloo", "dpo"}
     assert set(evaluation["few_shot_sentiment"]["sft"]) == {"0_shot", "1_shot", "2_shot", "chance"}
     for stage in ("pretrain", "sft", "reward", "ppo"):  # TensorBoard by default
         assert list((tiny_run["outputs"] / stage / "runs").glob("*/events.out.tfevents.*")), stage
@@ -37,7 +37,7 @@ def test_runner_runs_every_stage_and_collects_results(tiny_run):
     assert "perplexity.ppo" in markdown and "| ppo | gold_win_rate_vs_sft |" in markdown
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo", "grpo", "rloo", "dpo"])
 def test_policy_checkpoints_load_in_plain_transformers(tiny_run, stage):
     path = tiny_run["outputs"] / stage
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.config import STAGES, parse
-from trl import RewardConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, SFTConfig
 
 from pipeline.trainers.ppo import PPOConfig
 
@@ -19,14 +19,15 @@ GPT2_HH = ROOT / "recipes" / "gpt2-hh"
 @pytest.mark.parametrize("stage", STAGES)
 def test_tiny_recipes_parse_into_trainer_configs(stage):
     script_args, training_args, model_args = parse(stage, ["--config", str(TINY / f"{stage}.yaml")])
-    expected = {"pretrain": SFTConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
+    expected = {"pretrain": SFTConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
+                "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig}[stage]
     assert type(training_args) is expected
     assert script_args.dataset_name.startswith("embedded:")
     assert training_args.output_dir == f"outputs/tiny/{stage}"
     assert training_args.use_cpu and not training_args.bf16
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "grpo", "rloo", "dpo"])
 def test_gpt2_hh_recipes_parse_and_name_real_hub_ids(stage):
     # bf16 needs a GPU: on this CPU machine it is switched off from the command line, as a user would.
     script_args, training_args, model_args = parse(stage, ["--config", str(GPT2_HH / f"{stage}.yaml"),
@@ -38,6 +39,21 @@ def test_gpt2_hh_recipes_parse_and_name_real_hub_ids(stage):
     if stage == "ppo":
         assert training_args.sft_model_path == "outputs/gpt2-hh/sft"
         assert training_args.reward_model_path == "outputs/gpt2-hh/reward"
+    if stage in ("grpo", "rloo", "dpo"):  # from the SFT policy; the reward model trained against (DPO: eval only)
+        assert model_args.model_name_or_path == "outputs/gpt2-hh/sft"
+        assert script_args.reward_model_path == "outputs/gpt2-hh/reward"
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "dpo"])
+@pytest.mark.parametrize("folder", ["tiny", "gpt2-hh"])
+def test_stage3_lora_recipes_are_the_full_recipes_with_lora(folder, stage):
+    full = yaml.safe_load((ROOT / "recipes" / folder / f"{stage}.yaml").read_text())
+    lora = yaml.safe_load((ROOT / "recipes" / folder / f"{stage}-lora.yaml").read_text())
+    assert lora["use_peft"] is True and lora["lora_target_modules"] == ["c_attn", "c_proj", "c_fc"]
+    assert lora["output_dir"] == full["output_dir"].replace(folder, f"{folder}-lora")
+    assert lora["model_name_or_path"] == full["model_name_or_path"].replace(folder, f"{folder}-lora")
+    same = set(full) - {"output_dir", "model_name_or_path", "reward_model_path", "learning_rate"}
+    assert {k: lora[k] for k in same} == {k: full[k] for k in same}
 
 
 def test_command_line_overrides_the_yaml():

@@ -30,6 +30,10 @@ STAGES = {
              "ptx_dataset_name": "embedded:corpus", "ptx_block_size": 32},
             ["objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg",
              "loss/ptx_avg"]),
+    # TRL's GRPO and RLOO: a fresh generation batch every optimizer step (a checkpoint never splits one)
+    **{stage: ({"max_steps": 24, "num_generations": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                "num_iterations": 1, "logging_steps": 1}, ["loss", "reward", "kl"]) for stage in ("grpo", "rloo")},
+    "dpo": ({"max_steps": 40, "logging_steps": 1}, ["loss", "rewards/margins"]),
 }
 TOLERANCE = 1e-4  # relative; CPU runs resume bit-exactly in practice, this leaves room for kernel reordering
 
