@@ -54,9 +54,10 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     )
     train(trainer, last_checkpoint(training_args), stage)
 
-    # the reward model as the trainer holds it (prepared for DeepSpeed), or, if it was not trained against, as loaded
+    # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
+    # against, as loaded
     scorer = trainer.reward_funcs[0] if trains_on_model else reward_model
-    if scorer is not None:
+    if scorer is not None and not trains_on_model:
         scorer.to(trainer.accelerator.device)
     metrics = evaluate_against_sft(
         trainer, stage, script_args, model_args, tokenizer, eval_prompts if eval_prompts is not None else prompts,
