@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--plots_dir", default="docs/comparison", help="where the two plots go")
     compare_parser.add_argument("--accelerate_config", help="launch each run with `accelerate launch --config_file`")
     compare_parser.add_argument("--force", action="store_true", help="rerun the runs that already finished")
+    compare_parser.add_argument("--note", help="a sentence for COMPARISON.md on how it was measured (e.g. a shared "
+                                "machine)")
 
     eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")
     eval_parser.add_argument("--output", help="also write the JSON result to this file")
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError:
                 raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
             compare(args.recipes, seeds, args.algorithms.split(","), args.output_dir, args.markdown, args.plots_dir,
-                    overrides, args.accelerate_config, args.force)
+                    overrides, args.accelerate_config, args.force, args.note)
         elif args.command == "eval":
             result = evaluate_command(args, overrides)
             text = json.dumps(result, indent=2, sort_keys=True)

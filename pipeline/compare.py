@@ -158,8 +158,10 @@ def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], mar
              "peak_rss_mb": "peak RSS (MB)"}
     sft = [r["gold_score_sft"] for r in rows if isinstance(r.get("gold_score_sft"), (int, float))]
     lines = ["# Which stage-3 algorithm? PPO, GRPO, RLOO and DPO on ground truth", "",
-             f"Written by `{config['command']}` on {config['date']} ({config['machine']}); the whole comparison "
-             f"took {config['wall_seconds_total'] / 60:.0f} min. Seeds {', '.join(map(str, config['seeds']))}; each "
+             f"Written by `{config['command']}` on {config['date']} ({config['machine']}); its runs took "
+             f"{config['runs_wall_seconds'] / 60:.0f} min in all (the sum of their wall times). "
+             + (f"{config['note']} " if config.get("note") else "") +
+             f"Seeds {', '.join(map(str, config['seeds']))}; each "
              "cell is the mean over the seeds, with the lowest and highest in brackets. Every run starts from the "
              f"same SFT policy (`{config['sft_model']}`) and, except DPO, trains against the same reward model "
              f"(`{config['reward_model']}`); PPO with the oracle as its reward is the ceiling.", "",
@@ -223,7 +225,8 @@ def budget_lines(recipe_dir: Path, algorithms: list[str], overrides: list[str]) 
 
 def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGORITHMS),
             output_dir: str = "outputs/compare", markdown: str = "COMPARISON.md", plots_dir: str = "docs/comparison",
-            overrides: list[str] = (), accelerate_config: str | None = None, force: bool = False) -> dict:
+            overrides: list[str] = (), accelerate_config: str | None = None, force: bool = False,
+            note: str | None = None) -> dict:
     from .cli import ROOT, stage_command
     from .cli import run as run_stages
 
@@ -273,7 +276,9 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGO
         "recipes": str(recipe_dir), "seeds": list(seeds), "algorithms": list(algorithms), "overrides": list(overrides),
         "sft_model": _parsed_output(recipe_dir, "sft"), "reward_model": _parsed_output(recipe_dir, "reward"),
         "budget": budget + ([TINY_TUNING] if recipe_dir.resolve() == (ROOT / "recipes" / "tiny").resolve() else []),
-        "wall_seconds_total": round(time.time() - started, 1),
+        "wall_seconds_total": round(time.time() - started, 1),  # this call's (finished runs are not rerun)
+        "runs_wall_seconds": round(sum(r["wall_seconds"] or 0 for r in rows), 1),
+        "note": note,
     }
     markdown.write_text(render(config, rows, summary, plots, markdown))
     data = {"config": config, "summary": summary, "runs": rows}

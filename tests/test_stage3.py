@@ -179,9 +179,11 @@ def test_compare_summarises_seeds_and_writes_the_table_and_plots(tiny_run, tmp_p
     # a second call reruns nothing and writes the same rows
     again = run_python("-m", "pipeline", "compare", "--recipes", recipes, "--seeds", "1,2", "--algorithms",
                        "grpo,dpo", "--output_dir", tmp_path / "runs", "--markdown", markdown, "--plots_dir",
-                       tmp_path / "plots", "--", "--max_steps", "2")
+                       tmp_path / "plots", "--note", "Measured on a shared machine.", "--", "--max_steps", "2")
     assert "=== compare: grpo, seed" not in again.stdout
+    assert "Measured on a shared machine. Seeds 1, 2" in markdown.read_text()
     assert json.loads(markdown.with_suffix(".json").read_text())["runs"] == data["runs"]
+    assert f"its runs took {sum(r['wall_seconds'] for r in data['runs']) / 60:.0f} min in all" in markdown.read_text()
 
 
 def test_compare_refuses_an_unknown_algorithm_and_a_missing_recipe(tmp_path):
