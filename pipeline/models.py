@@ -151,6 +151,14 @@ def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig):
     return fit_to_tokenizer(model, tokenizer)
 
 
+def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig):
+    """A frozen reward model to train against or score with, and its tokenizer, which must be the policy's
+    (TokenizerMismatchError otherwise): (model in eval mode, tokenizer)."""
+    tokenizer = load_tokenizer(path, model_args)
+    check_same_tokenizer({"policy": policy_tokenizer, "reward": tokenizer})
+    return load_scalar_head_model(path, tokenizer, model_args).eval(), tokenizer
+
+
 def _fingerprint(tokenizer) -> dict:
     return {
         "vocabulary": tokenizer.get_vocab(),

@@ -7,7 +7,7 @@ prompts, the reward model of `reward_model_path` (if given) scoring the answers.
 from trl import DPOTrainer, get_peft_config
 
 from .. import data, hub
-from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
+from ..models import load_causal_lm, load_reward_model, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 from .policy_eval import evaluate_against_sft
 
@@ -38,11 +38,8 @@ def main(script_args, training_args, model_args):
 
     policy_path = model_args.model_name_or_path
     tokenizer = load_tokenizer(policy_path, model_args)
-    reward_model = None
-    if script_args.reward_model_path:
-        reward_tokenizer = load_tokenizer(script_args.reward_model_path, model_args)
-        check_same_tokenizer({"policy": tokenizer, "reward": reward_tokenizer})
-        reward_model = load_scalar_head_model(script_args.reward_model_path, reward_tokenizer, model_args).eval()
+    reward_model = (load_reward_model(script_args.reward_model_path, tokenizer, model_args)[0]
+                    if script_args.reward_model_path else None)
     policy = load_causal_lm(policy_path, tokenizer, model_args)
     reference = None if peft_config else load_causal_lm(policy_path, tokenizer, model_args)
 

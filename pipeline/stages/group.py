@@ -8,7 +8,7 @@ PPO's is (pipeline.stages.policy_eval)."""
 from trl import get_peft_config
 
 from .. import hub, rl
-from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
+from ..models import load_causal_lm, load_reward_model, load_tokenizer
 from .common import finish, last_checkpoint, load_data, setup, train
 from .online import require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft
@@ -32,11 +32,8 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     prompts, eval_prompts, source = load_data("prompt", script_args)
     policy_path = model_args.model_name_or_path
     tokenizer = load_tokenizer(policy_path, model_args, padding_side="left")
-    reward_model = None
-    if script_args.reward_model_path:
-        reward_tokenizer = load_tokenizer(script_args.reward_model_path, model_args)
-        check_same_tokenizer({"policy": tokenizer, "reward": reward_tokenizer})
-        reward_model = load_scalar_head_model(script_args.reward_model_path, reward_tokenizer, model_args)
+    reward_model, reward_tokenizer = (load_reward_model(script_args.reward_model_path, tokenizer, model_args)
+                                      if script_args.reward_model_path else (None, None))
     policy = load_causal_lm(policy_path, tokenizer, model_args)
 
     reward_funcs = ([reward_model] if trains_on_model else []) + [
