@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.decoding import Decoding, chat, generate
+from conftest import run_python
+from pipeline import decoding as decoding_module
+from pipeline.decoding import HELP, Decoding, chat, generate
 from pipeline.models import fit_to_tokenizer, train_tokenizer
 
 PROMPT = [{"role": "user", "content": "Write a review of The Lost River."}]
@@ -78,3 +80,119 @@ def test_chat_keeps_the_conversation_and_resets(setup):
     assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in conversation if m["role"] == "user"] == ["first", "second"]
     assert "(conversation reset)" in seen and sum(s.startswith("model> ") for s in seen) == 3
+
+
+LONG_TURN = "the river felt superb and moving; " * 3  # about 45 tokens: a few turns overflow 128 positions
+
+
+def reader(lines, stop=EOFError):
+    """A `read` for chat: the lines, then `stop` (end of input, or Ctrl-C with KeyboardInterrupt)."""
+    lines = iter(lines)
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise stop from None
+    return read
+
+
+def test_chat_cli_survives_a_conversation_longer_than_the_context(setup, tmp_path):
+    tokenizer, model = setup
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    turns = "".join(f"turn {i}: {LONG_TURN}\n" for i in range(20))
+    result = run_python("-m", "pipeline", "chat", tmp_path, "--max_new_tokens", "16", input=turns, check=False,
+                        timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout.count("model> ") == 20
+    assert "(context: dropped the oldest turn to fit the model's 128 tokens)" in result.stdout
+
+
+def test_chat_drops_whole_old_turns_and_cuts_a_message_too_long_alone(setup):
+    tokenizer, model = setup
+    seen = []
+    lines = [f"turn {i}: {LONG_TURN}" for i in range(5)] + ["Write a review " * 60]
+    conversation = chat(model, tokenizer, Decoding(strategy="greedy", max_new_tokens=16), read=reader(lines),
+                        write=seen.append)
+    assert any(s.startswith("(context: dropped the ") for s in seen)
+    assert any(s.startswith("(context: kept the last 112 of the prompt's ") for s in seen)
+    assert sum(s.startswith("model> ") for s in seen) == 6
+    # what is left is whole turns ending with the long message, answered
+    assert [m["role"] for m in conversation] == ["user", "assistant"]
+    assert conversation[0]["content"] == ("Write a review " * 60).strip()
+
+
+def test_chat_caps_max_new_tokens_that_fill_the_context_once(setup):
+    tokenizer, model = setup
+    seen = []
+    chat(model, tokenizer, Decoding(strategy="greedy", max_new_tokens=500), read=reader(["hello", "again"]),
+         write=seen.append)
+    assert seen.count("(context: max_new_tokens 500 does not fit the model's 128 tokens; using 64)") == 1
+    assert sum(s.startswith("model> ") for s in seen) == 2
+
+
+def fake_generate(calls, interrupt_first=False):
+    def answer(model, tokenizer, inputs, decoding, write=None):
+        calls.append([dict(m) for m in inputs[0]])
+        if interrupt_first and len(calls) == 1:
+            raise KeyboardInterrupt
+        return [f"answer {len(calls)}"]
+    return answer
+
+
+def chat_catching_ctrl_c(*args, **kwargs):
+    """chat, with a KeyboardInterrupt that escapes it a test failure instead of the end of the test run."""
+    try:
+        return chat(*args, **kwargs)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the chat")
+
+
+def test_chat_commands_are_not_sent_to_the_model(setup, monkeypatch):
+    calls, seen = [], []
+    monkeypatch.setattr(decoding_module, "generate", fake_generate(calls))
+    lines = ["/foo", "/help", "//slash text", "/reset", "hi", "/exit", "never read"]
+    conversation = chat(setup[1], setup[0], Decoding(), read=reader(lines), write=seen.append)
+    assert "unknown command /foo; commands: /reset, /quit, /help" in seen
+    assert HELP in seen
+    assert [c[-1]["content"] for c in calls] == ["/slash text", "hi"]
+    assert conversation == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "answer 2"}]
+
+
+def test_ctrl_c_while_the_model_answers_cancels_only_that_answer(setup, monkeypatch):
+    calls, seen = [], []
+    monkeypatch.setattr(decoding_module, "generate", fake_generate(calls, interrupt_first=True))
+    conversation = chat_catching_ctrl_c(setup[1], setup[0], Decoding(), read=reader(["first", "second"]),
+                                        write=seen.append)
+    assert "(interrupted)" in seen
+    assert calls[1] == [{"role": "user", "content": "second"}]  # the unanswered turn is gone
+    assert conversation == [{"role": "user", "content": "second"}, {"role": "assistant", "content": "answer 2"}]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, EOFError])
+def test_ctrl_c_or_end_of_input_at_the_prompt_ends_the_chat(setup, monkeypatch, stop):
+    calls = []
+    monkeypatch.setattr(decoding_module, "generate", fake_generate(calls))
+    conversation = chat_catching_ctrl_c(setup[1], setup[0], Decoding(), read=reader(["hello"], stop),
+                                        write=lambda _: None)
+    assert len(calls) == 1 and [m["role"] for m in conversation] == ["user", "assistant"]
+
+
+def test_generate_cuts_prompts_longer_than_the_context_from_the_left(setup, monkeypatch):
+    tokenizer, model = setup
+    seen, prompts = [], []
+    original = model.generate
+
+    def spy(**batch):
+        prompts.append(batch["input_ids"])
+        return original(**batch)
+    monkeypatch.setattr(model, "generate", spy)
+    long_text = "Write a review of The Lost River. " * 20
+    answers = generate(model, tokenizer, [long_text, [{"role": "user", "content": long_text}], "short"],
+                       Decoding(strategy="greedy", max_new_tokens=16), write=seen.append)
+    assert len(answers) == 3
+    assert len(seen) == 2 and all(s.startswith("(context: kept the last 112 of prompt ") for s in seen)
+    assert prompts[0].shape[1] == 112 and prompts[0][0].tolist() == ids_of(tokenizer, long_text)[-112:]
+    assert len(generate(model, tokenizer, [""], Decoding(strategy="greedy", max_new_tokens=4))) == 1
