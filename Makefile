@@ -28,11 +28,13 @@ compare: setup
 	$(PY) -m pipeline compare
 
 # The stages against bare TRL scripts, side by side: BENCHMARKS.md and .json; then PPO against TRL 1.12's
-# PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json
+# PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json;
+# then the command line's start-up time: BENCHMARKS_STARTUP.md and .json
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/ppo_vs_trl112.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf outputs

@@ -18,6 +18,8 @@
   ls    list the recipes shipped in recipes/
   cp NAME DEST
         copy a recipe folder (e.g. tiny, gpt2-hh) to DEST to edit it
+
+An error prints one line and exits 2 (Ctrl-C: 130); --debug (anywhere before `--`) shows the traceback instead.
 """
 
 import argparse
@@ -30,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CHAIN, STAGE3, STAGES, parse, recipe_file, upstream
-from .hub import PUSH_FAILED  # a stage's exit code when training succeeded and only its Hub push failed
+# Only light imports here: torch, transformers and TRL load when a command needs them (--help and ls stay fast)
+from .names import CHAIN, PUSH_FAILED, STAGE3, STAGES, recipe_file, upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = {
@@ -121,6 +123,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     if not plan:
         raise FileNotFoundError(f"no stage recipe ({', '.join(recipe_file('', s, variant).name for s in STAGES)}) "
                                 f"in '{recipe_dir}'")
+
+    from .config import parse
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
     parsed = {s: parse(s, ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
@@ -250,15 +254,18 @@ def _policy_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _load(args, path: str, kind: str = "lm", padding_side: str = "left"):
+def _load(args, path: str, kind: str = "lm", padding_side: str = "left", field: str = "MODEL"):
+    """(model in eval mode, tokenizer); the checkpoint must be a causal LM (kind "lm") or a reward model."""
     from trl import ModelConfig
 
-    from .models import load_causal_lm, load_scalar_head_model, load_tokenizer
+    from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, load_scalar_head_model, load_tokenizer
 
     model_args = ModelConfig(model_name_or_path=path, dtype=getattr(args, "dtype", None))
+    check_model_kind(path, CAUSAL_LM if kind == "lm" else SCALAR_HEAD, field, model_args)
     tokenizer = load_tokenizer(path, model_args, padding_side=padding_side)
-    loader = load_causal_lm if kind == "lm" else load_scalar_head_model
-    return loader(path, tokenizer, model_args).eval(), tokenizer
+    if kind == "lm":
+        return load_causal_lm(path, tokenizer, model_args, field).eval(), tokenizer
+    return load_scalar_head_model(path, tokenizer, model_args, field).eval(), tokenizer
 
 
 def _split(name: str, split: str, use: str):
@@ -280,16 +287,24 @@ def evaluate_command(args, overrides: list[str]) -> dict:
 
         return evaluate_run(args.recipe_dir, overrides, variant=LORA if args.lora else None)
     if args.what in ("policy", "compare"):
-        prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
+        from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind
+
+        for path, need, field in ((args.model, CAUSAL_LM, "MODEL"), (getattr(args, "other", None), CAUSAL_LM, "OTHER"),
+                                  (getattr(args, "reference", None), CAUSAL_LM, "--reference"),
+                                  (args.reward_model, SCALAR_HEAD, "--reward_model")):
+            if path:  # every model's kind before any is loaded
+                check_model_kind(path, need, field)
         policy, tokenizer = _load(args, args.model)
-        reward_model = _load(args, args.reward_model, "reward")[0] if args.reward_model else None
+        reward_model = (_load(args, args.reward_model, "reward", field="--reward_model")[0] if args.reward_model
+                        else None)
+        prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
         common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, oracle=oracle,
                       samples_per_prompt=args.samples_per_prompt, seed=args.seed)
         if args.what == "policy":
-            reference = _load(args, args.reference)[0] if args.reference else None
+            reference = _load(args, args.reference, field="--reference")[0] if args.reference else None
             return evaluate.evaluate_policy(policy, tokenizer, prompts, reward_model=reward_model,
                                             reference=reference, **common)
-        other, _ = _load(args, args.other)
+        other, _ = _load(args, args.other, field="OTHER")
         return evaluate.compare_policies(policy, other, reward_model, tokenizer, prompts, names=("a", "b"), **common)
     if args.what == "reward":
         model, tokenizer = _load(args, args.model, "reward", padding_side="right")
@@ -363,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--shots", default="0,1,2")
     fewshot.add_argument("--examples", type=int, default=100)
     fewshot.add_argument("--seed", type=int, default=0)
-    for sub in (policy, compare, reward, ppl, fewshot):
-        _model_arguments(sub)
+    for sub in (suite, policy, compare, reward, ppl, fewshot):
+        if sub is not suite:
+            _model_arguments(sub)
+        # also after the subcommand (`eval policy M --output F`); SUPPRESS keeps a value given before it
+        sub.add_argument("--output", default=argparse.SUPPRESS, help="also write the JSON result to this file")
 
     generate = commands.add_parser("generate", help="answer prompts with a model")
     generate.add_argument("model")
@@ -408,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
+    if "--debug" in argv:  # anywhere before `--`: tracebacks instead of one-line errors, here and in every stage
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["PIPELINE_DEBUG"] = "1"
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -456,6 +477,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{folder.name:<12} {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")
         else:
             copy_recipe(args.name, args.dest)
+    except KeyboardInterrupt:
+        if os.environ.get("PIPELINE_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"\nerror: {args.command}: interrupted (Ctrl-C); what was already written is kept", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError) as error:
         if os.environ.get("PIPELINE_DEBUG", "") not in ("", "0"):
             raise

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import recipe_file
+from .names import recipe_file
 
 # algorithm -> (stage, recipe variant): the recipe is <stage>.yaml, or <stage>-<variant>.yaml
 ALGORITHMS = {

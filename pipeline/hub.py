@@ -28,8 +28,8 @@ from pathlib import Path, PurePath
 import yaml
 
 from . import data
+from .names import PUSH_FAILED  # noqa: F401 (exit code of a stage whose training succeeded but whose push did not)
 
-PUSH_FAILED = 3  # exit code of a stage whose training succeeded but whose push did not
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"
 # Not pushed: intermediate checkpoints, tensorboard logs, the pickled TrainingArguments, VCS/cache folders,

@@ -52,3 +52,14 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model",
                     "## PPO: against TRL 1.12, in BENCHMARKS_PPO.md", "## GPU rows: not measured"):
         assert heading in text
+
+
+def test_startup_bench_writes_its_table(tmp_path):
+    """bench/startup.py in one run: the table names every command with its figures (which it does not judge here:
+    the measurement is `make bench`'s)."""
+    md, js = tmp_path / "startup.md", tmp_path / "startup.json"
+    run_python("bench/startup.py", "--runs", "1", "--md", md, "--json", js, timeout=300)
+    table = md.read_text()
+    for command in ("python -m pipeline --help", "python -m pipeline ls", "import torch, transformers, trl"):
+        assert f"| `{command}` |" in table
+    assert all(len(values) == 1 for values in json.loads(js.read_text())["seconds"].values())
