@@ -4,9 +4,12 @@ A recipe is a YAML file of those dataclasses' field names; `--field value` on th
 the YAML; an unknown key, in the YAML or on the command line, is an error that names it.
 """
 
+import argparse
 import difflib
 import enum
 import os
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -15,16 +18,9 @@ from pathlib import Path
 import yaml
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, RewardConfig, RLOOConfig, ScriptArguments, SFTConfig, TrlParser
+from .names import CHAIN, STAGE3, STAGES, recipe_file, upstream  # noqa: F401 (re-exported)
 from .trainers.ppo import PPOConfig
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")  # the order the runner runs them in
-CHAIN = ("pretrain", "sft", "reward", "ppo")  # what `run` runs without --stages: the ChatGPT chain
-STAGE3 = ("ppo", "grpo", "rloo", "dpo")  # alternatives to each other, each from the SFT policy (and reward model)
-
-
-def upstream(stage: str) -> tuple[str, ...]:
-    """The stages whose output `stage` reads: those before it, except the other stage-3 algorithms."""
-    return tuple(s for s in STAGES[: STAGES.index(stage)] if s not in STAGE3)
 
 
 @dataclass
@@ -129,11 +125,6 @@ class DPOArguments(PolicyEvalArguments):
     eval_temperature: float = field(default=0.7, metadata={"help": "Evaluation: sampling temperature."})
 
 
-def recipe_file(recipe_dir, stage: str, variant: str | None = None) -> Path:
-    """A stage's recipe in a folder: <stage>.yaml, or <stage>-<variant>.yaml (e.g. sft-lora.yaml)."""
-    return Path(recipe_dir) / (f"{stage}-{variant}.yaml" if variant else f"{stage}.yaml")
-
-
 CLASSES = {
     "pretrain": (PretrainArguments, SFTConfig),
     "sft": (SFTArguments, SFTConfig),
@@ -149,8 +140,49 @@ class RecipeParser(TrlParser):
     """TrlParser whose errors (a flag with a value of the wrong type, a missing value) are one-line ValueErrors
     instead of argparse's usage text and exit."""
 
+    checked_argv: list[str] = []
+    checked_recipe: str | None = None
+
     def error(self, message):
+        flag = message.partition(":")[0].removeprefix("argument ").split("/")[0]
+        if "expected one argument" in message and flag in self.checked_argv:
+            after = self.checked_argv[self.checked_argv.index(flag) + 1:][:1]
+            if after and after[0].startswith("-") and after[0][1:2].isdigit():
+                message += f" (a negative value is read as a flag: write {flag}={after[0]})"
         raise ValueError(message)
+
+    def parse_args_into_dataclasses(self, args=None, **kwargs):
+        # The settings are checked on the parsed values (the recipe's, overridden by the flags) before the
+        # dataclasses are built: their __post_init__ (TRL's, transformers') would refuse some under other names.
+        namespace, _ = argparse.ArgumentParser.parse_known_args(self, args=args)
+        check_settings(vars(namespace), self.checked_argv, self.checked_recipe)
+        return super().parse_args_into_dataclasses(args=args, **kwargs)
+
+
+def short_help(stage: str, program: str) -> str:
+    """What `scripts/<stage>.py --help` prints: how to run it, and the pipeline's own fields for the stage
+    (TRL's and transformers' fields, several hundred, are behind --help_all)."""
+    script_class, config_class = CLASSES[stage]
+    lines = [f"usage: {program} --config RECIPE.yaml [--field value ...] [--debug]",
+             f"       accelerate launch --config_file recipes/accelerate/<x>.yaml {program} --config RECIPE.yaml ...",
+             "",
+             f"Runs the {stage} stage from a recipe, a YAML file of field: value (e.g. recipes/tiny/{stage}.yaml;",
+             "`python -m pipeline ls` lists the shipped ones). A flag overrides the recipe's field of that name:",
+             "--learning_rate 1e-5. --debug shows the traceback of an error.",
+             "",
+             f"The pipeline's fields for {stage}:"]
+    for f in fields(script_class):
+        text = " ".join(f.metadata.get("help", "").split())
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                              else None)
+        lines.append(textwrap.fill(f"--{f.name} (default {_show(default)})" + (f": {text}" if text else ""), 110,
+                                   initial_indent="  ", subsequent_indent="      "))
+    lines += ["", "Often set from the trainer's config: --output_dir, --learning_rate, --num_train_epochs, "
+              "--max_steps,",
+              "--per_device_train_batch_size, --seed, --model_name_or_path, --push_to_hub, --hub_model_id.",
+              f"Every field of TRL's {config_class.__name__} and of ModelConfig can be set (`{program} --help_all` "
+              "lists them all);", "see docs/stages.md."]
+    return "\n".join(lines)
 
 
 def parser(stage: str) -> TrlParser:
@@ -246,8 +278,7 @@ def check_recipe(stage_parser: TrlParser, path: str) -> None:
     """Fail on a missing recipe or an unknown key with the key's name and the closest known field."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe '{path}' does not exist")
-    with open(path) as f:
-        recipe = yaml.safe_load(f)
+    recipe = load_recipe(path)
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe '{path}' must be a YAML mapping of field: value")
     known = {action.dest for action in stage_parser._actions} | {"env"}
@@ -261,9 +292,99 @@ def check_recipe(stage_parser: TrlParser, path: str) -> None:
     check_types(stage_parser, recipe, path)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise ValueError(f"'{key}' is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                                 "keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_recipe(path: str):
+    """The recipe's YAML, or a one-line error naming the file, the line and what YAML could not read."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        context = getattr(error, "context", None)
+        raise ValueError(f"recipe '{path}' is not valid YAML: {problem}{where}"
+                         + (f" ({context})" if context else "")) from None
+    except ValueError as error:
+        raise ValueError(f"recipe '{path}': {error}") from None
+
+
+# Settings that would train nothing, or nonsense: (field, lowest value, whether the lowest is allowed, why).
+# Checked after parsing, before anything is loaded; None (a field left unset) is never checked.
+LIMITS = [(name, 1, True, "") for name in (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "total_episodes",
+    "response_length", "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "max_length",
+    "max_prompt_length", "max_completion_length", "num_iterations", "steps_per_generation", "generation_batch_size",
+    "eval_samples_per_prompt", "eval_max_prompts", "eval_max_new_tokens", "ptx_block_size", "vocab_size", "n_layer",
+    "n_head", "n_embd", "n_positions", "kl_horizon")] + [
+    ("num_generations", 2, True, " (the group's baseline needs at least 2 answers per prompt)"),
+    ("learning_rate", 0, False, ""), ("temperature", 0, False, " (it divides the logits; for greedy answers use a "
+                                                                "small value such as 0.01)"),
+    ("eval_temperature", 0, False, ""), ("kl_target", 0, False, ""), ("cliprange", 0, False, ""),
+    ("cliprange_value", 0, False, ""), ("epsilon", 0, False, ""),
+    ("kl_coef", 0, True, ""), ("beta", 0, True, ""), ("vf_coef", 0, True, ""), ("ptx_coef", 0, True, ""),
+    ("weight_decay", 0, True, ""), ("reward_model_weight", 0, True, ""), ("dropout", 0, True, ""),
+    ("gamma", 0, True, ""), ("lam", 0, True, ""), ("warmup_ratio", 0, True, ""), ("max_grad_norm", 0, True, ""),
+]
+AT_MOST_ONE = ("gamma", "lam", "warmup_ratio", "dropout")
+
+
+def _named(name: str, argv: list[str], path: str | None) -> str:
+    """Where a field's value came from, as the user wrote it: `--field` on the command line, else the recipe."""
+    if any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+        return f"--{name}"
+    return f"recipe '{path}': '{name}'" if path else f"'{name}'"
+
+
+def check_settings(values: dict, argv: list[str], path: str | None) -> None:
+    """Refuse settings (field -> value) that would train nothing or nonsense, naming the field as the recipe spells
+    it, before anything is loaded (torch or TRL would fail later, under another name, or train nothing and exit 0)."""
+    values = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str):  # a YAML value PyYAML left as text (1e-4); argparse converts the flags
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    for name, low, inclusive, why in LIMITS:
+        value = values.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value < low or (value == low and not inclusive) or (name in AT_MOST_ONE and value > 1):
+            bound = ("between 0 and 1" if name in AT_MOST_ONE else
+                     f"at least {low}" if inclusive else f"greater than {low}")
+            raise ValueError(f"{_named(name, argv, path)} must be {bound}, got {value:g}{why}")
+    if values.get("max_steps", -1) <= 0 and values.get("num_train_epochs", 1) <= 0 and (
+            values.get("total_episodes") is None):
+        name = "num_train_epochs"
+        raise ValueError(f"{_named(name, argv, path)} is {values[name]:g} and max_steps is not set: this would "
+                         "train nothing (set num_train_epochs > 0 or max_steps > 0)")
+    if "n_head" in values and values["n_embd"] % values["n_head"]:
+        raise ValueError(f"{_named('n_embd', argv, path)} ({values['n_embd']}) must be a multiple of n_head "
+                         f"({values['n_head']})")
+
+
 def parse(stage: str, argv: list[str] | None = None):
     """(script_args, training_args, model_args) for `stage` from `--config recipe.yaml` and flags."""
     stage_parser = parser(stage)
-    if argv is not None and "--config" in argv and argv.index("--config") + 1 < len(argv):
-        check_recipe(stage_parser, str(argv[argv.index("--config") + 1]))
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        raise ValueError(f"no recipe given: --config RECIPE.yaml is needed, e.g. --config recipes/tiny/{stage}.yaml "
+                         "(`python -m pipeline ls` lists the recipes; --help shows the options)")
+    path = argv[argv.index("--config") + 1]
+    check_recipe(stage_parser, path)
+    stage_parser.checked_argv, stage_parser.checked_recipe = argv, path
     return stage_parser.parse_args_and_config(argv)

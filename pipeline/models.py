@@ -17,6 +17,7 @@ import shutil
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -42,14 +43,14 @@ class TokenizerMismatchError(ValueError):
     pass
 
 
-def require_local_or_hub(path: str, what: str = "model") -> None:
+def require_local_or_hub(path: str, what: str = "model path") -> None:
     """Fail clearly on a local path that does not exist, instead of a Hub lookup error."""
     if os.path.exists(path):
         return
     head = path.split("/")[0]
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(head)
     if looks_local:
-        raise FileNotFoundError(f"{what} path '{path}' does not exist (has the stage that writes it run?)")
+        raise FileNotFoundError(f"{what} '{path}' does not exist (has the stage that writes it run?)")
 
 
 def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -78,7 +79,7 @@ def prepare_tokenizer(tokenizer):
 
 
 def load_tokenizer(path: str, model_args: ModelConfig | None = None, padding_side: str = "right"):
-    require_local_or_hub(path, "tokenizer")
+    require_local_or_hub(path, "tokenizer path")
     tokenizer = AutoTokenizer.from_pretrained(
         path,
         revision=model_args.model_revision if model_args else "main",
@@ -134,29 +135,87 @@ def fit_to_tokenizer(model, tokenizer):
     return model
 
 
-def load_causal_lm(path: str, tokenizer, model_args: ModelConfig):
-    require_local_or_hub(path)
+class ModelKindError(ValueError):
+    pass
+
+
+CAUSAL_LM, SCALAR_HEAD = "causal-lm", "scalar-head"
+ROLE_HINTS = {  # what to point a field at, by the kind it needs
+    CAUSAL_LM: "point it at a policy (the pretrain or SFT stage's output_dir, or a Hub causal LM)",
+    SCALAR_HEAD: "point it at the reward stage's output_dir",
+}
+
+
+def model_kind(path: str, model_args: ModelConfig | None = None) -> tuple[str, str]:
+    """(kind, what the checkpoint is) from its config alone, nothing loaded: kind is CAUSAL_LM, SCALAR_HEAD (a
+    1-output sequence classifier: a reward or value model), "classifier" (more labels) or "other"."""
+    if is_adapter(path):
+        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+            task = json.load(f).get("task_type")
+        return {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": SCALAR_HEAD}.get(task, "other"), f"a LoRA adapter ({task})"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelKindError(f"'{path}' holds no model (no config.json or {ADAPTER_CONFIG}): is it the output_dir "
+                             "of a stage that finished, or the folder above it?")
+    config = AutoConfig.from_pretrained(path, revision=getattr(model_args, "model_revision", None) or "main",
+                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    architecture = (config.architectures or [""])[0]
+    if architecture.endswith("ForSequenceClassification"):
+        kind = SCALAR_HEAD if config.num_labels == 1 else "classifier"
+    elif architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        kind = CAUSAL_LM
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kind = CAUSAL_LM if not architecture and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "other"
+    return kind, architecture or f"a {config.model_type} config"
+
+
+KIND_WORDS = {CAUSAL_LM: "a causal language model", SCALAR_HEAD: "a reward model",
+              "classifier": "a classifier with several labels", "other": "another kind of model"}
+
+
+def check_model_kind(path: str, need: str, field: str = "model", model_args: ModelConfig | None = None,
+                     allow: tuple[str, ...] = ()) -> None:
+    """Fail in one line when the checkpoint at `path` is not the kind of model its role needs (`need`: CAUSAL_LM
+    for a policy or reference, SCALAR_HEAD for a reward or value model; `allow`: other kinds accepted too), naming
+    the field it was given in. Reads only the config."""
+    require_local_or_hub(path, field)
+    try:
+        kind, what = model_kind(path, model_args)
+    except ModelKindError as error:
+        raise ModelKindError(f"{field} {error}") from None
+    if kind != need and kind not in allow:
+        random_head = "its score head would be random; " if need == SCALAR_HEAD and kind == CAUSAL_LM else ""
+        raise ModelKindError(f"{field} '{path}' is {KIND_WORDS[kind]} ({what}), not {KIND_WORDS[need]}: "
+                             f"{random_head}{ROLE_HINTS[need]}")
+
+
+def load_causal_lm(path: str, tokenizer, model_args: ModelConfig, field: str = "model_name_or_path"):
+    check_model_kind(path, CAUSAL_LM, field, model_args)
     if is_adapter(path):
         return _load_merged(path, tokenizer, model_args, AutoModelForCausalLM)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
     return fit_to_tokenizer(model, tokenizer)
 
 
-def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig):
-    """A reward or value model: the transformer with a 1-output `score` head (new if `path` is an LM)."""
-    require_local_or_hub(path)
+def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig, field: str | None = None):
+    """A reward or value model: the transformer with a 1-output `score` head. With `field` (a role that needs a
+    trained head: the reward model to train against or evaluate), `path` must hold one; without it (the reward
+    stage's starting point), a causal LM gets a new head."""
+    check_model_kind(path, SCALAR_HEAD, field or "model_name_or_path", model_args, allow=() if field else (CAUSAL_LM,))
     if is_adapter(path):
         return _load_merged(path, tokenizer, model_args, AutoModelForSequenceClassification, num_labels=1)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(model_args))
     return fit_to_tokenizer(model, tokenizer)
 
 
-def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig):
+def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig, field: str = "reward_model_path"):
     """A frozen reward model to train against or score with, and its tokenizer, which must be the policy's
     (TokenizerMismatchError otherwise): (model in eval mode, tokenizer)."""
+    check_model_kind(path, SCALAR_HEAD, field, model_args)
     tokenizer = load_tokenizer(path, model_args)
     check_same_tokenizer({"policy": policy_tokenizer, "reward": tokenizer})
-    return load_scalar_head_model(path, tokenizer, model_args).eval(), tokenizer
+    return load_scalar_head_model(path, tokenizer, model_args, field).eval(), tokenizer
 
 
 def _fingerprint(tokenizer) -> dict:
@@ -217,18 +276,27 @@ def _load_merged(path: str, tokenizer, model_args: ModelConfig, auto_class, base
         raise ValueError(f"'{path}' is a LoRA adapter; with 4-bit/8-bit loading point at its merged model "
                          "(the stage's output_dir) instead")
     base = adapter_base(path, base_model)
+    causal = auto_class is AutoModelForCausalLM
+    check_model_kind(base, CAUSAL_LM if causal else SCALAR_HEAD, f"the base model of the adapter '{path}'", model_args,
+                     allow=() if causal else (CAUSAL_LM,))  # a reward model's adapter sits on the SFT policy
     logger.info(f"{path} is a LoRA adapter: loading its base model {base}, the adapter, and merging them")
     model = fit_to_tokenizer(auto_class.from_pretrained(base, **kwargs, **model_kwargs(model_args)), tokenizer)
     model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return fit_to_tokenizer(model, tokenizer)
 
 
-def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = None, dtype: str = "auto") -> str:
+def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = None, dtype: str = "auto",
+                  overwrite: bool = False) -> str:
     """Write the merged model (base + adapter, one plain transformers checkpoint) and the tokenizer to
     `output_dir`. A reward model's adapter (task SEQ_CLS) merges into a 1-label sequence classifier."""
     if not is_adapter(adapter_path):
         raise ValueError(f"'{adapter_path}' is not a LoRA adapter folder (no {ADAPTER_CONFIG}, or it holds a "
                          "whole model: config.json)")
+    if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
+        held = sorted(os.listdir(output_dir))
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise FileExistsError(f"'{output_dir}' already holds files ({shown}): merge writes a new folder; give it one "
+                              "that does not exist or is empty")
     with open(os.path.join(adapter_path, ADAPTER_CONFIG)) as f:
         task = json.load(f).get("task_type")
     has_tokenizer = os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
@@ -288,7 +356,7 @@ def save_lora(trainer, model, output_dir: str) -> None:
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         trainer.save_model(adapter_dir)
         if trainer.accelerator.is_main_process:
-            merge_adapter(adapter_dir, output_dir)
+            merge_adapter(adapter_dir, output_dir, overwrite=True)  # the stage's own folder
             value_model = os.path.join(adapter_dir, "value_model")  # PPO's, trained in full: beside the merged policy
             if os.path.isdir(value_model):
                 shutil.rmtree(os.path.join(output_dir, "value_model"), ignore_errors=True)

@@ -10,7 +10,10 @@
 """
 
 import importlib
+import inspect
 import math
+import os
+import traceback
 
 import torch
 
@@ -64,38 +67,106 @@ def load_function(spec: str):
     return function
 
 
+class RewardFunctionError(ValueError):
+    """A reward function of the recipe that failed: raised, or returned something other than a number per
+    completion. The message names it (module:function), what it did, and the update."""
+
+
+def _signature_problem(function) -> str | None:
+    """Why `function` cannot be called as function(prompts=..., completions=...), or None."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return None  # a builtin or C callable: not inspectable, tried on the trial call instead
+    kinds = {p.kind for p in parameters.values()}
+    takes = set(parameters) if inspect.Parameter.VAR_KEYWORD not in kinds else {"prompts", "completions"}
+    missing = [name for name in ("prompts", "completions") if name not in takes]
+    required = [name for name, p in parameters.items() if p.default is p.empty
+                and name not in ("prompts", "completions") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing or required:
+        return (f"must accept the keyword arguments prompts= and completions= (and **kwargs for the rest); its "
+                f"signature is {inspect.signature(function)}")
+    return None
+
+
+class CheckedRewardFunction:
+    """A recipe's reward function, called as function(prompts=[str], completions=[str]) -> [float] and checked:
+    an exception, a wrong number of values, a value that is not a number or not finite stops training with one
+    line naming `spec` and the update (`step`)."""
+
+    def __init__(self, spec: str, function):
+        self.spec, self.function = spec, function
+        self.__name__ = spec.partition(":")[2]
+
+    def __call__(self, prompts: list[str], completions: list[str], step="?", **kwargs) -> list[float]:
+        trial = step == "trial"
+        at = "on a trial call before training (2 prompts of the dataset)" if trial else f"at update {step}"
+        stopped = ("nothing was trained" if trial
+                   else "training stopped before that update; the checkpoints already in output_dir are kept")
+        try:
+            values = self.function(prompts=prompts, completions=completions, **kwargs)
+            values = list(values)
+        except Exception as error:
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            raise RewardFunctionError(
+                f"reward function {self.spec} raised {type(error).__name__}: {' '.join(str(error).split())} {at} "
+                f"({os.path.relpath(where.filename)}, line {where.lineno}); {stopped}") from error
+        if len(values) != len(completions):
+            raise RewardFunctionError(f"reward function {self.spec} returned {len(values)} values for "
+                                      f"{len(completions)} completions {at}")
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"reward function {self.spec} returned {values[:3]}...: expected a number per "
+                                      f"completion ({at})") from None
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            from .stages.common import NonFiniteError
+
+            raise NonFiniteError(f"reward function {self.spec} returned {bad[0]} {at.replace('update', 'step')}: "
+                                 f"{stopped}")
+        return values
+
+
 def load_reward_functions(specs: list[str], weights: list[float] | None = None) -> list[tuple]:
-    """The recipe's `reward_functions` (and their weights, default 1 each) as (name, function, weight), for
-    pipeline.trainers.ppo.PPOTrainer, which calls each as `function(prompts=[str], completions=[str])`."""
+    """The recipe's `reward_functions` (and their weights, default 1 each) as (name, CheckedRewardFunction,
+    weight), their signatures checked, for pipeline.trainers.ppo.PPOTrainer and `for_trl`."""
     weights = list(weights) if weights else [1.0] * len(specs)
     if len(weights) != len(specs):
         raise ValueError(f"reward_function_weights has {len(weights)} values for {len(specs)} reward functions")
-    return [(spec.partition(":")[2], load_function(spec), float(w)) for spec, w in zip(specs, weights)]
+    functions = []
+    for spec, weight in zip(specs, weights):
+        function = load_function(spec)
+        if problem := _signature_problem(function):
+            raise RewardFunctionError(f"reward function {spec} {problem}")
+        functions.append((spec.partition(":")[2], CheckedRewardFunction(spec, function), float(weight)))
+    return functions
+
+
+def trial_call(functions: list[tuple], tokenizer, prompts) -> None:
+    """Call every reward function once before training, on 2 prompts of the dataset (as the text the policy
+    sees) with an empty and a short answer: a function that fails is named before anything is trained."""
+    if not functions:
+        return
+    rows = prompts.select(range(min(2, len(prompts))))
+    texts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+             if isinstance(row["prompt"], list) else row["prompt"] for row in rows]
+    texts = (texts * 2)[:2]
+    for _, function, _ in functions:
+        function(prompts=texts, completions=["", "It was fine."], step="trial")
 
 
 def for_trl(name: str, function, tokenizer):
-    """One of our reward functions (text in, floats out) as a reward function for TRL's GRPO/RLOO trainers,
-    which call it with conversational prompts and completions (lists of messages): the prompt is passed as the
-    text the policy saw (the chat template's, as PPO passes it), the completion as the answer's text. A wrong
-    number of values, or a value that is not a finite number, stops training with a line naming the function."""
+    """One of our reward functions (a CheckedRewardFunction: text in, floats out) as a reward function for TRL's
+    GRPO/RLOO trainers, which call it with conversational prompts and completions (lists of messages): the prompt
+    is passed as the text the policy saw (the chat template's, as PPO passes it), the completion as the answer's
+    text."""
     def reward(prompts, completions, **kwargs):
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  if isinstance(p, list) else p for p in prompts]
         answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        values = list(function(prompts=texts, completions=answers))
-        if len(values) != len(answers):
-            raise ValueError(f"reward function {name} returned {len(values)} values for {len(answers)} completions")
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise ValueError(f"reward function {name} returned {values[:3]}...: expected a number per completion") from None
-        bad = [v for v in values if not math.isfinite(v)]
-        if bad:
-            from .stages.common import NonFiniteError
-            step = kwargs.get("trainer_state").global_step if kwargs.get("trainer_state") is not None else "?"
-            raise NonFiniteError(f"reward function {name} returned {bad[0]} at step {step}: training stopped before "
-                                 "that update; the checkpoints already in output_dir are kept")
-        return values
+        state = kwargs.get("trainer_state")
+        return function(prompts=texts, completions=answers, step=state.global_step + 1 if state is not None else "?")
 
     reward.__name__ = name
     return reward

@@ -5,6 +5,8 @@ Rows are `query + response`: queries left-padded, responses right-padded, the pa
 position ids from the pads, so a row means the same to the model whatever its padding.
 """
 
+import copy
+
 import torch
 from transformers import GenerationConfig
 from trl.trainer.utils import pad
@@ -47,11 +49,14 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
     `query + response` rows and, with `return_logits`, the processed logits of every generated token (the
     temperature applied: what the sampled tokens were drawn from)."""
     rows, logits = [], []
+    # in the config, not as generate() kwargs beside it (which transformers warns about)
+    step_config = copy.deepcopy(config)
+    step_config.return_dict_in_generate, step_config.output_scores = True, return_logits
     for start in range(0, len(queries), batch_size):
         query = queries[start:start + batch_size]
         mask = query != pad_token_id
-        output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask, generation_config=config,
-                                return_dict_in_generate=True, output_scores=return_logits)
+        output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask,
+                                generation_config=step_config)
         rows.append(torch.cat((query, output.sequences[:, query.shape[1]:]), 1))
         if return_logits:
             logits.append(torch.stack(output.scores, 1))

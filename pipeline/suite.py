@@ -48,7 +48,8 @@ def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 50
         _, pairs, _ = data.load_for("preference", script_args)
         if pairs is not None:
             tokenizer = load_tokenizer(training_args.output_dir, model_args)
-            model = load_scalar_head_model(training_args.output_dir, tokenizer, model_args).eval()
+            model = load_scalar_head_model(training_args.output_dir, tokenizer, model_args,
+                                           "the reward stage's output_dir").eval()
             results["reward_model"] = evaluate_reward_model(model, tokenizer, pairs,
                                                             oracle=embedded.ORACLE if on_embedded else None)
 
@@ -63,7 +64,8 @@ def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 50
             continue
         script_args, training_args, model_args = stages[stage]
         tokenizer = load_tokenizer(training_args.output_dir, model_args)
-        model = load_causal_lm(training_args.output_dir, tokenizer, model_args).eval()
+        model = load_causal_lm(training_args.output_dir, tokenizer, model_args,
+                               f"the {stage} stage's output_dir").eval()
         if texts is not None:
             results.setdefault("perplexity", {})[stage] = perplexity(model, tokenizer, texts)
         if task is not None:

@@ -19,3 +19,31 @@ def wrong_count(prompts, completions, **kwargs):
 
 def not_numbers(prompts, completions, **kwargs):
     return ["good"] * len(completions)
+
+
+def raises(prompts, completions, **kwargs):
+    return [1.0 / 0 for _ in completions]
+
+
+def bad_signature(texts):
+    return [0.0] * len(texts)
+
+
+CALLS = {"count": 0}
+
+
+def _after_trial():
+    CALLS["count"] += 1
+    return CALLS["count"] > 1
+
+
+def nan_after_trial(prompts, completions, **kwargs):
+    """Fine on the trial call before training, NaN from the first update on."""
+    return [float("nan") if _after_trial() else 0.0] * len(completions)
+
+
+def raises_after_trial(prompts, completions, **kwargs):
+    """Fine on the trial call before training; raises at the first update."""
+    if _after_trial():
+        raise KeyError("sentiment")
+    return [0.0] * len(completions)

@@ -7,7 +7,8 @@ from conftest import run_python
 
 def test_eval_reward_against_the_oracle(tiny_run, tmp_path):
     out = tmp_path / "reward.json"
-    result = run_python("-m", "pipeline", "eval", "--output", out, "reward", tiny_run["outputs"] / "reward")
+    # --output after the subcommand (before it works too: tests/test_newcomer.py)
+    result = run_python("-m", "pipeline", "eval", "reward", tiny_run["outputs"] / "reward", "--output", out)
     printed = _json(result.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["reference"] == "oracle" and printed["pairs"] == 500

@@ -206,7 +206,7 @@ def test_ppo_with_lora_holds_one_base_model_copy(lora_run, tiny_run, tmp_path):
     assert 2 * lora["causal_lm_base_parameters"] == full["causal_lm_base_parameters"]  # one copy, not two
 
 
-def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path):
+def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path, capsys):
     run_python("-m", "pipeline", "merge", lora_run["outputs"] / "reward" / "adapter", tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     stage = AutoModelForSequenceClassification.from_pretrained(lora_run["outputs"] / "reward")
@@ -216,6 +216,17 @@ def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path):
     wrong = run_python("-m", "pipeline", "merge", lora_run["outputs"] / "reward", tmp_path / "x", check=False)
     assert wrong.returncode == 2 and "is not a LoRA adapter folder" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+    # a second merge into the same folder is refused, its files untouched (in-process: the same entry point)
+    from pipeline import cli
+
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["merge", str(lora_run["outputs"] / "sft" / "adapter"), str(tmp_path / "merged")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: '{tmp_path / 'merged'}' already holds files (") and "\n" not in err
+    assert "merge writes a new folder; give it one that does not exist or is empty" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir() if p.is_file()} == before
 
 
 def test_pretrain_with_lora_keeps_its_base_and_adapter(tiny_run, tmp_path):

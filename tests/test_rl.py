@@ -81,6 +81,40 @@ def test_reward_functions_are_loaded_with_their_weights():
         rl.load_reward_functions(["reward_fns:constant", "reward_fns:length"], [1.0])
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("reward_fns:bad_signature", r"^reward function reward_fns:bad_signature must accept the keyword arguments "
+                                 r"prompts= and completions= .*its signature is \(texts\)$"),
+    ("reward_fns:raises", r"^reward function reward_fns:raises raised ZeroDivisionError: float division by zero on a "
+                          r"trial call before training \(2 prompts of the dataset\) \(tests/reward_fns.py, line \d+\); "
+                          r"nothing was trained$"),
+    ("reward_fns:wrong_count", r"^reward function reward_fns:wrong_count returned 1 values for 2 completions on a "
+                               r"trial call"),
+    ("reward_fns:not_numbers", r"^reward function reward_fns:not_numbers returned \['good', 'good'\]\.\.\.: "
+                               r"expected a number per completion \(on a trial call"),
+    ("reward_fns:not_a_number", r"^reward function reward_fns:not_a_number returned nan on a trial call"),
+])
+def test_a_reward_function_that_fails_is_named_before_training(spec, message, monkeypatch):
+    """The signature when the recipe's functions are loaded, then one trial call on 2 prompts of the dataset
+    (rl.trial_call, before the PPO/GRPO/RLOO stage loads its models): each failure is one line naming the
+    function as the recipe does (module:function) and what it did."""
+    from datasets import Dataset
+
+    from pipeline.stages.common import NonFiniteError
+
+    monkeypatch.chdir(ROOT)
+    prompts = Dataset.from_list([{"prompt": "Write a review of The Lost River."}, {"prompt": "Review Dust."}])
+    with pytest.raises((rl.RewardFunctionError, NonFiniteError), match=message):
+        rl.trial_call(rl.load_reward_functions([spec]), tokenizer=None, prompts=prompts)
+    rl.trial_call(rl.load_reward_functions(["reward_fns:constant"]), tokenizer=None, prompts=prompts)  # a good one
+
+
+def test_a_reward_function_that_raises_during_training_names_the_update():
+    (_, function, _), = rl.load_reward_functions(["reward_fns:raises"])
+    with pytest.raises(rl.RewardFunctionError, match=r"raised ZeroDivisionError: float division by zero at update 7 .*"
+                                                     r"training stopped before that update"):
+        function(prompts=["p"], completions=["c"], step=7)
+
+
 def ppo(tiny_run, output_dir, *extra, check=True):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return run_python("scripts/ppo.py", "--config", tiny_run["recipes"] / "ppo.yaml", "--output_dir", output_dir,
@@ -141,9 +175,10 @@ def test_ptx_without_a_dataset_is_a_one_line_error(tiny_run, tmp_path):
 
 
 def test_nan_reward_stops_ppo_naming_the_function_and_the_step(tiny_run, tmp_path):
-    result = ppo(tiny_run, tmp_path / "ppo", "--reward_functions", "reward_fns:not_a_number", check=False)
+    result = ppo(tiny_run, tmp_path / "ppo", "--reward_functions", "reward_fns:nan_after_trial", check=False)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ppo: reward function not_a_number returned nan at step 1: training stopped"), line
+    assert line.startswith("error: ppo: reward function reward_fns:nan_after_trial returned nan at step 1: training "
+                           "stopped"), line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ppo" / "model.safetensors").exists()

@@ -118,8 +118,10 @@ def test_rloo_with_reward_weights_set_directly_is_refused(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("function,expected", [
-    ("reward_fns:wrong_count", "reward function wrong_count returned 1 values for 8 completions"),
-    ("reward_fns:not_numbers", "reward function not_numbers returned"),
+    ("reward_fns:wrong_count", "reward function reward_fns:wrong_count returned 1 values for 2 completions on a trial "
+                               "call before training"),
+    ("reward_fns:raises_after_trial", "reward function reward_fns:raises_after_trial raised KeyError: 'sentiment' at "
+                                      "update 1 (tests/reward_fns.py, line"),
 ])
 def test_a_reward_function_that_misbehaves_is_named(tiny_run, tmp_path, function, expected):
     import os

@@ -8,7 +8,7 @@ import resource
 import sys
 import tempfile
 
-from ..config import STAGES, parse
+from ..config import STAGES, parse, parser, short_help
 
 # errno -> the cause, for a write that failed (OSError, or safetensors' "os error N", or torch.save)
 WRITE_ERRORS = {
@@ -79,8 +79,17 @@ def run(stage: str, argv: list[str] | None = None) -> None:
     PIPELINE_DEBUG=1 (or pass --debug) to see the traceback instead. So does a write that fails (a read-only
     output_dir, a full disk): the line names the path and the cause."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed picks anyway, without its "Setting accelerator to CPU" warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     debug = os.environ.get("PIPELINE_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if "--help_all" in argv:
+        parser(stage).parse_args_and_config(["--help"])
+    if "-h" in argv or "--help" in argv:
+        print(short_help(stage, os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else f"scripts/{stage}.py"))
+        sys.exit(0)
     output_dir = None
     try:
         module = importlib.import_module(f"{__name__}.{stage}")
@@ -88,6 +97,12 @@ def run(stage: str, argv: list[str] | None = None) -> None:
         output_dir = parsed[1].output_dir
         check_writable(output_dir)
         module.main(*parsed)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nerror: {stage}: interrupted (Ctrl-C); the checkpoints already in {output_dir or 'output_dir'} are "
+              "kept and the same command resumes from the last one", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:
         message = describe_write_error(error, output_dir)
         if debug or (message is None and not isinstance(error, (ValueError, OSError))):

@@ -1,5 +1,6 @@
 """The steps every stage shares: set-up, checkpoint detection, and the closing save/card/eval/push."""
 
+import ast
 import json
 import logging
 import math
@@ -192,12 +193,40 @@ class FiniteGradients(TrainerCallback):
             check_finite(norm, "the gradient norm (a NaN/inf loss)", state.global_step + 1)
 
 
+class TiedWeightsFilter(logging.Filter):
+    """Drops the Trainer's "missing keys in the checkpoint" warning on resume when the keys missing are only tied
+    weights (GPT-2's lm_head.weight is wte.weight: safetensors stores it once), which is not a problem."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, model):
+        super().__init__()
+        self.tied = {f"{name}.{key}".lstrip(".") for name, module in model.named_modules()
+                     for key in (getattr(module, "_tied_weights_keys", None) or {})}
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        try:
+            missing = set(ast.literal_eval(message[len(self.PREFIX):].rstrip(".")))
+        except (ValueError, SyntaxError):
+            return True
+        return not missing <= self.tied
+
+
 def train(trainer, checkpoint: str | None, stage: str):
     """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check; output_dir marked as
     `stage`'s first."""
     mark_output_dir(trainer.args, stage)
     trainer.add_callback(FiniteGradients())
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    quiet = TiedWeightsFilter(trainer.model)
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addFilter(quiet)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer_logger.removeFilter(quiet)
 
 
 def write_results(output_dir: str, results: dict) -> None:

@@ -8,15 +8,19 @@ PPO's is (pipeline.stages.policy_eval)."""
 from trl import get_peft_config
 
 from .. import hub, rl
-from ..models import load_causal_lm, load_reward_model, load_tokenizer
+from ..models import (CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, load_reward_model,
+                      load_tokenizer)
 from .common import finish, last_checkpoint, load_data, setup, train
 from .online import require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft
 
 
 def main_for(stage: str, trainer_class, script_args, training_args, model_args):
-    setup(training_args, stage)
     require_reward(stage, script_args, script_args.reward_model_path)
+    check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
+    if script_args.reward_model_path:
+        check_model_kind(script_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
+    setup(training_args, stage)
     functions = rl.load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     trains_on_model = bool(script_args.reward_model_path) and script_args.reward_model_weight != 0
     # TRL's reward_weights, one per reward_funcs entry, the reward model's first; set before the recipe is saved
@@ -32,6 +36,7 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     prompts, eval_prompts, source = load_data("prompt", script_args)
     policy_path = model_args.model_name_or_path
     tokenizer = load_tokenizer(policy_path, model_args, padding_side="left")
+    rl.trial_call(functions, tokenizer, prompts)
     reward_model, reward_tokenizer = (load_reward_model(script_args.reward_model_path, tokenizer, model_args)
                                       if script_args.reward_model_path else (None, None))
     policy = load_causal_lm(policy_path, tokenizer, model_args)

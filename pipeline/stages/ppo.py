@@ -10,7 +10,8 @@ oracle's judgement on the embedded task). The value model is saved to `<output_d
 from trl import get_peft_config
 
 from .. import hub, rl
-from ..models import check_same_tokenizer, load_causal_lm, load_scalar_head_model, load_tokenizer
+from ..models import (CAUSAL_LM, SCALAR_HEAD, check_model_kind, check_same_tokenizer, load_causal_lm,
+                      load_scalar_head_model, load_tokenizer)
 from ..trainers.ppo import PPOTrainer
 from .common import finish, last_checkpoint, load_data, setup, train
 from .online import require_reward, tokenize_prompts
@@ -18,8 +19,10 @@ from .policy_eval import evaluate_against_sft
 
 
 def main(script_args, training_args, model_args):
-    setup(training_args, "ppo")
     require_reward("ppo", script_args, training_args.reward_model_path)
+    check_model_kind(training_args.sft_model_path, CAUSAL_LM, "sft_model_path", model_args)
+    check_model_kind(training_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
+    setup(training_args, "ppo")
     publication = hub.prepare("ppo", script_args, training_args, model_args)  # before the trainer
     peft_config = get_peft_config(model_args)
 
@@ -30,11 +33,13 @@ def main(script_args, training_args, model_args):
         "policy": tokenizer,
         "reward": load_tokenizer(training_args.reward_model_path, model_args),
     })
-    policy = load_causal_lm(training_args.sft_model_path, tokenizer, model_args)
-    reference = None if peft_config else load_causal_lm(training_args.sft_model_path, tokenizer, model_args)
-    reward_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args)
-    value_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args)
+    policy = load_causal_lm(training_args.sft_model_path, tokenizer, model_args, "sft_model_path")
+    reference = None if peft_config else load_causal_lm(training_args.sft_model_path, tokenizer, model_args,
+                                                        "sft_model_path")
+    reward_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args, "reward_model_path")
+    value_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args, "reward_model_path")
     reward_functions = rl.load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
+    rl.trial_call(reward_functions, tokenizer, prompts)
     ptx = None
     if script_args.ptx_coef:
         if not script_args.ptx_dataset_name:

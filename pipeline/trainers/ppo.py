@@ -205,7 +205,11 @@ class PPOTrainer(Trainer):
 
         self._set_sizes(args, len(train_dataset))
         self.ref_model, self.reward_model = ref_model, reward_model
-        self.reward_functions, self.reward_model_weight = list(reward_functions), float(reward_model_weight)
+        from ..rl import CheckedRewardFunction
+
+        self.reward_functions = [(name, f if isinstance(f, CheckedRewardFunction) else CheckedRewardFunction(name, f),
+                                  w) for name, f, w in reward_functions]
+        self.reward_model_weight = float(reward_model_weight)
         self.kl_coef = args.kl_coef if kl_control is None else kl_control.value
         self.kl_control = kl_control
         self.ptx, self.ptx_coef = (ptx if ptx_coef else None), ptx_coef
@@ -405,15 +409,7 @@ class PPOTrainer(Trainer):
         completions = tokenizer.batch_decode([row[context:] for row in rows], skip_special_tokens=True)
         total = torch.zeros(len(rows), device=query_responses.device)
         for name, function, weight in self.reward_functions:
-            values = [float(v) for v in function(prompts=prompts, completions=completions)]
-            if len(values) != len(completions):
-                raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} "
-                                 f"completions")
-            bad = [v for v in values if not math.isfinite(v)]
-            if bad:
-                from ..stages.common import NonFiniteError
-                raise NonFiniteError(f"reward function {name} returned {bad[0]} at step {step}: training stopped "
-                                     f"before that update; the checkpoints already in output_dir are kept")
+            values = function(prompts=prompts, completions=completions, step=step)  # checked: rl.CheckedRewardFunction
             values = torch.tensor(values, device=total.device)
             self._record({f"rewards/{name}": values.mean()})
             total = total + weight * values
