@@ -33,18 +33,19 @@ def timed(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def measure(runs: int) -> dict:
-    for args in COMMANDS.values():  # once each first: the files in the page cache, as for a user's second command
-        timed(args)
-    seconds = {name: [] for name in COMMANDS}
+def measure(runs: int, commands: dict, warm_up: bool = True) -> dict:
+    if warm_up:
+        for args in commands.values():  # once each first: the files in the page cache, as for a user's second command
+            timed(args)
+    seconds = {name: [] for name in commands}
     for _ in range(runs):
-        for name, args in COMMANDS.items():
+        for name, args in commands.items():
             seconds[name].append(timed(args))
     return seconds
 
 
 def markdown(seconds: dict, runs: int) -> str:
-    baseline = statistics.median(seconds[BASELINE])
+    baseline = statistics.median(seconds[BASELINE]) if BASELINE in seconds else None
     lines = ["# Start-up time of the command line", "",
              f"`python bench/startup.py --runs {runs}`: each command in a fresh process, interleaved, {runs} runs "
              f"(after one warm-up run each); {os.cpu_count()} cores, Python {platform.python_version()}. The ratio "
@@ -54,20 +55,24 @@ def markdown(seconds: dict, runs: int) -> str:
         median = statistics.median(values)
         target = (f"< {TARGET_SECONDS} s: {'met' if median < TARGET_SECONDS else 'not met'}"
                   if name.startswith("python -m pipeline") else "")
-        lines.append(f"| `{name}` | {median:.2f} | {min(values):.2f}-{max(values):.2f} | {median / baseline:.2f} | "
-                     f"{target} |")
+        ratio = f"{median / baseline:.2f}" if baseline else "not measured"
+        lines.append(f"| `{name}` | {median:.2f} | {min(values):.2f}-{max(values):.2f} | {ratio} | {target} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one run of the two fast commands, no "
+                        "warm-up (tests/test_bench.py)")
     parser.add_argument("--md", default=str(ROOT / "BENCHMARKS_STARTUP.md"))
     parser.add_argument("--json", default=str(ROOT / "BENCHMARKS_STARTUP.json"))
     args = parser.parse_args()
-    seconds = measure(args.runs)
-    Path(args.json).write_text(json.dumps({"runs": args.runs, "seconds": seconds}, indent=2))
-    Path(args.md).write_text(markdown(seconds, args.runs))
+    commands = {k: v for k, v in COMMANDS.items() if k.startswith("python -m pipeline")} if args.quick else COMMANDS
+    runs = 1 if args.quick else args.runs
+    seconds = measure(runs, commands, warm_up=not args.quick)
+    Path(args.json).write_text(json.dumps({"runs": runs, "seconds": seconds}, indent=2))
+    Path(args.md).write_text(markdown(seconds, runs))
     print(Path(args.md).read_text())
 
 

@@ -220,6 +220,7 @@ def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path, capsys):
     from pipeline import cli
 
     before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir() if p.is_file()}
+    capsys.readouterr()  # what the loads above printed (progress bars)
     with pytest.raises(SystemExit) as stopped:
         cli.main(["merge", str(lora_run["outputs"] / "sft" / "adapter"), str(tmp_path / "merged")])
     assert stopped.value.code == 2
