@@ -127,8 +127,17 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     from .config import parse
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
-    parsed = {s: parse(s, ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
-              for s in STAGES if recipe_file(recipe_dir, s, variant).exists()}
+    parsed = {}
+    for s in STAGES:
+        if recipe_file(recipe_dir, s, variant).exists():
+            try:
+                parsed[s] = parse(s, ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
+            except ValueError as error:
+                unused = "not used by the HfArgumentParser" in str(error)
+                raise ValueError(f"{s} stage: {error}" + (
+                    f" (flags after `--` go to every stage with a recipe in {recipe_dir}, and {s} has no such field; "
+                    f"set it in that stage's recipe, or run the stage alone: scripts/<stage>.py --config ...)"
+                    if unused else "")) from None
     output_dirs = {s: args[1].output_dir for s, args in parsed.items()}
     fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
     results_path = Path(results_path or run_folder(list(output_dirs.values())) / "results.json")

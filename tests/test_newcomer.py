@@ -70,6 +70,14 @@ def test_the_runner_names_a_broken_recipe_before_any_stage_runs(capsys, tmp_path
     assert not (tmp_path / "outputs").exists()  # the pretrain stage, first in line, did not run
 
 
+def test_the_runner_names_the_stage_a_flag_after_the_double_dash_does_not_fit(capsys, tmp_path):
+    line = failure(capsys, lambda: cli.main(["run", str(TINY), "--stages", "ppo", "--results", str(tmp_path / "r.json"),
+                                             "--", "--total_episodes", "64"]))
+    assert line.startswith("error: pretrain stage: Some specified arguments are not used by the HfArgumentParser: "
+                           "['--total_episodes', '64'] (flags after `--` go to every stage with a recipe in")
+    assert not (tmp_path / "r.json").exists()
+
+
 # ----------------------------------------------------------------------------- settings that train nothing or nonsense
 
 @pytest.mark.parametrize("stage, flags, expected", [
