@@ -270,6 +270,7 @@ def _load(args, path: str, kind: str = "lm", padding_side: str = "left", field: 
     from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, load_scalar_head_model, load_tokenizer
 
     model_args = ModelConfig(model_name_or_path=path, dtype=getattr(args, "dtype", None))
+    # before the tokenizer: a checkpoint of another kind may have none, and the kind is the message to give
     check_model_kind(path, CAUSAL_LM if kind == "lm" else SCALAR_HEAD, field, model_args)
     tokenizer = load_tokenizer(path, model_args, padding_side=padding_side)
     if kind == "lm":

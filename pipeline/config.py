@@ -13,7 +13,6 @@ import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 
 import yaml
 

@@ -28,7 +28,7 @@ from pathlib import Path, PurePath
 import yaml
 
 from . import data
-from .names import PUSH_FAILED  # noqa: F401 (exit code of a stage whose training succeeded but whose push did not)
+from .names import PUSH_FAILED  # the exit code of a stage whose training succeeded but whose push did not
 
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"

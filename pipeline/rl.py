@@ -96,7 +96,7 @@ class CheckedRewardFunction:
 
     def __init__(self, spec: str, function):
         self.spec, self.function = spec, function
-        self.__name__ = spec.partition(":")[2]
+        self.__name__ = spec.rpartition(":")[2]  # the function's own name
 
     def __call__(self, prompts: list[str], completions: list[str], step="?", **kwargs) -> list[float]:
         trial = step == "trial"

@@ -52,8 +52,8 @@ def stage_failure(capsys, stage, tmp_path, *argv, recipe=None) -> str:
 def test_a_recipe_that_yaml_cannot_read_is_named_with_its_line(capsys, tmp_path, text, expected):
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(text)
-    assert f"recipe '{recipe}'" in stage_failure(capsys, "sft", tmp_path, recipe=recipe)
-    assert expected in stage_failure(capsys, "sft", tmp_path, recipe=recipe)
+    line = stage_failure(capsys, "sft", tmp_path, recipe=recipe)
+    assert f"recipe '{recipe}'" in line and expected in line
     assert recipe.read_text() == text
 
 
