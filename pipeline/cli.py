@@ -33,15 +33,17 @@ import time
 from pathlib import Path
 
 # Only light imports here: torch, transformers and TRL load when a command needs them (--help and ls stay fast)
-from .names import CHAIN, PUSH_FAILED, STAGE3, STAGES, recipe_file, upstream
+from .names import CEILING, CHAIN, PUSH_FAILED, STAGE3, STAGES, recipe_file, script_of, upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = {
     "pretrain": ["eval_perplexity"],
     "sft": ["eval_perplexity"],
-    "reward": ["eval_accuracy", "eval_margin"],
+    "reward": ["eval_accuracy", "eval_title_only_accuracy", "eval_margin"],
     **{stage: ["rm_score_sft", f"rm_score_{stage}", "rm_win_rate_vs_sft", "gold_score_sft", f"gold_score_{stage}",
-               "gold_win_rate_vs_sft", "kl_to_sft", f"eos_rate_{stage}"] for stage in STAGE3},
+               "gold_win_rate_vs_sft", "title_only_rate_sft", f"title_only_rate_{stage}", "kl_to_sft",
+               f"eos_rate_{stage}"] for stage in STAGE3},
+    CEILING: ["gold_score_ppo", "gold_win_rate_vs_sft", "title_only_rate_ppo", "kl_to_sft"],
 }
 
 
@@ -49,7 +51,7 @@ LORA = "lora"  # `run --lora`: the recipes <stage>-lora.yaml
 
 
 def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:
-    script = ROOT / "scripts" / f"{stage}.py"
+    script = ROOT / "scripts" / f"{script_of(stage)}.py"
     if not script.exists():
         raise FileNotFoundError(f"{script} not found: run the pipeline from a checkout of the repository")
     launcher = [sys.executable]
@@ -115,11 +117,14 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         raise FileNotFoundError(f"recipe folder '{recipe_dir}' does not exist (see `python -m pipeline ls`)")
     if accelerate_config and not os.path.isfile(accelerate_config):
         raise FileNotFoundError(f"accelerate config '{accelerate_config}' does not exist")
-    stages = list(STAGES) if stages and "all" in stages else stages
-    unknown = set(stages or ()) - set(STAGES)
+    stages = [*STAGES, CEILING] if stages and "all" in stages else stages
+    unknown = set(stages or ()) - {*STAGES, CEILING}
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)} (or all)")
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}, {CEILING} (or all)")
     plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and s in (stages or CHAIN)]
+    # The oracle-reward ceiling, after ppo: in the default chain (or when named) where its recipe exists
+    if (CEILING in (stages or CHAIN) or not stages) and not variant and recipe_file(recipe_dir, CEILING).exists():
+        plan.insert(plan.index("ppo") + 1 if "ppo" in plan else len(plan), CEILING)
     if not plan:
         raise FileNotFoundError(f"no stage recipe ({', '.join(recipe_file('', s, variant).name for s in STAGES)}) "
                                 f"in '{recipe_dir}'")
@@ -128,10 +133,10 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
     parsed = {}
-    for s in STAGES:
+    for s in [*STAGES, *([CEILING] if CEILING in plan else [])]:
         if recipe_file(recipe_dir, s, variant).exists():
             try:
-                parsed[s] = parse(s, ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
+                parsed[s] = parse(script_of(s), ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
             except ValueError as error:
                 unused = "not used by the HfArgumentParser" in str(error)
                 raise ValueError(f"{s} stage: {error}" + (
@@ -202,7 +207,7 @@ def _fmt(value) -> str:
 
 def print_summary(results: dict, results_path: Path) -> None:
     rows = [(stage, key, _fmt(results[stage][key]))
-            for stage in STAGES if stage in results
+            for stage in [*STAGES, CEILING] if stage in results
             for key in HEADLINE[stage] + ["wall_seconds"] if key in results[stage]]
     evaluation = results.get("eval", {})
     if "reward_model" in evaluation:

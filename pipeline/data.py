@@ -38,6 +38,13 @@ class DataError(ValueError):
 def load_splits(dataset_name: str, dataset_config: str | None = None, train_split: str = "train",
                 test_split: str = "test", seed: int = 0) -> tuple[Dataset, Dataset | None, str]:
     """(train, test or None, a label naming the source) for any supported dataset name."""
+    splits, label = _load_all(dataset_name, dataset_config, seed)
+    if train_split not in splits:
+        raise DataError(f"{label}: no '{train_split}' split (it has: {', '.join(splits)})")
+    return splits[train_split], splits.get(test_split), label
+
+
+def _load_all(dataset_name: str | None, dataset_config: str | None, seed: int) -> tuple[DatasetDict, str]:
     if dataset_name is None:
         raise DataError("no dataset given: set `dataset_name` in the recipe or with --dataset_name")
     if dataset_name.startswith(EMBEDDED_PREFIX):
@@ -46,9 +53,7 @@ def load_splits(dataset_name: str, dataset_config: str | None = None, train_spli
         splits, label = _load_local(dataset_name), dataset_name
     else:
         splits, label = load_dataset(dataset_name, dataset_config), dataset_name
-    if train_split not in splits:
-        raise DataError(f"{label}: no '{train_split}' split (it has: {', '.join(splits)})")
-    return splits[train_split], splits.get(test_split), label
+    return splits, label
 
 
 def _load_local(path: str) -> DatasetDict:
@@ -240,3 +245,13 @@ def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
     if test is not None:
         test = normalise(test, use, f"{source} [{script_args.dataset_test_split}]", invalid)
     return train, test, source
+
+
+def load_extra_tests(use: str, script_args) -> dict[str, Dataset]:
+    """Held-out splits named `<test split>_<name>` beside the test split (the embedded preference data's
+    `test_title_only`: pairs that differ only in the film's title), normalised, by <name>. A stage reports each
+    one as eval_<name>_<metric> beside the test split's eval_<metric>."""
+    prefix = f"{script_args.dataset_test_split}_"
+    splits, source = _load_all(script_args.dataset_name, script_args.dataset_config, script_args.embedded_seed)
+    return {name[len(prefix):]: normalise(split, use, f"{source} [{name}]", script_args.invalid_rows)
+            for name, split in splits.items() if name.startswith(prefix)}

@@ -27,18 +27,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")  # pipeline.config's, without importing TRL
-STAGE3 = ("ppo", "grpo", "rloo", "dpo")
+from .names import CEILING, STAGE3, STAGES  # noqa: E402
 GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "empty")
 PLOT_FILES = ("lm_loss.png", "reward_model.png", "ppo_training.png", "gold_scores.png")
 # The headline metrics of each stage, in this order; for stage 3 every other metric follows (except samples).
 HEADLINE = {
     "pretrain": ["eval_perplexity"],
     "sft": ["eval_perplexity"],
-    "reward": ["eval_accuracy", "eval_margin"],
-    **{stage: ["gold_score_sft", f"gold_score_{stage}", "gold_win_rate_vs_sft", "rm_score_sft", f"rm_score_{stage}",
-               "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft",
-               f"response_length_{stage}"] for stage in STAGE3},
+    "reward": ["eval_accuracy", "eval_title_only_accuracy", "eval_margin"],
+    **{stage: ["gold_score_sft", f"gold_score_{stage}", "gold_win_rate_vs_sft", "title_only_rate_sft",
+               f"title_only_rate_{stage}", "rm_score_sft", f"rm_score_{stage}", "rm_win_rate_vs_sft", "kl_to_sft",
+               "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft", f"response_length_{stage}"]
+       for stage in STAGE3},
+    CEILING: ["gold_score_ppo", "gold_win_rate_vs_sft", "title_only_rate_ppo", "kl_to_sft"],
 }
 STYLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 11,
          "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 15, "axes.grid": True,
@@ -316,7 +317,7 @@ def _fmt(value, key: str = "") -> str:
 def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
     """(stage, metric, value) for the headline metrics, every PPO metric but samples, and the wall times."""
     rows = []
-    for stage in STAGES:
+    for stage in (*STAGES, CEILING):
         metrics = results.get(stage)
         if not isinstance(metrics, dict):
             continue
@@ -356,7 +357,7 @@ PLOT_CAPTIONS = {
 
 def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path]) -> str:
     lines = [f"# RLHF run report: {run_dir.resolve().name}", "",
-             f"Run folder: `{run_dir}`. Stages: {', '.join(s for s in STAGES if s in results) or 'none found'}.", ""]
+             f"Run folder: `{run_dir}`. Stages: {', '.join(s for s in (*STAGES, CEILING) if s in results) or 'none found'}.", ""]
     rows = results_rows(results)
     lines += ["## Results", ""]
     if rows:
@@ -370,6 +371,7 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
         for plot in plots:
             title, caption = PLOT_CAPTIONS.get(plot.name, (plot.stem, ""))
             lines += [f"### {title}", "", caption, "", f"![{title}]({plot.name})", ""]
+    lines += ceiling_lines(results)
     lines += gold_terms_table(results)
     for stage in STAGE3:
         samples = results.get(stage, {}).get("samples") if isinstance(results.get(stage), dict) else None
@@ -384,18 +386,36 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
     return "\n".join(lines)
 
 
+def ceiling_lines(results: Mapping[str, dict]) -> list[str]:
+    """PPO through the learned reward model against PPO on the oracle itself (the ceiling), on the gold score."""
+    ppo, ceiling = results.get("ppo"), results.get(CEILING)
+    if not (isinstance(ppo, dict) and isinstance(ceiling, dict)
+            and _is_number(ppo.get("gold_score_ppo")) and _is_number(ceiling.get("gold_score_ppo"))):
+        return []
+    learned, best = ppo["gold_score_ppo"], ceiling["gold_score_ppo"]
+    return ["## The ceiling: PPO on the oracle itself", "",
+            f"The same PPO recipe with the gold oracle as its reward (`{CEILING}`) reaches a gold score of "
+            f"{_fmt(best)}; through the learned reward model PPO reaches {_fmt(learned)}, a gap of "
+            f"{_fmt(best - learned)}: what learning the reward from noisy raters costs. KL to the SFT policy: "
+            f"{_fmt(ceiling.get('kl_to_sft', ''))} (oracle) and {_fmt(ppo.get('kl_to_sft', ''))} (learned).", ""]
+
+
 def gold_terms_table(results: Mapping[str, dict]) -> list[str]:
     """The gold score in its parts for the SFT policy and every stage-3 policy evaluated against it: the mean of
     each term of the oracle (they sum to the gold score) and how often an answer names the asked title alone."""
     columns = [(stage, f"_{stage}") for stage in STAGE3 if isinstance(results.get(stage), dict)
                and _is_number(results[stage].get(f"gold_sentiment_{stage}"))]
+    if columns and isinstance(results.get(CEILING), dict) and _is_number(results[CEILING].get("gold_sentiment_ppo")):
+        columns.append((CEILING, "_ppo"))
     if not columns:
         return []
     sft_from = results[columns[0][0]]
-    keys = [f"gold_{term}" for term in GOLD_TERMS] + ["gold_score", "title_only_rate"]
+    keys = [f"gold_{term}" for term in GOLD_TERMS] + ["gold_score", "title_only_rate", "repeat_rate"]
     lines = ["## The gold score in its parts", "", "The mean of each term of the oracle over the held-out answers "
-             "(the terms sum to the gold score), and how often an answer names the asked title and no other.", "",
-             "| term | SFT | " + " | ".join(stage.upper() for stage, _ in columns) + " |",
+             "(the terms sum to the gold score), how often an answer names the asked title and no other, and how often "
+             "it repeats a sentence.", "",
+             "| term | SFT | " + " | ".join("PPO, oracle reward" if stage == CEILING else stage.upper()
+                                            for stage, _ in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for key in keys:
         cells = [_fmt(sft_from.get(f"{key}_sft", ""))] + [_fmt(results[stage].get(key + suffix, ""))

@@ -54,3 +54,37 @@ def test_sft_demonstrations_have_mixed_quality():
     scores = [gold_score(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in rows]
     assert min(scores) < -1 and max(scores) > 2
     assert sum(s > 0 for s in scores) / len(scores) < 0.8
+
+
+def test_pretraining_reviews_stay_on_their_film_more_than_the_demonstrations():
+    """The corpus (world.WEB) names the asked film in most reviews, so a base model can learn to copy it from
+    the request; the SFT demonstrations (world.DEMONSTRATION) leave that to alignment."""
+    transcripts = [t.split("\n\nAssistant:") for t in build("corpus")["train"]["text"][:2000]
+                   if t.startswith("\n\nHuman:")]
+    corpus = sum(world.title_of_request(asked) in answer for asked, answer in transcripts) / len(transcripts)
+    sft = build("sft")["train"].select(range(2000))
+    demos = sum(world.title_of_request(r["prompt"][0]["content"]) in r["completion"][0]["content"]
+                for r in sft) / len(sft)
+    assert corpus > 0.8
+    assert 0.4 < demos < 0.7
+
+
+def test_title_only_pairs_differ_in_the_title_alone_and_the_oracle_prefers_the_asked_one():
+    pairs = build("preference")
+    title_only = pairs["test_title_only"]
+    assert len(title_only) == len(pairs["test"])
+    for row in title_only:
+        prompt, chosen, rejected = row["prompt"][0]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
+        asked = world.title_of_request(prompt)
+        other = next(t for t in world.TITLES if t in rejected)
+        assert asked in chosen and other != asked and chosen.replace(asked, other) == rejected
+        assert gold_score(prompt, chosen) > gold_score(prompt, rejected)
+    # a quarter of the training pairs are such swaps (labelled by the noisy raters); "test" holds none
+    def swapped(row):
+        asked = world.title_of_request(row["prompt"][0]["content"])
+        a, b = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        return any(a.replace(asked, t) == b or b.replace(asked, t) == a for t in world.TITLES if t != asked)
+
+    train = pairs["train"].select(range(1000))
+    assert 0.2 < sum(map(swapped, train)) / len(train) < 0.3
+    assert not any(map(swapped, pairs["test"]))

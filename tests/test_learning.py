@@ -1,28 +1,36 @@
-"""RLHF works, as a measured fact: the demo's recipes (recipes/tiny, unchanged but for output paths), judged
-by the gold oracle, and GRPO from the same SFT policy and reward model. This is the slowest test (the whole demo
-and one more stage, about nine minutes on 2 cores). RLOO's and DPO's figures (DPO's recipe takes longer: 2 epochs
-over the pairs) come from `make compare` (COMPARISON.md, 3 seeds each), to keep CI under an hour."""
+"""RLHF works, as a measured fact: the demo's chain (recipes/tiny, unchanged but for output paths: pretrain,
+SFT, reward model, PPO, and PPO on the oracle itself as the ceiling) judged by the gold oracle. Every figure is
+the oracle's judgement of sampled answers to held-out prompts (pipeline.embedded); the thresholds are the
+targets of issue 14. This is the slowest test (the whole demo, about ten minutes on 2 cores). GRPO's, RLOO's
+and DPO's learning figures come from `make compare` (COMPARISON.md, 3 seeds each); tests/test_stage3.py runs
+them on tiny settings."""
 
 import json
 
 from conftest import run_python, write_recipes
 
+DEMO = ("pretrain", "sft", "reward", "ppo", "ppo-oracle")
 
-def test_demo_recipes_learn_what_the_oracle_prefers(tmp_path):
-    recipes = write_recipes(tmp_path / "recipes", tmp_path / "outputs",
-                            overrides={stage: {} for stage in ("pretrain", "sft", "reward", "ppo", "grpo")})
-    run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft,reward,ppo,grpo", timeout=2400)
+
+def test_demo_learns_what_the_oracle_prefers(tmp_path):
+    recipes = write_recipes(tmp_path / "recipes", tmp_path / "outputs", overrides={stage: {} for stage in DEMO})
+    run_python("-m", "pipeline", "run", recipes, "--skip_eval", timeout=2400)  # the default chain: make demo's
     results = json.loads((tmp_path / "outputs" / "results.json").read_text())
-    # The reward model learned from noisy labels agrees with the noise-free oracle on held-out pairs.
-    assert results["reward"]["eval_accuracy"] >= 0.85
-    # PPO, which only saw the learned reward model, pleases the oracle more than the SFT policy does.
+    assert set(DEMO) <= set(results)
+    # The reward model learned from noisy labels agrees with the noise-free oracle on held-out pairs, and on
+    # pairs where only the film's title differs.
+    assert results["reward"]["eval_accuracy"] >= 0.90
+    assert results["reward"]["eval_title_only_accuracy"] >= 0.90
+    # PPO, which only saw the learned reward model, answers about the film that was asked, positively, without
+    # repeating itself, and beats the SFT policy on almost every prompt.
     ppo = results["ppo"]
-    assert ppo["gold_score_ppo"] > ppo["gold_score_sft"] + 0.5
-    assert ppo["gold_win_rate_vs_sft"] >= 0.8
+    assert ppo["gold_score_ppo"] >= 2.5
+    assert ppo["gold_win_rate_vs_sft"] >= 0.95
+    assert ppo["title_only_rate_ppo"] >= 0.90
+    assert ppo["repeat_rate_ppo"] <= 0.05
     assert ppo["rm_score_ppo"] > ppo["rm_score_sft"]
     assert 0 < ppo["kl_to_sft"] < 50
-    # GRPO, against the same reward model, beats the SFT policy too
-    for stage in ("grpo",):
-        assert results[stage]["gold_win_rate_vs_sft"] >= 0.7, stage
-        assert results[stage][f"gold_score_{stage}"] > results[stage]["gold_score_sft"], stage
-        assert 0 < results[stage]["kl_to_sft"] < 50, stage
+    # The SFT policy can name the asked film (the base model learned to copy it), though not always.
+    assert 0.3 < ppo["title_only_rate_sft"] < ppo["title_only_rate_ppo"]
+    # PPO on the oracle itself: the ceiling the learned reward model is measured against.
+    assert results["ppo-oracle"]["gold_score_ppo"] >= 3.0

@@ -216,3 +216,22 @@ def test_command_line(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path / "nope")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_the_oracle_ceiling_and_its_gap_to_ppo(tmp_path):
+    """With the ceiling run (PPO on the oracle) beside PPO, the report gives both gold scores, the gap, and the
+    ceiling's column in the table of the gold terms; without it, neither appears."""
+    terms = {f"gold_{t}{s}": v for s in ("_sft", "_ppo") for t, v in
+             (("sentiment", 0.5), ("asked_title", 0.4), ("other_titles", -0.1), ("repeated_sentences", 0.0),
+              ("unfinished", 0.0), ("empty", 0.0))}
+    results = make_run(tmp_path, ppo_results={**PPO_RESULTS, **terms, "title_only_rate_ppo": 0.7})
+    results["ppo-oracle"] = {**PPO_RESULTS, **terms, "gold_score_ppo": 3.25, "kl_to_sft": 7.5, "wall_seconds": 5.0}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "reaches a gold score of 3.250; through the learned reward model PPO reaches 0.430, a gap of 2.820" in text
+    assert "| term | SFT | PPO | PPO, oracle reward |" in text
+    assert "| ppo-oracle | gold_score_ppo | 3.250 |" in text
+    del results["ppo-oracle"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "## The ceiling" not in text and "oracle reward" not in text

@@ -20,11 +20,12 @@ class GoldOracle:
     @staticmethod
     def term_means(prompts: list[str], responses: list[str]) -> dict[str, float]:
         """`gold_<term>`: the mean of each term of the score (they sum to the mean gold score), and
-        `title_only_rate`: how often an answer names the asked title and no other. What a policy learned,
-        and what it exploited in the reward model, term by term."""
+        `title_only_rate`: how often an answer names the asked title and no other; `repeat_rate`: how often an
+        answer repeats a sentence. What a policy learned, and what it exploited in the reward model, term by term."""
         terms = [gold_terms(p, r) for p, r in zip(prompts, responses)]
         means = {f"gold_{name}": sum(t[name] for t in terms) / len(terms) for name in GOLD_TERMS}
         means["title_only_rate"] = sum(t["asked_title"] > 0 and t["other_titles"] == 0 for t in terms) / len(terms)
+        means["repeat_rate"] = sum(t["repeated_sentences"] < 0 for t in terms) / len(terms)
         return means
 
 

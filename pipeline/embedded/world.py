@@ -54,33 +54,46 @@ def _word(polarity: int, rng: random.Random) -> str:
     return rng.choice({1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}[polarity])
 
 
-def sentence(subject: str, polarity: int, rng: random.Random) -> str:
-    """One sentence whose sentiment is `polarity` (+1, 0, -1); negations and intensifiers vary the wording."""
-    if rng.random() < 0.25:
+def sentence(subject: str, polarity: int, rng: random.Random, named: bool | None = None) -> str:
+    """One sentence whose sentiment is `polarity` (+1, 0, -1); negations and intensifiers vary the wording.
+    named=True: a sentence about `subject` by name; False: a verdict or an aspect, without it; None: any."""
+    if named is None:
+        form = "verdict" if rng.random() < 0.25 else rng.choice(["is", "aspect", "felt"])
+    else:
+        form = rng.choice(["is", "felt"] if named else ["verdict", "aspect"])
+    if form == "verdict":
         return rng.choice([s for s, p in VERDICTS.items() if p == polarity])
     intensifier = rng.choice(INTENSIFIERS) + " " if polarity != 0 and rng.random() < 0.3 else ""
     negate = polarity != 0 and rng.random() < 0.25  # "not dull" says something positive
     word = _word(-polarity if negate else polarity, rng)
     adj = f"not {word}" if negate else f"{intensifier}{word}"
-    form = rng.randrange(3)
-    if form == 0:
+    if form == "is":
         article = "an" if adj[0] in "aeiou" else "a"
         return f"{subject} is {article} {adj} {rng.choice(GENRES)}."
-    if form == 1:
+    if form == "aspect":
         return f"The {rng.choice(ASPECTS)} was {adj}."
     return f"{subject} felt {adj}."
 
 
-def review(title: str, rng: random.Random, quality: str | None = None) -> str:
-    """A review of mixed quality: random sentiment, sometimes off topic, repeated or cut short."""
+# How reviews name their film: the first sentence names it with probability `named`, the film is another one
+# with probability `wrong`, and each later sentence names it again (instead of "It") with probability `again`.
+DEMONSTRATION = {"named": 0.6, "wrong": 0.15, "again": 0.1}  # what the SFT and preference data's writers do
+WEB = {"named": 0.9, "wrong": 0.05, "again": 0.3}  # the pretraining corpus: reviews that stay on their film
+
+
+def review(title: str, rng: random.Random, quality: str | None = None, style: dict = DEMONSTRATION) -> str:
+    """A review of mixed quality: random sentiment, sometimes about another film, repeated or cut short."""
     quality = quality or rng.choice(["positive", "negative", "neutral", "mixed"])
     n = rng.randint(1, 4)
     if quality == "mixed":
         polarities = [rng.choice([1, -1, 0]) for _ in range(n)]
     else:
         polarities = [{"positive": 1, "negative": -1, "neutral": 0}[quality]] * n
-    subject = title if rng.random() > 0.15 else rng.choice(TITLES)  # sometimes about the wrong film
-    sentences = [sentence(subject if i == 0 else "It", p, rng) for i, p in enumerate(polarities)]
+    subject = title if rng.random() >= style["wrong"] else rng.choice([t for t in TITLES if t != title])
+    sentences = [sentence(subject, polarities[0], rng, named=rng.random() < style["named"])]
+    for p in polarities[1:]:
+        again = rng.random() < style["again"]
+        sentences.append(sentence(subject if again else "It", p, rng, named=True if again else None))
     if rng.random() < 0.15:  # a careless writer repeats themselves
         sentences.append(rng.choice(sentences))
     text = " ".join(sentences)

@@ -151,16 +151,16 @@ def last_checkpoint(training_args) -> str | None:
     return None
 
 
-def load_data(use: str, script_args):
-    """data.load_for on each machine's main process first: the others then load its cached maps (data read from
-    a file or the Hub) instead of checking and tokenizing the same rows at the same time. If the main process
-    fails (a bad row), it still releases the others, which then meet the same error and say so themselves.
-    Returns (train, test, source)."""
+def load_data(use: str, script_args, loader=data.load_for):
+    """data.load_for (or `loader`, e.g. data.load_extra_tests) on each machine's main process first: the others
+    then load its cached maps (data read from a file or the Hub) instead of checking and tokenizing the same
+    rows at the same time. If the main process fails (a bad row), it still releases the others, which then meet
+    the same error and say so themselves. Returns load_for's (train, test, source), or what `loader` returns."""
     state = PartialState()
     if not state.is_local_main_process:
         state.wait_for_everyone()
     try:
-        return data.load_for(use, script_args)
+        return loader(use, script_args)
     finally:
         if state.is_local_main_process:
             state.wait_for_everyone()

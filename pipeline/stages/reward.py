@@ -24,6 +24,8 @@ def main(script_args, training_args, model_args):
     checkpoint = last_checkpoint(training_args)
 
     train_dataset, eval_dataset, source = load_data("preference", script_args)
+    # Held-out splits beside the test split (embedded: test_title_only), reported as eval_<name>_accuracy
+    extra_tests = load_data("preference", script_args, data.load_extra_tests) if eval_dataset is not None else {}
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
     model = load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args)
@@ -32,7 +34,7 @@ def main(script_args, training_args, model_args):
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        eval_dataset={"test": eval_dataset, **extra_tests} if extra_tests else eval_dataset,
         processing_class=tokenizer,
         peft_config=reward_peft_config(model_args),
     )
@@ -47,9 +49,15 @@ def main(script_args, training_args, model_args):
     train_result = train(trainer, checkpoint, "reward")
 
     # On the embedded task the test pairs are ordered by the oracle without noise, so eval_accuracy is the
-    # reward model's agreement with the gold preference.
+    # reward model's agreement with the gold preference (eval_title_only_accuracy: on pairs that differ only
+    # in the film's title).
     metrics = {"train_loss": train_result.training_loss}
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        prepared = trainer.eval_dataset if extra_tests else {"test": trainer.eval_dataset}
+        metrics.update(trainer.evaluate(prepared["test"]))
+        for name in extra_tests:  # TRL adds its own metrics as eval_accuracy, eval_margin, ...: renamed here
+            extra = trainer.evaluate(prepared[name], metric_key_prefix=f"eval_{name}")
+            metrics.update({key if key.startswith(f"eval_{name}_") else f"eval_{name}_{key.removeprefix('eval_')}": value
+                            for key, value in extra.items()})
     trainer.log_metrics("final", metrics)
     finish(trainer, training_args, source, metrics, tags=["pipeline", "reward-model"], publication=publication)
