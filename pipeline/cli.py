@@ -2,8 +2,9 @@
 
   run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [--lora] [-- --field value ...]
         run the stages that have a recipe in DIR in order, each in its own process (through `accelerate
-        launch` when a config is given): pretrain, sft, reward, ppo, or those --stages names (also grpo,
-        rloo, dpo; `all` for every one); flags after `--` go to every stage; --lora runs the stages that
+        launch` when a config is given): pretrain, sft, reward, ppo (then ppo-oracle, PPO on the oracle as
+        the ceiling, where DIR has its recipe), or those --stages names (also grpo, rloo, dpo, ppo-oracle;
+        `all` for every one); flags after `--` go to every stage; --lora runs the stages that
         have a LoRA recipe (<stage>-lora.yaml) instead
   compare [--recipes DIR] [--seeds 0,1,2] [--algorithms ...]
         PPO, GRPO, RLOO, DPO and oracle-reward PPO from one SFT policy and reward model, over seeds:
@@ -123,7 +124,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}, {CEILING} (or all)")
     plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and s in (stages or CHAIN)]
     # The oracle-reward ceiling, after ppo: in the default chain (or when named) where its recipe exists
-    if (CEILING in (stages or CHAIN) or not stages) and not variant and recipe_file(recipe_dir, CEILING).exists():
+    if (not stages or CEILING in stages) and not variant and recipe_file(recipe_dir, CEILING).exists():
         plan.insert(plan.index("ppo") + 1 if "ppo" in plan else len(plan), CEILING)
     if not plan:
         raise FileNotFoundError(f"no stage recipe ({', '.join(recipe_file('', s, variant).name for s in STAGES)}) "

@@ -357,7 +357,8 @@ PLOT_CAPTIONS = {
 
 def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path]) -> str:
     lines = [f"# RLHF run report: {run_dir.resolve().name}", "",
-             f"Run folder: `{run_dir}`. Stages: {', '.join(s for s in (*STAGES, CEILING) if s in results) or 'none found'}.", ""]
+             f"Run folder: `{run_dir}`. Stages: "
+             f"{', '.join(s for s in (*STAGES, CEILING) if s in results) or 'none found'}.", ""]
     rows = results_rows(results)
     lines += ["## Results", ""]
     if rows:

@@ -61,7 +61,7 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
     while len(rows) < n:
         prompt = rng.choice(prompts)
         title = world.title_of_request(prompt)
-        if kind == "corpus":  # plain reviews, and half of them as dialogue transcripts, as on the web
+        if kind == "corpus":  # plain reviews, and TRANSCRIPTS of them as dialogue transcripts, as on the web
             text = world.review(title, rng, style=world.WEB)
             rows.append({"text": f"\n\nHuman: {prompt}\n\nAssistant: {text}" if rng.random() < TRANSCRIPTS else text})
         elif kind == "sft":
