@@ -58,6 +58,8 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
+    # a special token written in a text (a transcript's end of turn) is one token: no merges are learned from it
+    texts = (text.replace(EOS_TOKEN, " ").replace(PAD_TOKEN, " ") for text in texts)
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,

@@ -1,6 +1,7 @@
 """Stage 0, pretrain: a byte-level BPE tokenizer and a GPT-2 trained from scratch on a text corpus.
 
-The causal LM objective through TRL's SFTTrainer on plain text. This is how the embedded default gets a
+The causal LM objective on plain text through the SFT stage's trainer (TRL's SFTTrainer, with its bfd packing
+laid out so that each packed document attends only to itself). This is how the embedded default gets a
 base model offline; with a Hub model (openai-community/gpt2) the pipeline starts at SFT instead.
 """
 
@@ -8,11 +9,12 @@ import math
 import os
 
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-from trl import SFTTrainer, get_peft_config
+from trl import get_peft_config
 
 from .. import hub
 from ..models import fit_to_tokenizer, train_tokenizer
 from .common import finish, last_checkpoint, load_data, setup, train
+from .sft import SFTStageTrainer
 
 
 def main(script_args, training_args, model_args):
@@ -50,7 +52,8 @@ def main(script_args, training_args, model_args):
                 tokenizer.save_pretrained(base)
             model = GPT2LMHeadModel.from_pretrained(base)  # the adapter then names base/ as its base model
 
-    trainer = SFTTrainer(
+    trainer = SFTStageTrainer(  # TRL's SFTTrainer; with bfd packing, each packed document masked from the others
+        source=source,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
