@@ -5,6 +5,8 @@ import pytest
 
 from pipeline.embedded import build, gold_score, rater_flip_rate
 from pipeline.embedded import world
+from pipeline.embedded.generate import END_OF_TURN
+from pipeline.models import EOS_TOKEN
 
 ASK = "Write a review of The Lost River."
 
@@ -35,6 +37,13 @@ def test_oracle_orders_responses(better, worse):
     assert gold_score(ASK, better) > gold_score(ASK, worse)
 
 
+def test_a_repeated_sentence_adds_no_sentiment_and_costs_a_point():
+    once = "The Lost River felt moving. I loved it."
+    assert gold_score(ASK, once + " I loved it.") == gold_score(ASK, once) - 1
+    terms = world.gold_terms(ASK, once + " I loved it.")
+    assert terms["sentiment"] == 2 and terms["repeated_sentences"] == -1
+
+
 def test_oracle_caps_sentiment_so_praise_cannot_grow_without_bound():
     many = " ".join(f"It felt {w}." for w in world.POSITIVE)
     assert gold_score(ASK, "The Lost River felt superb. " + many) == world.SENTIMENT_CAP + 1
@@ -49,11 +58,22 @@ def test_raters_flip_about_ten_percent_and_test_labels_follow_the_oracle():
         assert gold_score(prompt, row["chosen"][0]["content"]) > gold_score(prompt, row["rejected"][0]["content"])
 
 
-def test_sft_demonstrations_have_mixed_quality():
-    rows = build("sft")["train"].select(range(500))
+def test_sft_demonstrations_have_mixed_quality_and_few_are_what_a_reader_wants():
+    rows = build("sft")["train"].select(range(2000))
     scores = [gold_score(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in rows]
-    assert min(scores) < -1 and max(scores) > 2
-    assert sum(s > 0 for s in scores) / len(scores) < 0.8
+    assert min(scores) < -1 and max(scores) == world.SENTIMENT_CAP + 1
+    assert sum(s > 0 for s in scores) / len(scores) < 0.5
+    # a policy that always gave the best answer would win about 98% of its comparisons with these answers
+    assert sum(s == world.SENTIMENT_CAP + 1 for s in scores) / len(scores) < 0.05
+
+
+def test_sft_writers_seldom_repeat_themselves_and_the_preference_reviewers_often_do():
+    def repeat_rate(rows, answer):
+        return sum(world.gold_terms(r["prompt"][0]["content"], r[answer][0]["content"])["repeated_sentences"] < 0
+                   for r in rows) / len(rows)
+
+    assert repeat_rate(build("sft")["train"].select(range(2000)), "completion") < 0.05
+    assert repeat_rate(build("preference")["test"], "chosen") + repeat_rate(build("preference")["test"], "rejected") > 0.2
 
 
 def test_pretraining_reviews_stay_on_their_film_more_than_the_demonstrations():
@@ -66,7 +86,7 @@ def test_pretraining_reviews_stay_on_their_film_more_than_the_demonstrations():
     demos = sum(world.title_of_request(r["prompt"][0]["content"]) in r["completion"][0]["content"]
                 for r in sft) / len(sft)
     assert corpus > 0.8
-    assert 0.4 < demos < 0.7
+    assert 0.3 < demos < 0.6
 
 
 def test_title_only_pairs_differ_in_the_title_alone_and_the_oracle_prefers_the_asked_one():
@@ -88,3 +108,30 @@ def test_title_only_pairs_differ_in_the_title_alone_and_the_oracle_prefers_the_a
     train = pairs["train"].select(range(1000))
     assert 0.2 < sum(map(swapped, train)) / len(train) < 0.3
     assert not any(map(swapped, pairs["test"]))
+
+
+def test_the_corpus_has_the_askers_replies_which_notice_an_answer_about_another_film():
+    texts = build("corpus")["train"]["text"]
+    replied = [t for t in texts if f"{END_OF_TURN}\n\nHuman: " in t]
+    assert 0.25 < len(replied) / len(texts) < 0.45
+    for text in replied[:300]:
+        first, answer_and_reply = text.split("\n\nAssistant: ")
+        answer, reply = answer_and_reply.split(f"{END_OF_TURN}\n\nHuman: ")
+        asked = world.title_of_request(first)
+        others = [t for t in world.TITLES if t in answer and t != asked]
+        if others:
+            assert reply == f"I asked about {asked}, not {others[0]}."
+        elif asked not in answer:
+            assert reply == "Which film do you mean?"
+        else:
+            assert reply in ("Thanks.", "Thank you.", "Good to know.")
+    assert END_OF_TURN == EOS_TOKEN  # what the chat template writes after an answer
+
+
+def test_repeat_only_pairs_differ_by_one_sentence_said_again():
+    pairs = build("preference")["test_repeat_only"]
+    assert len(pairs) == 1000
+    for row in pairs:
+        prompt, chosen, rejected = row["prompt"][0]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert rejected.startswith(chosen + " ") and rejected[len(chosen) + 1:] in chosen
+        assert gold_score(prompt, chosen) == gold_score(prompt, rejected) + 1

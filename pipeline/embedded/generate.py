@@ -1,18 +1,23 @@
 """The embedded datasets, generated from the world under a seed, in TRL's standard formats.
 
 kinds (each a DatasetDict with "train" and "test" splits):
-- corpus:     {"text"}                                     reviews, half as Human/Assistant transcripts
+- corpus:     {"text"}                                     reviews, most as Human/Assistant transcripts, half
+              of those with the asker's reply to the answer (world.reaction)
 - sft:        {"prompt", "completion"}                     conversational demonstrations of mixed quality
+              (world.SFT_WRITERS, SFT_QUALITY)
 - preference: {"prompt", "chosen", "rejected"}             conversational pairs; train labels come from
               simulated raters (Bradley-Terry on the oracle, so some are flipped), test labels are the
               oracle's noise-free ordering. A quarter of the training pairs are one review naming the asked
-              film against the same review naming another; the split "test_title_only" holds only such
-              pairs (the title is all that differs), "test" only pairs of two independent reviews
+              film against the same review naming another, a tenth a review against the same review with
+              a sentence said twice; the splits "test_title_only" and "test_repeat_only" hold only such
+              pairs (the title, or the repeat, is all that differs), "test" only pairs of two independent
+              reviews
 - prompt:     {"prompt"}                                   conversational prompts, for PPO and evaluation
 
 Prompts are split by request: a test prompt never appears in any train split.
 """
 
+import functools
 import math
 import random
 
@@ -23,11 +28,14 @@ from . import world
 KINDS = ("corpus", "sft", "preference", "prompt")
 SIZES = {  # (train, test)
     "corpus": (20000, 1000),
-    "sft": (6000, 300),
-    "preference": (8000, 500),
+    "sft": (4000, 300),
+    "preference": (16000, 1000),
 }
 TITLE_SWAPS = 0.25  # of the training pairs: the same review about the asked film and about another one
+REPEAT_SWAPS = 0.1  # of the training pairs: a review and the same review with a sentence said twice
 TRANSCRIPTS = 0.7  # of the corpus: Human/Assistant dialogues (the rest are plain reviews)
+REACTIONS = 0.5  # of the transcripts: the asker replies to the answer (world.reaction)
+END_OF_TURN = "<|endoftext|>"  # what the chat template puts after an answer: the tokenizer's EOS (models.EOS_TOKEN)
 RATER_BETA = 1.15  # P(rater prefers a over b) = sigmoid(RATER_BETA * (gold(a) - gold(b)))
 
 
@@ -49,12 +57,21 @@ def _assistant(text: str) -> list[dict]:
 
 def _title_swap(title: str, rng: random.Random) -> tuple[str, str]:
     """A review that names `title` and the same review about another film."""
-    text = world.review(title, rng, style={"named": 1.0, "wrong": 0.0, "again": world.DEMONSTRATION["again"]})
+    text = world.review(title, rng, style={**world.DEMONSTRATION, "named": 1.0, "wrong": 0.0})
     return text, text.replace(title, rng.choice([t for t in world.TITLES if t != title]))
 
 
+def _repeat_swap(title: str, rng: random.Random) -> tuple[str, str]:
+    """A review and the same review with one of its sentences said again at the end (a review cut short mid-sentence
+    is left as it is: the oracle then has no preference and the pair is not kept)."""
+    text = world.review(title, rng)
+    if text[-1] not in ".?!":
+        return text, text
+    return text, f"{text} {rng.choice(world._SENTENCE.findall(text)).strip()}"
+
+
 def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool,
-          title_swaps: float = 0.0) -> list[dict]:
+          title_swaps: float = 0.0, repeat_swaps: float = 0.0) -> list[dict]:
     if kind == "prompt":
         return [{"prompt": _user(p)} for p in prompts]
     rows = []
@@ -62,13 +79,24 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
         prompt = rng.choice(prompts)
         title = world.title_of_request(prompt)
         if kind == "corpus":  # plain reviews, and TRANSCRIPTS of them as dialogue transcripts, as on the web
-            text = world.review(title, rng, style=world.WEB)
-            rows.append({"text": f"\n\nHuman: {prompt}\n\nAssistant: {text}" if rng.random() < TRANSCRIPTS else text})
+            transcript, replied = rng.random() < TRANSCRIPTS, rng.random() < REACTIONS
+            answer = world.review(title, rng, style=world.REPLIED if transcript and replied else world.WEB)
+            text = f"\n\nHuman: {prompt}\n\nAssistant: {answer}" if transcript else answer
+            if transcript and replied:  # the turn ends as the chat template ends it, and the asker replies
+                text += f"{END_OF_TURN}\n\nHuman: {world.reaction(prompt, answer, rng)}"
+            rows.append({"text": text})
         elif kind == "sft":
-            rows.append({"prompt": _user(prompt), "completion": _assistant(world.review(title, rng))})
+            quality = rng.choices(list(world.SFT_QUALITY), weights=list(world.SFT_QUALITY.values()))[0]
+            answer = world.review(title, rng, quality=quality, style=world.SFT_WRITERS)
+            rows.append({"prompt": _user(prompt), "completion": _assistant(answer)})
         else:
-            swap = rng.random() < title_swaps
-            a, b = _title_swap(title, rng) if swap else (world.review(title, rng), world.review(title, rng))
+            draw = rng.random()
+            if draw < title_swaps:
+                a, b = _title_swap(title, rng)
+            elif draw < title_swaps + repeat_swaps:
+                a, b = _repeat_swap(title, rng)
+            else:
+                a, b = world.review(title, rng), world.review(title, rng)
             gap = world.gold_score(prompt, a) - world.gold_score(prompt, b)
             if gap == 0:
                 continue  # the oracle has no preference: nothing to learn or to evaluate
@@ -79,6 +107,13 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
 
 
 def build(kind: str, seed: int = 0) -> DatasetDict:
+    """The embedded dataset `kind` under `seed` (generated once per process: a stage reads the preference data for
+    its train, test and extra test splits)."""
+    return DatasetDict(_build(kind, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(kind: str, seed: int) -> DatasetDict:
     if kind not in KINDS:
         raise ValueError(f"unknown embedded dataset 'embedded:{kind}'; choose one of: "
                          + ", ".join(f"embedded:{k}" for k in KINDS))
@@ -87,12 +122,14 @@ def build(kind: str, seed: int = 0) -> DatasetDict:
     offset = KINDS.index(kind) * 1000  # each kind draws its own random stream
     splits = {
         "train": _rows(kind, train_prompts, n_train, random.Random(seed + offset), noisy=True,
-                       title_swaps=TITLE_SWAPS if kind == "preference" else 0.0),
+                       title_swaps=TITLE_SWAPS, repeat_swaps=REPEAT_SWAPS),
         "test": _rows(kind, test_prompts, n_test, random.Random(seed + offset + 1), noisy=False),
     }
-    if kind == "preference":
+    if kind == "preference":  # held-out pairs that differ in one thing only: what the reward model sees of each
         splits["test_title_only"] = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 2),
                                           noisy=False, title_swaps=1.0)
+        splits["test_repeat_only"] = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 3),
+                                           noisy=False, repeat_swaps=1.0)
     return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
 
 

@@ -76,9 +76,16 @@ def sentence(subject: str, polarity: int, rng: random.Random, named: bool | None
 
 
 # How reviews name their film: the first sentence names it with probability `named`, the film is another one
-# with probability `wrong`, and each later sentence names it again (instead of "It") with probability `again`.
-DEMONSTRATION = {"named": 0.6, "wrong": 0.15, "again": 0.1}  # what the SFT and preference data's writers do
-WEB = {"named": 0.9, "wrong": 0.05, "again": 0.3}  # the pretraining corpus: reviews that stay on their film
+# with probability `wrong`, each later sentence names it again (instead of "It") with probability `again`, and a
+# careless writer says one sentence twice with probability `repeat` (and, unless `careful`, may by chance).
+DEMONSTRATION = {"named": 0.6, "wrong": 0.15, "again": 0.1, "repeat": 0.15}  # the preference data's reviewers
+# The SFT demonstrations' writers leave the film unnamed more often and are lukewarm (the weights of the review
+# qualities), though they seldom repeat themselves: few of their answers are what a reader wants (about 3% score
+# the oracle's maximum), which is the gap RLHF is there to close.
+SFT_WRITERS = {**DEMONSTRATION, "named": 0.4, "repeat": 0.03, "careful": True}
+SFT_QUALITY = {"positive": 0.15, "negative": 0.3, "neutral": 0.25, "mixed": 0.3}
+WEB = {"named": 0.9, "wrong": 0.05, "again": 0.3, "repeat": 0.15}  # the pretraining corpus: reviews stay on their film
+REPLIED = {**WEB, "wrong": 0.2}  # the corpus's answers that the asker replies to: a wrong one is what gets a reply
 
 
 def review(title: str, rng: random.Random, quality: str | None = None, style: dict = DEMONSTRATION) -> str:
@@ -93,8 +100,12 @@ def review(title: str, rng: random.Random, quality: str | None = None, style: di
     sentences = [sentence(subject, polarities[0], rng, named=rng.random() < style["named"])]
     for p in polarities[1:]:
         again = rng.random() < style["again"]
-        sentences.append(sentence(subject if again else "It", p, rng, named=True if again else None))
-    if rng.random() < 0.15:  # a careless writer repeats themselves
+        for _ in range(10 if style.get("careful") else 1):  # a careful writer does not say a sentence twice by chance
+            said = sentence(subject if again else "It", p, rng, named=True if again else None)
+            if said not in sentences:
+                break
+        sentences.append(said)
+    if rng.random() < style["repeat"]:  # a careless writer repeats themselves
         sentences.append(rng.choice(sentences))
     text = " ".join(sentences)
     if rng.random() < 0.1:  # ... or stops mid-sentence
@@ -127,7 +138,8 @@ GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", 
 def gold_terms(prompt: str, response: str) -> dict[str, float]:
     """The oracle's score of `response` to `prompt`, term by term (they sum to `gold_score`):
 
-    sentiment: the sum of the sentences' polarities (negation flips, intensifiers x1.5), capped at +-3;
+    sentiment: the sum of the polarities of the distinct sentences (negation flips, intensifiers x1.5; saying a
+    sentence twice does not say it more), capped at +-3;
     asked_title: +1 if the asked title is named, -1 if it is not; other_titles: -1 for each other title named;
     repeated_sentences: -1 for each repeated sentence; unfinished: -1 if the text does not end a sentence;
     empty: -2 for an empty answer (then every other term is 0).
@@ -138,7 +150,7 @@ def gold_terms(prompt: str, response: str) -> dict[str, float]:
         terms["empty"] = -2.0
         return terms
     sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
-    sentiment = sum(sentence_polarity(s) for s in sentences)
+    sentiment = sum(sentence_polarity(s) for s in dict.fromkeys(sentences))
     terms["sentiment"] = max(-SENTIMENT_CAP, min(SENTIMENT_CAP, sentiment))
     asked = title_of_request(prompt)
     named = {t for t in TITLES if t in text}
@@ -147,6 +159,19 @@ def gold_terms(prompt: str, response: str) -> dict[str, float]:
     terms["repeated_sentences"] = -float(len(sentences) - len(set(sentences)))
     terms["unfinished"] = 0.0 if text[-1] in ".?!" else -1.0
     return terms
+
+
+def reaction(prompt: str, response: str, rng: random.Random) -> str:
+    """What the asker says next in a web transcript: thanks for an answer about the film asked, a correction for
+    one about another film, a question for one that names none. (The pretraining corpus has such turns, so a
+    base model learns to notice whether an answer is about the asked film: a feature the reward model builds on.)"""
+    asked = title_of_request(prompt)
+    named = [t for t in TITLES if t in response and t != asked]
+    if named:
+        return f"I asked about {asked}, not {named[0]}."
+    if asked not in response:
+        return "Which film do you mean?"
+    return rng.choice(["Thanks.", "Thank you.", "Good to know."])
 
 
 def gold_score(prompt: str, response: str) -> float:
