@@ -34,7 +34,7 @@ def test_eval_policy_perplexity_and_fewshot(tiny_run):
     ppl = _json(run_python("-m", "pipeline", "eval", "perplexity", sft, "--max_texts", "50").stdout)
     assert ppl["texts"] == 50 and ppl["perplexity"] > 1
     shots = _json(run_python("-m", "pipeline", "eval", "fewshot", sft, "--shots", "0,1", "--examples", "10").stdout)
-    assert set(shots) == {"0_shot", "1_shot", "chance"}
+    assert set(shots) == {"0_shot", "1_shot", "chance", "majority", "examples"}
 
 
 def _json(stdout: str) -> dict:
