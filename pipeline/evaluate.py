@@ -281,7 +281,9 @@ def choice_logprobs(model, tokenizer, contexts: list[str], choice: str, batch_si
 
 def few_shot_accuracy(model, tokenizer, task: dict, shots: list[int]) -> dict:
     """GPT-2/GPT-3-style in-context evaluation, no gradient: for each k, every test example is preceded by k
-    demonstrations, and the answer is the choice with the highest likelihood. Returns accuracy by k.
+    demonstrations, and the answer is the choice with the highest likelihood. Returns accuracy by k, beside
+    `chance` (1 / number of choices) and `majority`, the accuracy of always giving the commonest label: the bar a
+    model must clear to show it read the input at all.
 
     task: {"instruction": str, "template": "... {input} ...", "choices": [str], "demonstrations": [{"input",
     "label"}], "examples": [{"input", "label"}]} (labels are indices into choices).
@@ -298,4 +300,6 @@ def few_shot_accuracy(model, tokenizer, task: dict, shots: list[int]) -> dict:
         scores = torch.stack([choice_logprobs(model, tokenizer, contexts, c) for c in task["choices"]], 1)
         results[f"{k}_shot"] = (scores.argmax(1) == labels).float().mean().item()
     results["chance"] = 1 / len(task["choices"])
+    results["majority"] = labels.bincount().max().item() / len(labels)
+    results["examples"] = len(labels)
     return results

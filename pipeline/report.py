@@ -34,12 +34,12 @@ PLOT_FILES = ("lm_loss.png", "reward_model.png", "ppo_training.png", "gold_score
 HEADLINE = {
     "pretrain": ["eval_perplexity"],
     "sft": ["eval_perplexity"],
-    "reward": ["eval_accuracy", "eval_title_only_accuracy", "eval_margin"],
+    "reward": ["eval_accuracy", "eval_title_only_accuracy", "eval_repeat_only_accuracy", "eval_margin"],
     **{stage: ["gold_score_sft", f"gold_score_{stage}", "gold_win_rate_vs_sft", "title_only_rate_sft",
-               f"title_only_rate_{stage}", "rm_score_sft", f"rm_score_{stage}", "rm_win_rate_vs_sft", "kl_to_sft",
-               "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft", f"response_length_{stage}"]
+               f"title_only_rate_{stage}", "repeat_rate_sft", f"repeat_rate_{stage}", "rm_score_sft",
+               f"rm_score_{stage}", "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft", f"response_length_{stage}"]
        for stage in STAGE3},
-    CEILING: ["gold_score_ppo", "gold_win_rate_vs_sft", "title_only_rate_ppo", "kl_to_sft"],
+    CEILING: ["gold_score_ppo", "gold_win_rate_vs_sft", "title_only_rate_ppo", "repeat_rate_ppo", "kl_to_sft"],
 }
 STYLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 11,
          "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 15, "axes.grid": True,
@@ -374,6 +374,7 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
             lines += [f"### {title}", "", caption, "", f"![{title}]({plot.name})", ""]
     lines += ceiling_lines(results)
     lines += gold_terms_table(results)
+    lines += few_shot_lines(results)
     for stage in STAGE3:
         samples = results.get(stage, {}).get("samples") if isinstance(results.get(stage), dict) else None
         samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
@@ -422,6 +423,30 @@ def gold_terms_table(results: Mapping[str, dict]) -> list[str]:
         cells = [_fmt(sft_from.get(f"{key}_sft", ""))] + [_fmt(results[stage].get(key + suffix, ""))
                                                            for stage, suffix in columns]
         lines.append(f"| {key.removeprefix('gold_')} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def few_shot_lines(results: Mapping[str, dict]) -> list[str]:
+    """Zero-, one- and few-shot accuracy of every policy against the majority class, and whether any k rises above
+    it by more than two standard errors of the majority's accuracy on that many examples."""
+    evaluation = results.get("eval") if isinstance(results.get("eval"), dict) else {}
+    by_stage = {stage: by_k for stage, by_k in evaluation.get("few_shot_sentiment", {}).items()
+                if isinstance(by_k, dict) and _is_number(by_k.get("majority")) and _is_number(by_k.get("examples"))}
+    if not by_stage:
+        return []
+    shots = sorted({k for by_k in by_stage.values() for k in by_k if k.endswith("_shot")}, key=lambda k: int(k[:-5]))
+    lines = ["## In-context learning", "", "GPT-2/GPT-3-style prompting, no gradient: is a held-out review positive or "
+             "negative, answered by the likelier label after k demonstrations? A model that reads nothing scores the "
+             "majority class; above it means more than two standard errors above.", "",
+             "| policy | " + " | ".join(k.replace("_", "-") for k in shots) + " | majority | above the majority? |",
+             "|---|" + "---:|" * (len(shots) + 1) + "---|"]
+    for stage in sorted(by_stage, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)):
+        by_k = by_stage[stage]
+        majority, n = by_k["majority"], by_k["examples"]
+        bar = majority + 2 * math.sqrt(majority * (1 - majority) / n)
+        above = [k.replace("_", "-") for k in shots if _is_number(by_k.get(k)) and by_k[k] > bar]
+        lines.append(f"| {stage} | " + " | ".join(_fmt(by_k.get(k, "")) for k in shots)
+                     + f" | {_fmt(majority)} | {'yes: ' + ', '.join(above) if above else 'no'} |")
     return lines + [""]
 
 

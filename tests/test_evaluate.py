@@ -133,4 +133,5 @@ def test_few_shot_with_no_preference_picks_the_first_choice(setup):
     examples = [{"input": "It felt superb.", "label": label} for label in (0, 0, 1, 0)]
     task = {"instruction": "", "template": "Review: {input}\nSentiment:", "choices": ["x", "y"],
             "demonstrations": examples, "examples": examples}
-    assert few_shot_accuracy(uniform, tokenizer, task, [0, 2]) == {"0_shot": 0.75, "2_shot": 0.75, "chance": 0.5}
+    assert few_shot_accuracy(uniform, tokenizer, task, [0, 2]) == {"0_shot": 0.75, "2_shot": 0.75, "chance": 0.5,
+                                                                  "majority": 0.75, "examples": 4}
