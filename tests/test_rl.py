@@ -146,7 +146,10 @@ def test_reward_function_values_reach_ppo_scores_and_adaptive_kl_is_logged(tiny_
     for before, after, row in zip(coefs, coefs[1:], rows):  # each update's KL moves the next coefficient
         error = min(max(row["objective/kl"] / 0.001 - 1, -0.2), 0.2)
         assert after == pytest.approx(before * (1 + error * 16 / 100))  # 16 episodes per update
-    assert coefs[-1] > coefs[0]  # the policy drifts from the reference: KL above the tiny target, penalty up
+    # both ways in one run: the first rollout comes from the reference itself (KL 0, below the target: the penalty
+    # falls); once the policy has moved, some update's KL is above the tiny target and the penalty rises
+    assert rows[0]["objective/kl"] < 0.001 and coefs[1] < coefs[0]
+    assert any(after > before for before, after in zip(coefs, coefs[1:]))
     recipe = (tmp_path / "ppo" / "recipe.yaml").read_text()
     assert "kl_coef: 0.05" in recipe  # the recipe written out is the one given, not the controller's last value
 
