@@ -235,3 +235,25 @@ def test_the_oracle_ceiling_and_its_gap_to_ppo(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     text = write_report(tmp_path).read_text()
     assert "## The ceiling" not in text and "oracle reward" not in text
+
+
+def test_in_context_learning_is_judged_against_the_majority_class(tmp_path):
+    """The few-shot table says 'above the majority' only for a k more than two standard errors above it (400
+    examples at a majority of 0.55: the bar is 0.55 + 2 x 0.0249 = 0.5997), and orders policies as the stages run."""
+    results = make_run(tmp_path)
+    results["eval"] = {"few_shot_sentiment": {
+        "ppo": {"0_shot": 0.55, "1_shot": 0.59, "4_shot": 0.61, "chance": 0.5, "majority": 0.55, "examples": 400},
+        "pretrain": {"0_shot": 0.55, "1_shot": 0.56, "4_shot": 0.5, "chance": 0.5, "majority": 0.55, "examples": 400},
+        "sft": {"0_shot": 0.7, "chance": 0.5},  # an older eval.json without the majority: left out
+    }}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    table = text[text.index("## In-context learning"):]
+    assert "| policy | 0-shot | 1-shot | 4-shot | majority | above the majority? |" in table
+    assert table.index("| pretrain |") < table.index("| ppo |")
+    assert "| pretrain | 0.550 | 0.560 | 0.500 | 0.550 | no |" in table
+    assert "| ppo | 0.550 | 0.590 | 0.610 | 0.550 | yes: 4-shot |" in table
+    assert "| sft |" not in table
+    del results["eval"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "## In-context learning" not in write_report(tmp_path).read_text()
