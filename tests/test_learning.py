@@ -19,9 +19,7 @@ def test_demo_learns_what_the_oracle_prefers(tmp_path):
     assert set(DEMO) <= set(results)
     # The reward model learned from noisy labels agrees with the noise-free oracle on held-out pairs, and on
     # pairs where only the film's title differs.
-    # Issue 14's target overall is 0.90, which is not met reliably: 0.906 in the README's run, 0.848 to 0.930 in
-    # runs that differ only in arithmetic (thread count, batch size, learning rate). The bar here is what holds.
-    assert results["reward"]["eval_accuracy"] >= 0.85
+    assert results["reward"]["eval_accuracy"] >= 0.90
     assert results["reward"]["eval_title_only_accuracy"] >= 0.90
     # PPO, which only saw the learned reward model, answers about the film that was asked, positively, without
     # repeating itself, and beats the SFT policy on almost every prompt.
