@@ -11,7 +11,7 @@ def test_eval_reward_against_the_oracle(tiny_run, tmp_path):
     result = run_python("-m", "pipeline", "eval", "reward", tiny_run["outputs"] / "reward", "--output", out)
     printed = _json(result.stdout)
     assert printed == json.loads(out.read_text())
-    assert printed["reference"] == "oracle" and printed["pairs"] == 500
+    assert printed["reference"] == "oracle" and printed["pairs"] == 1000
     assert 0 <= printed["accuracy"] <= 1 and "0.5" in printed["score_quantiles"]
 
 
