@@ -67,9 +67,12 @@ def call(command: list[str], in_process=None) -> int:
     """Run one stage (or the evaluation) in a process of its own; its exit code. Without an accelerate launcher, on
     Linux, `in_process` (a callable) runs in a child forked from this process, which has imported torch, TRL and
     the stage's module already (they take about 8 s to import on 2 cores, once per stage otherwise); the child is
-    a separate process all the same: its memory is freed and its state dropped when it exits. Elsewhere `command`
-    runs as a new Python process."""
-    if in_process is None or not sys.platform.startswith("linux"):
+    a separate process all the same: its memory is freed and its state dropped when it exits. Elsewhere, or once
+    this process has started CUDA (reading a GPU recipe's training arguments does; a forked child cannot use it),
+    `command` runs as a new Python process."""
+    torch = sys.modules.get("torch")
+    cuda_started = torch is not None and torch.cuda.is_initialized()
+    if in_process is None or cuda_started or not sys.platform.startswith("linux"):
         return subprocess.call(command)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -77,26 +80,38 @@ def call(command: list[str], in_process=None) -> int:
     if pid == 0:  # the child: run, then leave without returning into the runner's frames
         code = 1
         try:
+            atexit._clear()  # the runner's own exit handlers are the runner's; the stage registers its own
             in_process()
             code = 0
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
             if isinstance(exit.code, str):
                 print(exit.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            code = 130
         except BaseException:
             import traceback
 
             traceback.print_exc()
         finally:
-            atexit._run_exitfuncs()  # what a normal exit runs (loggers, writers); os._exit skips it
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                atexit._run_exitfuncs()  # what a normal exit runs (loggers, writers); os._exit skips it
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except BaseException:
+                pass
+            finally:
+                os._exit(code)
     try:
         _, status = os.waitpid(pid, 0)
-    except BaseException:  # Ctrl-C reaches the child too; as subprocess.call does, stop it before leaving
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C reaches the child too: give it a moment to say how to resume, then stop it
+        deadline, reaped = time.time() + 1.0, False
+        while not reaped and time.time() < deadline:
+            reaped = os.waitpid(pid, os.WNOHANG)[0] != 0
+            time.sleep(0 if reaped else 0.05)
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         raise
     return os.waitstatus_to_exitcode(status)
 

@@ -1,6 +1,10 @@
-"""The evaluation, generation and chat commands on the checkpoints of a tiny run."""
+"""The evaluation, generation and chat commands on the checkpoints of a tiny run; how the runner starts a stage."""
 
 import json
+import os
+import sys
+
+import pytest
 
 from conftest import run_python
 
@@ -58,3 +62,27 @@ def test_chat_reads_turns_until_quit(tiny_run):
 def test_eval_of_a_missing_model_is_one_line(tmp_path):
     result = run_python("-m", "pipeline", "eval", "reward", tmp_path / "nope", check=False)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_call_runs_a_stage_in_a_forked_child_and_returns_its_exit_code(tmp_path):
+    from pipeline.cli import call
+
+    marker = tmp_path / "ran"
+    never = [sys.executable, "-c", "raise SystemExit(9)"]  # the fallback command, not used on Linux here
+    assert call(never, lambda: marker.write_text(str(os.getpid()))) == 0
+    assert int(marker.read_text()) != os.getpid()  # it ran, in another process
+    assert call(never, lambda: sys.exit(3)) == 3
+    assert call(never, lambda: sys.exit("error: a one-line message")) == 1
+    assert call(never, lambda: 1 / 0) == 1
+
+
+def test_call_runs_a_new_process_once_cuda_has_started(monkeypatch):
+    """A child forked after CUDA started cannot use it (a GPU recipe's training arguments start it when read)."""
+    from pipeline.cli import call
+
+    class Torch:
+        class cuda:
+            is_initialized = staticmethod(lambda: True)
+
+    monkeypatch.setitem(sys.modules, "torch", Torch)
+    assert call([sys.executable, "-c", "raise SystemExit(5)"], lambda: pytest.fail("forked after CUDA")) == 5

@@ -77,15 +77,22 @@ def test_sft_writers_seldom_repeat_themselves_and_the_preference_reviewers_often
 
 
 def test_pretraining_reviews_stay_on_their_film_more_than_the_demonstrations():
-    """The corpus (world.WEB) names the asked film in most reviews, so a base model can learn to copy it from
-    the request; the SFT demonstrations (world.DEMONSTRATION) leave that to alignment."""
+    """The corpus (world.WEB) names the asked film in most answers, so a base model can learn to copy it from the
+    request; the answers the asker replies to (world.REPLIED) stray more, and the SFT demonstrations
+    (world.SFT_WRITERS) leave naming it to alignment. An answer is what comes before the asker's reply."""
     transcripts = [t.split("\n\nAssistant:") for t in build("corpus")["train"]["text"][:2000]
                    if t.startswith("\n\nHuman:")]
-    corpus = sum(world.title_of_request(asked) in answer for asked, answer in transcripts) / len(transcripts)
+
+    def named(replied: bool) -> float:
+        answers = [(asked, answer.split(END_OF_TURN)[0]) for asked, answer in transcripts
+                   if (END_OF_TURN in answer) == replied]
+        return sum(world.title_of_request(asked) in answer for asked, answer in answers) / len(answers)
+
     sft = build("sft")["train"].select(range(2000))
     demos = sum(world.title_of_request(r["prompt"][0]["content"]) in r["completion"][0]["content"]
                 for r in sft) / len(sft)
-    assert corpus > 0.8
+    assert named(replied=False) > 0.8
+    assert 0.65 < named(replied=True) < named(replied=False)
     assert 0.3 < demos < 0.6
 
 
