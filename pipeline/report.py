@@ -37,7 +37,8 @@ HEADLINE = {
     "reward": ["eval_accuracy", "eval_title_only_accuracy", "eval_repeat_only_accuracy", "eval_margin"],
     **{stage: ["gold_score_sft", f"gold_score_{stage}", "gold_win_rate_vs_sft", "title_only_rate_sft",
                f"title_only_rate_{stage}", "repeat_rate_sft", f"repeat_rate_{stage}", "rm_score_sft",
-               f"rm_score_{stage}", "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", f"eos_rate_{stage}", "response_length_sft", f"response_length_{stage}"]
+               f"rm_score_{stage}", "rm_win_rate_vs_sft", "kl_to_sft", "eos_rate_sft", f"eos_rate_{stage}",
+               "response_length_sft", f"response_length_{stage}"]
        for stage in STAGE3},
     CEILING: ["gold_score_ppo", "gold_win_rate_vs_sft", "title_only_rate_ppo", "repeat_rate_ppo", "kl_to_sft"],
 }

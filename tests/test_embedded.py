@@ -73,7 +73,8 @@ def test_sft_writers_seldom_repeat_themselves_and_the_preference_reviewers_often
                    for r in rows) / len(rows)
 
     assert repeat_rate(build("sft")["train"].select(range(2000)), "completion") < 0.05
-    assert repeat_rate(build("preference")["test"], "chosen") + repeat_rate(build("preference")["test"], "rejected") > 0.2
+    pairs = build("preference")["test"]
+    assert repeat_rate(pairs, "chosen") + repeat_rate(pairs, "rejected") > 0.2
 
 
 def test_pretraining_reviews_stay_on_their_film_more_than_the_demonstrations():
@@ -101,7 +102,8 @@ def test_title_only_pairs_differ_in_the_title_alone_and_the_oracle_prefers_the_a
     title_only = pairs["test_title_only"]
     assert len(title_only) == len(pairs["test"])
     for row in title_only:
-        prompt, chosen, rejected = row["prompt"][0]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
+        prompt, chosen = row["prompt"][0]["content"], row["chosen"][0]["content"]
+        rejected = row["rejected"][0]["content"]
         asked = world.title_of_request(prompt)
         other = next(t for t in world.TITLES if t in rejected)
         assert asked in chosen and other != asked and chosen.replace(asked, other) == rejected
@@ -139,6 +141,7 @@ def test_repeat_only_pairs_differ_by_one_sentence_said_again():
     pairs = build("preference")["test_repeat_only"]
     assert len(pairs) == 1000
     for row in pairs:
-        prompt, chosen, rejected = row["prompt"][0]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
+        prompt, chosen = row["prompt"][0]["content"], row["chosen"][0]["content"]
+        rejected = row["rejected"][0]["content"]
         assert rejected.startswith(chosen + " ") and rejected[len(chosen) + 1:] in chosen
         assert gold_score(prompt, chosen) == gold_score(prompt, rejected) + 1

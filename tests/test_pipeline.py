@@ -28,7 +28,8 @@ def test_runner_runs_every_stage_and_collects_results(tiny_run):
     evaluation = results["eval"]
     assert evaluation["reward_model"]["reference"] == "oracle"
     assert set(evaluation["perplexity"]) == {"pretrain", "sft", "ppo", "grpo", "rloo", "dpo"}
-    assert set(evaluation["few_shot_sentiment"]["sft"]) == {"0_shot", "1_shot", "2_shot", "chance", "majority", "examples"}
+    assert set(evaluation["few_shot_sentiment"]["sft"]) == {"0_shot", "1_shot", "2_shot", "chance", "majority",
+                                                           "examples"}
     for stage in ("pretrain", "sft", "reward", "ppo"):  # TensorBoard by default
         assert list((tiny_run["outputs"] / stage / "runs").glob("*/events.out.tfevents.*")), stage
     report = tiny_run["outputs"] / "report"

@@ -24,7 +24,8 @@ def main(script_args, training_args, model_args):
     checkpoint = last_checkpoint(training_args)
 
     train_dataset, eval_dataset, source = load_data("preference", script_args)
-    # Held-out splits beside the test split (embedded: test_title_only, test_repeat_only), reported as eval_<name>_accuracy
+    # Held-out splits beside the test split (embedded: test_title_only, test_repeat_only), reported as
+    # eval_<name>_accuracy
     extra_tests = load_data("preference", script_args, data.load_extra_tests) if eval_dataset is not None else {}
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
