@@ -127,6 +127,8 @@ def write_recipe(work: str, stage: str, name: str, repeat: int, overrides: dict,
         recipe.update(dataset_name=data["preference"], model_name_or_path=models["reward_init"])
     else:
         raise ValueError(f"unknown bench stage {stage!r}")
+    if stage.startswith("sft"):  # TRL's own LM head, as bare TRL: the two train exactly the same thing (the
+        recipe["lm_head"] = "tiled"  # pipeline's CPU default, the whole logits, is measured by bench/lm_head.py)
     recipe.update(overrides)
     path = os.path.join(work, "recipes", f"{stage}-{slug}-{repeat}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -33,7 +33,21 @@ class PipelineArguments(ScriptArguments):
 
 
 @dataclass
-class PretrainArguments(PipelineArguments):
+class LMHeadArguments(PipelineArguments):
+    """How TRL's SFTTrainer computes the causal LM loss (pretrain and SFT)."""
+
+    lm_head: str = field(
+        default="auto", metadata={
+            "help": "'tiled': TRL's fused LM head, which computes the log-probabilities in tiles and recomputes the "
+                    "logits in its backward (memory-lean for large vocabularies; a Triton kernel on GPUs). 'auto' "
+                    "(default): the whole logits at once on the CPU when a micro-batch's take at most 64 MiB "
+                    "(faster there for small vocabularies: pipeline/lm_head.py), TRL's tiled head otherwise. The "
+                    "loss and the metrics are the same either way.",
+            "choices": ["auto", "tiled"]})
+
+
+@dataclass
+class PretrainArguments(LMHeadArguments):
     """The byte-level BPE tokenizer and the GPT2Config of a model trained from scratch."""
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included."})
@@ -45,7 +59,7 @@ class PretrainArguments(PipelineArguments):
 
 
 @dataclass
-class SFTArguments(PipelineArguments):
+class SFTArguments(LMHeadArguments):
     """What to do with demonstrations longer than the trainer's `max_length`, and how packed batches are laid out."""
 
     overlong_rows: str = field(

@@ -63,3 +63,18 @@ def test_startup_bench_writes_its_table(tmp_path):
     for command in ("python -m pipeline --help", "python -m pipeline ls"):
         assert f"| `{command}` |" in table
     assert all(len(values) == 1 for values in json.loads(js.read_text())["seconds"].values())
+
+
+def test_lm_head_bench_trains_the_same_loss_both_ways(tmp_path):
+    """bench/lm_head.py in its smoke mode: both settings train, the table has a row each, and the two losses agree
+    to rounding (the whole logits compute TRL's loss; only the speed is the benchmark's to measure)."""
+    md, js = tmp_path / "lm_head.md", tmp_path / "lm_head.json"
+    run_python("bench/lm_head.py", "--quick", "--md", md, "--json", js, timeout=300)
+    results = json.loads(js.read_text())["results"]
+    assert set(results) == {"tiled", "auto"}
+    tiled, whole = results["tiled"][0], results["auto"][0]
+    assert tiled["steps_per_s"] > 0 and whole["steps_per_s"] > 0
+    assert abs(tiled["train_loss"] - whole["train_loss"]) < 1e-3 * tiled["train_loss"]
+    assert abs(tiled["eval_loss"] - whole["eval_loss"]) < 1e-3 * tiled["eval_loss"]
+    table = md.read_text()
+    assert "| `tiled` |" in table and "| `auto` |" in table

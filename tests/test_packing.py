@@ -10,6 +10,7 @@ from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from pipeline import embedded
+from pipeline.lm_head import is_materialised
 from pipeline.models import train_tokenizer
 from pipeline.stages.sft import REAL_TOKENS, PackedRowsCollator, SFTStageTrainer
 
@@ -71,13 +72,28 @@ def tiny(tmp_path_factory):
     return {"path": path, "tokenizer": tokenizer, "rows": Dataset.from_list(list(rows))}
 
 
-def sft_trainer(tiny, tmp_path, layout="auto", **config):
+def sft_trainer(tiny, tmp_path, layout="auto", lm_head="auto", **config):
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=128, report_to="none", use_cpu=True,
                      num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                      disable_tqdm=True, seed=0, **config)
     model = GPT2LMHeadModel.from_pretrained(tiny["path"])
     return SFTStageTrainer(model=model, args=args, train_dataset=tiny["rows"], processing_class=tiny["tokenizer"],
-                           packed_batch_layout=layout)
+                           packed_batch_layout=layout, lm_head=lm_head)
+
+
+def test_lm_head_auto_trains_on_whole_logits_with_trls_loss_and_metrics(tiny, tmp_path):
+    """`lm_head: auto` (the default) on the CPU: the model's forward is the pipeline's whole-logits head, and an
+    epoch logs what TRL's tiled head logs (loss, entropy, token accuracy) to rounding."""
+    logged = {}
+    for lm_head in ("tiled", "auto"):
+        trainer = sft_trainer(tiny, tmp_path / lm_head, lm_head=lm_head)
+        assert is_materialised(trainer.model) == (lm_head == "auto")
+        trainer.train()
+        logged[lm_head] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged["auto"]) == len(logged["tiled"]) == 10
+    for tiled, whole in zip(logged["tiled"], logged["auto"]):
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert whole[key] == pytest.approx(tiled[key], rel=1e-3), key
 
 
 def test_auto_layout_is_rows_without_flash_attention_and_flat_is_trls(tiny, tmp_path):

@@ -54,6 +54,7 @@ def main(script_args, training_args, model_args):
 
     trainer = SFTStageTrainer(  # TRL's SFTTrainer; with bfd packing, each packed document masked from the others
         source=source,
+        lm_head=script_args.lm_head,
         model=model,
         args=training_args,
         train_dataset=train_dataset,

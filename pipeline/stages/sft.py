@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pyarrow.compute as pc
 from accelerate import PartialState
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
+from ..lm_head import materialise_small_logits
 from ..models import CAUSAL_LM, check_model_kind, load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
@@ -115,7 +117,7 @@ class SFTStageTrainer(SFTTrainer):
     With bfd packing, batches are laid out as `packed_batch_layout` says (see PackedRowsCollator)."""
 
     def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
-                 packed_batch_layout: str = "auto", **kwargs):
+                 packed_batch_layout: str = "auto", lm_head: str = "auto", **kwargs):
         self.overlong_rows, self.source = overlong_rows, source  # read by _prepare_dataset, in super().__init__
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -134,6 +136,8 @@ class SFTStageTrainer(SFTTrainer):
             super().__init__(*args, **kwargs)
         finally:
             trl_logger.removeFilter(_ROWS_WARNINGS)
+        if lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles (pipeline/lm_head.py)
+            materialise_small_logits(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if self.packed_rows:
             self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
             logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",
@@ -198,6 +202,7 @@ def main(script_args, training_args, model_args):
         overlong_rows=script_args.overlong_rows,
         source=source,
         packed_batch_layout=script_args.packed_batch_layout,
+        lm_head=script_args.lm_head,
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -1,0 +1,74 @@
+"""Full logits for TRL's fused LM head where they are small.
+
+TRL's SFTTrainer patches the model with `trl.trainer.utils.add_fused_lm_head`: the loss and its metrics come from
+log-probabilities computed in tiles, and the backward recomputes the logits, so that a large vocabulary never has
+its whole `(batch, seq_len, vocab)` logits in memory. On a GPU that is a Triton kernel. On the CPU it is a loop of
+torch ops, and for a small vocabulary the recomputation is pure cost: the tiny demo's pretraining step (1024
+tokens of vocabulary, 4 rows of 128) takes about a quarter longer with it (bench/lm_head.py).
+
+`materialise_small_logits` wraps the patched forward: a `fused_lm_head=True` call on the CPU whose logits would
+take at most `max_logits_bytes` builds them whole (the model's own LM head, then one log-softmax) and returns the
+same `FusedCausalLMOutput` fields TRL asks for (log-probabilities with their gradient, entropy and top-1 hits
+without); any other call goes to TRL's forward unchanged. The loss is the same number either way, so TRL's
+`compute_loss`, its loss types and its metrics are untouched.
+"""
+
+import functools
+
+import torch
+
+_MiB = 2 ** 20
+DEFAULT_MAX_LOGITS_BYTES = 64 * _MiB
+
+
+def _logit_transforms(config) -> bool:
+    """Whether the model scales or caps its logits (TRL's tiled head applies those; this module does not)."""
+    text = config.get_text_config()
+    return any(getattr(text, name, None) is not None for name in (
+        "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+
+
+def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES) -> bool:
+    """Wrap `model`'s TRL fused forward (see the module's docstring). Returns whether it was wrapped: not when TRL
+    did not patch the model (a newer TRL may not), nor for a model whose logits are scaled or capped, or that
+    returns MoE router logits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    tiled = model.__dict__.get("forward")  # add_fused_lm_head sets a bound method on the instance
+    text = model.config.get_text_config()
+    if tiled is None or _logit_transforms(model.config) or getattr(text, "output_router_logits", False):
+        return False
+
+    @functools.wraps(type(model).forward)  # generate() checks its kwargs against this signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        head = self.get_output_embeddings()
+        small = (fused_lm_head and labels is not None and shift_labels is None
+                 and not kwargs.get("output_router_logits") and head.weight.device.type == "cpu"
+                 and type(head.weight.data) is torch.Tensor  # not a sharded DTensor (FSDP2)
+                 and labels[:, 1:].numel() * head.weight.shape[0] * 4 <= max_logits_bytes)
+        if not small:
+            return tiled(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        logits = head(hidden).float()
+        log_softmax = logits.log_softmax(-1)
+        log_probs = log_softmax.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        with torch.no_grad():
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1).masked_fill(~mask, 0)
+            is_top1 = (logits.argmax(-1) == labels) & mask
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
+                                   label_mask=mask)
+
+    forward.whole_logits = True  # read by is_materialised
+    model.forward = forward.__get__(model)
+    return True
+
+
+def is_materialised(model) -> bool:
+    """Whether `materialise_small_logits` wrapped this model's forward."""
+    return getattr(model.forward, "whole_logits", False)

@@ -1,0 +1,84 @@
+"""pipeline.lm_head: whole logits give what TRL's tiled LM head gives, and only where they are small."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from trl.trainer.utils import add_fused_lm_head
+
+from pipeline.lm_head import materialise_small_logits
+
+OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _model(seed=0, **config):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_head=2, n_embd=32, n_positions=40,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                            bos_token_id=0, eos_token_id=0, **config))
+    add_fused_lm_head(model, outputs=OUTPUTS)
+    return model
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 97, (3, 20), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[2, 12:] = -100  # padding
+    return input_ids, labels
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 50])
+def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch):
+    tiled, whole = _model(), _model()
+    assert materialise_small_logits(whole)
+    input_ids, labels = _batch()
+    with torch.no_grad():  # row 1's labels are the model's own top-1 tokens: is_top1 is compared on hits too
+        labels[1, 1:] = tiled(input_ids=input_ids).logits[1, :-1].argmax(-1)
+    outputs = [model(input_ids=input_ids, labels=labels, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+               for model in (tiled, whole)]
+    for field in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(outputs[1][field], outputs[0][field], rtol=1e-5, atol=1e-6)
+    assert torch.equal(outputs[1].is_top1.bool(), outputs[0].is_top1.bool())
+    assert torch.equal(outputs[1].label_mask, outputs[0].label_mask)
+    assert outputs[1].is_top1[1].all()
+    for output in outputs:
+        output.loss.backward()
+    for (name, a), (_, b) in zip(tiled.named_parameters(), whole.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_large_logits_and_plain_calls_go_to_trl(monkeypatch):
+    model = _model()
+    trl_forward = model.forward
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("fused_lm_head"))
+        return trl_forward(*args, **kwargs)
+
+    model.__dict__["forward"] = spy
+    assert materialise_small_logits(model, max_logits_bytes=3 * 19 * 97 * 4)  # the batch's logits fit exactly
+    input_ids, labels = _batch()
+    model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert calls == []
+    model(input_ids=input_ids, labels=labels)  # the model's own forward (generation, evaluation of logits)
+    assert calls == [False]
+
+    small = _model()
+    small.__dict__["forward"] = spy
+    assert materialise_small_logits(small, max_logits_bytes=3 * 19 * 97 * 4 - 1)
+    small(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert calls == [False, True]
+
+
+def test_models_trl_did_not_patch_or_that_cap_their_logits_are_left_alone():
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=1, n_head=2, n_embd=32, n_positions=40))
+    assert not materialise_small_logits(plain)
+    assert "forward" not in plain.__dict__
+    capped = _model()
+    capped.config.final_logit_softcapping = 30.0
+    forward = capped.forward
+    assert not materialise_small_logits(capped)
+    assert capped.forward is forward
