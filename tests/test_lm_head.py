@@ -1,4 +1,5 @@
-"""pipeline.lm_head: whole logits give what TRL's tiled LM head gives, and only where they are small."""
+"""CPU speed-ups that keep the maths: pipeline.lm_head (whole logits give what TRL's tiled LM head gives, and only
+where they are small) and the embedded model's fused tanh GELU."""
 
 import pytest
 import torch
@@ -82,3 +83,15 @@ def test_models_trl_did_not_patch_or_that_cap_their_logits_are_left_alone():
     forward = capped.forward
     assert not materialise_small_logits(capped)
     assert capped.forward is forward
+
+
+def test_the_fused_tanh_gelu_of_the_embedded_model_is_gpt2s_gelu_new():
+    """pipeline/stages/pretrain.py builds its GPT-2 with activation_function "gelu_pytorch_tanh" (one fused kernel)
+    instead of GPT2Config's default "gelu_new" (the same formula in seven elementwise ops): the same function."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 10001, requires_grad=True)
+    new, fused = ACT2FN["gelu_new"](x), ACT2FN["gelu_pytorch_tanh"](x)
+    torch.testing.assert_close(fused, new, rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(y.sum(), x)[0] for y in (new, fused)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5)

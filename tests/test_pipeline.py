@@ -46,6 +46,8 @@ def test_policy_checkpoints_load_in_plain_transformers(tiny_run, stage):
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
+    # the embedded model's GELU is PyTorch's fused tanh GELU, which GPT-2's "gelu_new" is to rounding
+    assert model.config.activation_function == "gelu_pytorch_tanh"
     assert tokenizer.chat_template
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Write a review of The Lost River."}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
