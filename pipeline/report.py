@@ -396,11 +396,16 @@ def ceiling_lines(results: Mapping[str, dict]) -> list[str]:
             and _is_number(ppo.get("gold_score_ppo")) and _is_number(ceiling.get("gold_score_ppo"))):
         return []
     learned, best = ppo["gold_score_ppo"], ceiling["gold_score_ppo"]
+    if best > learned:
+        reading = f", a gap of {_fmt(best - learned)}: what learning the reward from noisy raters costs"
+    else:  # one PPO run on the oracle is a reference, not a bound: a good reward model can match it
+        reading = (f", {_fmt(learned - best)} above it: on this budget the learned reward model cost nothing "
+                   "measurable (the oracle run is one PPO run of the same budget, not a bound)")
     return ["## The ceiling: PPO on the oracle itself", "",
             f"The same PPO recipe with the gold oracle as its reward (`{CEILING}`) reaches a gold score of "
-            f"{_fmt(best)}; through the learned reward model PPO reaches {_fmt(learned)}, a gap of "
-            f"{_fmt(best - learned)}: what learning the reward from noisy raters costs. KL to the SFT policy: "
-            f"{_fmt(ceiling.get('kl_to_sft', ''))} (oracle) and {_fmt(ppo.get('kl_to_sft', ''))} (learned).", ""]
+            f"{_fmt(best)}; through the learned reward model PPO reaches {_fmt(learned)}{reading}. KL to the SFT "
+            f"policy: {_fmt(ceiling.get('kl_to_sft', ''))} (oracle) and {_fmt(ppo.get('kl_to_sft', ''))} "
+            "(learned).", ""]
 
 
 def gold_terms_table(results: Mapping[str, dict]) -> list[str]:

@@ -231,6 +231,12 @@ def test_the_oracle_ceiling_and_its_gap_to_ppo(tmp_path):
     assert "reaches a gold score of 3.250; through the learned reward model PPO reaches 0.430, a gap of 2.820" in text
     assert "| term | SFT | PPO | PPO, oracle reward |" in text
     assert "| ppo-oracle | gold_score_ppo | 3.250 |" in text
+    results["ppo-oracle"]["gold_score_ppo"] = 0.4  # below the learned reward model's PPO: no "gap" then
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert ("reaches a gold score of 0.400; through the learned reward model PPO reaches 0.430, 0.030 above it: "
+            "on this budget the learned reward model cost nothing measurable") in text
+    assert "a gap of" not in text
     del results["ppo-oracle"]
     (tmp_path / "results.json").write_text(json.dumps(results))
     text = write_report(tmp_path).read_text()
