@@ -222,13 +222,14 @@ def _fresh_models(work: str, recipe_dir: str) -> str:
 
     from pipeline import embedded
     from pipeline.models import fit_to_tokenizer, train_tokenizer
+    from pipeline.stages.pretrain import ACTIVATION
 
     recipe = yaml.safe_load(open(os.path.join(recipe_dir, "pretrain.yaml")))
     tokenizer = train_tokenizer(embedded.build("corpus", seed=0)["train"]["text"], recipe["vocab_size"])
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe["n_positions"], n_embd=recipe["n_embd"],
                         n_layer=recipe["n_layer"], n_head=recipe["n_head"], resid_pdrop=recipe["dropout"],
-                        embd_pdrop=recipe["dropout"], attn_pdrop=recipe["dropout"],
+                        embd_pdrop=recipe["dropout"], attn_pdrop=recipe["dropout"], activation_function=ACTIVATION,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     lm = os.path.join(work, "models", "lm")

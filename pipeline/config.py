@@ -40,9 +40,10 @@ class LMHeadArguments(PipelineArguments):
         default="auto", metadata={
             "help": "'tiled': TRL's fused LM head, which computes the log-probabilities in tiles and recomputes the "
                     "logits in its backward (memory-lean for large vocabularies; a Triton kernel on GPUs). 'auto' "
-                    "(default): the whole logits at once on the CPU when a micro-batch's take at most 64 MiB "
-                    "(faster there for small vocabularies: pipeline/lm_head.py), TRL's tiled head otherwise. The "
-                    "loss and the metrics are the same either way.",
+                    "(default): on the CPU, a micro-batch whose logits take at most 64 MiB in float32 (a few "
+                    "times that at peak) gets them whole, which is faster there for small vocabularies "
+                    "(pipeline/lm_head.py); TRL's tiled head otherwise. The loss and the metrics are the same "
+                    "either way, to float rounding.",
             "choices": ["auto", "tiled"]})
 
 

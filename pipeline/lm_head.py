@@ -1,16 +1,20 @@
-"""Full logits for TRL's fused LM head where they are small.
+"""Whole logits for TRL's fused LM head where they are small.
 
 TRL's SFTTrainer patches the model with `trl.trainer.utils.add_fused_lm_head`: the loss and its metrics come from
 log-probabilities computed in tiles, and the backward recomputes the logits, so that a large vocabulary never has
 its whole `(batch, seq_len, vocab)` logits in memory. On a GPU that is a Triton kernel. On the CPU it is a loop of
-torch ops, and for a small vocabulary the recomputation is pure cost: the tiny demo's pretraining step (1024
-tokens of vocabulary, 4 rows of 128) takes about a quarter longer with it (bench/lm_head.py).
+torch ops, and for a small vocabulary the recomputation is pure cost: the tiny demo's pretraining step (a
+1024-token vocabulary, 4 rows of 128) is measured side by side in BENCHMARKS_LM_HEAD.md (`bench/lm_head.py`).
 
-`materialise_small_logits` wraps the patched forward: a `fused_lm_head=True` call on the CPU whose logits would
-take at most `max_logits_bytes` builds them whole (the model's own LM head, then one log-softmax) and returns the
-same `FusedCausalLMOutput` fields TRL asks for (log-probabilities with their gradient, entropy and top-1 hits
-without); any other call goes to TRL's forward unchanged. The loss is the same number either way, so TRL's
-`compute_loss`, its loss types and its metrics are untouched.
+`materialise_small_logits` wraps the patched forward: a `fused_lm_head=True` call on the CPU whose logits take at
+most `max_logits_bytes` (in float32; the log-softmax, its gradient and the entropy's temporaries come to a few
+times that at peak) builds them whole (the model's own LM head, then one log-softmax) and returns the fields
+TRL's SFTTrainer reads: the log-probabilities (with their gradient), the entropy and the top-1 hits (without:
+the trainer only logs them), and the label mask. Any other call goes to TRL's forward unchanged: on a GPU, with
+an LM head that is not a plain `nn.Linear` (a LoRA or `modules_to_save` wrapper: TRL's tiles read the bare
+weight, so the two would train different things), with DeepSpeed-partitioned weights, sharded FSDP2 weights,
+pre-shifted labels (sequence parallelism) or MoE router logits. The loss is the same number either way, to
+float rounding, so TRL's `compute_loss`, its loss types and its metrics are untouched.
 """
 
 import functools
@@ -44,9 +48,11 @@ def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_B
                 **kwargs):
         head = self.get_output_embeddings()
         small = (fused_lm_head and labels is not None and shift_labels is None
-                 and not kwargs.get("output_router_logits") and head.weight.device.type == "cpu"
+                 and not kwargs.get("output_router_logits") and type(head) is torch.nn.Linear
+                 and head.weight.device.type == "cpu" and labels.device.type == "cpu"
                  and type(head.weight.data) is torch.Tensor  # not a sharded DTensor (FSDP2)
-                 and labels[:, 1:].numel() * head.weight.shape[0] * 4 <= max_logits_bytes)
+                 and not hasattr(head.weight, "ds_id")  # not partitioned by DeepSpeed ZeRO-3
+                 and labels[:, 1:].numel() * head.out_features * 4 <= max_logits_bytes)
         if not small:
             return tiled(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
@@ -70,5 +76,6 @@ def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_B
 
 
 def is_materialised(model) -> bool:
-    """Whether `materialise_small_logits` wrapped this model's forward."""
+    """Whether `materialise_small_logits` wrapped this model's forward (a PEFT model's: its base model's)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(model.forward, "whole_logits", False)

@@ -396,11 +396,13 @@ def ceiling_lines(results: Mapping[str, dict]) -> list[str]:
             and _is_number(ppo.get("gold_score_ppo")) and _is_number(ceiling.get("gold_score_ppo"))):
         return []
     learned, best = ppo["gold_score_ppo"], ceiling["gold_score_ppo"]
-    if best > learned:
-        reading = f", a gap of {_fmt(best - learned)}: what learning the reward from noisy raters costs"
+    gap = round(best - learned, 3)  # as printed
+    if gap > 0:
+        reading = f", a gap of {_fmt(gap)}: what learning the reward from noisy raters costs"
     else:  # one PPO run on the oracle is a reference, not a bound: a good reward model can match it
-        reading = (f", {_fmt(learned - best)} above it: on this budget the learned reward model cost nothing "
-                   "measurable (the oracle run is one PPO run of the same budget, not a bound)")
+        reading = ((f", {_fmt(-gap)} above it" if gap < 0 else ", the same score")
+                   + ": on this budget the learned reward model cost nothing measurable (the oracle run is one PPO "
+                   "run of the same budget, not a bound)")
     return ["## The ceiling: PPO on the oracle itself", "",
             f"The same PPO recipe with the gold oracle as its reward (`{CEILING}`) reaches a gold score of "
             f"{_fmt(best)}; through the learned reward model PPO reaches {_fmt(learned)}{reading}. KL to the SFT "

@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl.trainer.utils import add_fused_lm_head
 
-from pipeline.lm_head import materialise_small_logits
+from pipeline.lm_head import is_materialised, materialise_small_logits
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 
@@ -66,11 +66,32 @@ def test_large_logits_and_plain_calls_go_to_trl(monkeypatch):
     model(input_ids=input_ids, labels=labels)  # the model's own forward (generation, evaluation of logits)
     assert calls == [False]
 
-    small = _model()
-    small.__dict__["forward"] = spy
-    assert materialise_small_logits(small, max_logits_bytes=3 * 19 * 97 * 4 - 1)
-    small(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    tight = _model()  # one byte less than the batch's logits: TRL's tiles
+    tight.__dict__["forward"] = spy
+    assert materialise_small_logits(tight, max_logits_bytes=3 * 19 * 97 * 4 - 1)
+    tight(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == [False, True]
+
+
+def test_a_lora_wrapped_lm_head_goes_to_trl():
+    """TRL's tiles read the head's bare weight; a LoRA-wrapped head called as a module would add its adapter, so
+    the two would train different things: such a head is left to TRL."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_model(), LoraConfig(r=2, target_modules=["lm_head"]))
+    base = peft_model.get_base_model()
+    trl_forward = base.forward
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("fused_lm_head"))
+        return trl_forward(*args, **kwargs)
+
+    base.__dict__["forward"] = spy
+    assert materialise_small_logits(base) and is_materialised(peft_model)
+    input_ids, labels = _batch()
+    base(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert calls == [True]
 
 
 def test_models_trl_did_not_patch_or_that_cap_their_logits_are_left_alone():

@@ -81,15 +81,24 @@ def sft_trainer(tiny, tmp_path, layout="auto", lm_head="auto", **config):
                            packed_batch_layout=layout, lm_head=lm_head)
 
 
-def test_lm_head_auto_trains_on_whole_logits_with_trls_loss_and_metrics(tiny, tmp_path):
+def test_lm_head_auto_trains_on_whole_logits_with_trls_loss_and_metrics(tiny, tmp_path, monkeypatch):
     """`lm_head: auto` (the default) on the CPU: the model's forward is the pipeline's whole-logits head, and an
     epoch logs what TRL's tiled head logs (loss, entropy, token accuracy) to rounding."""
-    logged = {}
+    from trl.trainer import utils as trl_utils
+
+    logged, tiles = {}, []
+    tiled_apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda *args: tiles.append(1) or tiled_apply(*args))
     for lm_head in ("tiled", "auto"):
         trainer = sft_trainer(tiny, tmp_path / lm_head, lm_head=lm_head)
         assert is_materialised(trainer.model) == (lm_head == "auto")
+        tiles.clear()
         trainer.train()
+        assert bool(tiles) == (lm_head == "tiled")  # auto: no training step went through TRL's tiles
         logged[lm_head] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    with pytest.raises(ValueError, match="lm_head must be 'auto' or 'tiled', got 'whole'"):
+        sft_trainer(tiny, tmp_path / "typo", lm_head="whole")
     assert len(logged["auto"]) == len(logged["tiled"]) == 10
     for tiled, whole in zip(logged["tiled"], logged["auto"]):
         for key in ("loss", "entropy", "mean_token_accuracy"):

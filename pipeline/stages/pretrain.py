@@ -17,6 +17,11 @@ from .common import finish, last_checkpoint, load_data, setup, train
 from .sft import SFTStageTrainer
 
 
+# GPT-2's tanh GELU as PyTorch's fused kernel: the same function as GPT2Config's default "gelu_new" (to 2.4e-7),
+# which is seven elementwise ops each way; on the CPU a tiny reward-model step takes about 12% less with it
+ACTIVATION = "gelu_pytorch_tanh"
+
+
 def main(script_args, training_args, model_args):
     setup(training_args, "pretrain")
     publication = hub.prepare("pretrain", script_args, training_args, model_args)  # before the trainer
@@ -38,9 +43,7 @@ def main(script_args, training_args, model_args):
         resid_pdrop=script_args.dropout,
         embd_pdrop=script_args.dropout,
         attn_pdrop=script_args.dropout,
-        # GPT-2's tanh GELU as PyTorch's fused kernel: the same function as GPT2Config's default "gelu_new" (to
-        # 2.4e-7), which is seven elementwise ops each way; a seventh of a reward-model step on the CPU
-        activation_function="gelu_pytorch_tanh",
+        activation_function=ACTIVATION,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -114,7 +114,8 @@ class SFTStageTrainer(SFTTrainer):
     recipe's `overlong_rows` says (TRL truncates them silently, and silently drops the rows left with no
     completion token). Tokenization is TRL's own: only its truncation step is replaced. With bfd packing the
     fitted rows are then packed by TRL; bfd_split and wrapped packing are left to TRL (they split or cut rows).
-    With bfd packing, batches are laid out as `packed_batch_layout` says (see PackedRowsCollator)."""
+    With bfd packing, batches are laid out as `packed_batch_layout` says (see PackedRowsCollator). With
+    `lm_head: auto`, small logits on the CPU are computed whole instead of in TRL's tiles (pipeline/lm_head.py)."""
 
     def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
                  packed_batch_layout: str = "auto", lm_head: str = "auto", **kwargs):
@@ -136,8 +137,14 @@ class SFTStageTrainer(SFTTrainer):
             super().__init__(*args, **kwargs)
         finally:
             trl_logger.removeFilter(_ROWS_WARNINGS)
+        if lm_head not in ("auto", "tiled"):
+            raise ValueError(f"lm_head must be 'auto' or 'tiled', got {lm_head!r}")
         if lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles (pipeline/lm_head.py)
-            materialise_small_logits(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            wrapped = materialise_small_logits(base)
+            logger.info("lm_head: auto: %s", "whole logits on the CPU where a micro-batch's take at most 64 MiB, "
+                        "else TRL's tiled LM head" if wrapped else "TRL's tiled LM head (this model or TRL version "
+                        "has no fused head the pipeline can stand in for)")
         if self.packed_rows:
             self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
             logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",
