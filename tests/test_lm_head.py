@@ -49,16 +49,20 @@ def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch)
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_large_logits_and_plain_calls_go_to_trl(monkeypatch):
-    model = _model()
+def _spy_on_trl(model, calls: list):
+    """Record the `fused_lm_head` flag of every call that reaches the forward TRL patched onto `model`."""
     trl_forward = model.forward
-    calls = []
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("fused_lm_head"))
         return trl_forward(*args, **kwargs)
 
     model.__dict__["forward"] = spy
+
+
+def test_large_logits_and_plain_calls_go_to_trl():
+    model, calls = _model(), []
+    _spy_on_trl(model, calls)
     assert materialise_small_logits(model, max_logits_bytes=3 * 19 * 97 * 4)  # the batch's logits fit exactly
     input_ids, labels = _batch()
     model(input_ids=input_ids, labels=labels, fused_lm_head=True)
@@ -67,7 +71,7 @@ def test_large_logits_and_plain_calls_go_to_trl(monkeypatch):
     assert calls == [False]
 
     tight = _model()  # one byte less than the batch's logits: TRL's tiles
-    tight.__dict__["forward"] = spy
+    _spy_on_trl(tight, calls)
     assert materialise_small_logits(tight, max_logits_bytes=3 * 19 * 97 * 4 - 1)
     tight(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == [False, True]
@@ -79,15 +83,8 @@ def test_a_lora_wrapped_lm_head_goes_to_trl():
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(_model(), LoraConfig(r=2, target_modules=["lm_head"]))
-    base = peft_model.get_base_model()
-    trl_forward = base.forward
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("fused_lm_head"))
-        return trl_forward(*args, **kwargs)
-
-    base.__dict__["forward"] = spy
+    base, calls = peft_model.get_base_model(), []
+    _spy_on_trl(base, calls)
     assert materialise_small_logits(base) and is_materialised(peft_model)
     input_ids, labels = _batch()
     base(input_ids=input_ids, labels=labels, fused_lm_head=True)

@@ -12,7 +12,7 @@ from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
-from ..lm_head import materialise_small_logits
+from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
 from ..models import CAUSAL_LM, check_model_kind, load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
@@ -119,6 +119,8 @@ class SFTStageTrainer(SFTTrainer):
 
     def __init__(self, *args, overlong_rows: str = "truncate", source: str = "dataset",
                  packed_batch_layout: str = "auto", lm_head: str = "auto", **kwargs):
+        if lm_head not in ("auto", "tiled"):
+            raise ValueError(f"lm_head must be 'auto' or 'tiled', got {lm_head!r}")
         self.overlong_rows, self.source = overlong_rows, source  # read by _prepare_dataset, in super().__init__
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -137,12 +139,11 @@ class SFTStageTrainer(SFTTrainer):
             super().__init__(*args, **kwargs)
         finally:
             trl_logger.removeFilter(_ROWS_WARNINGS)
-        if lm_head not in ("auto", "tiled"):
-            raise ValueError(f"lm_head must be 'auto' or 'tiled', got {lm_head!r}")
         if lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles (pipeline/lm_head.py)
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             wrapped = materialise_small_logits(base)
-            logger.info("lm_head: auto: %s", "whole logits on the CPU where a micro-batch's take at most 64 MiB, "
+            limit = DEFAULT_MAX_LOGITS_BYTES // 2 ** 20
+            logger.info("lm_head: auto: %s", f"whole logits on the CPU where a micro-batch's take at most {limit} MiB, "
                         "else TRL's tiled LM head" if wrapped else "TRL's tiled LM head (this model or TRL version "
                         "has no fused head the pipeline can stand in for)")
         if self.packed_rows:
