@@ -1,11 +1,12 @@
 """The project's command line: `python -m pipeline <command>` (also installed as `rlhf-pipeline`).
 
-  run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [--lora] [-- --field value ...]
+  run DIR [--stages a,b] [--accelerate_config FILE] [--results FILE] [--lora] [--jobs N] [-- --field value ...]
         run the stages that have a recipe in DIR in order, each in its own process (through `accelerate
         launch` when a config is given): pretrain, sft, reward, ppo (then ppo-oracle, PPO on the oracle as
         the ceiling, where DIR has its recipe), or those --stages names (also grpo, rloo, dpo, ppo-oracle;
         `all` for every one); flags after `--` go to every stage; --lora runs the stages that
-        have a LoRA recipe (<stage>-lora.yaml) instead
+        have a LoRA recipe (<stage>-lora.yaml) instead; on the CPU, stages that read no output of each other
+        (ppo and ppo-oracle) run two at a time, a thread each on 2 cores (--jobs 1: one at a time)
   compare [--recipes DIR] [--seeds 0,1,2] [--algorithms ...]
         PPO, GRPO, RLOO, DPO and oracle-reward PPO from one SFT policy and reward model, over seeds:
         COMPARISON.md, COMPARISON.json and plots (see docs/comparison.md)
@@ -63,57 +64,111 @@ def stage_command(stage: str, recipe: Path, overrides: list[str], accelerate_con
     return launcher + [str(script), "--config", str(recipe), *overrides]
 
 
-def call(command: list[str], in_process=None) -> int:
-    """Run one stage (or the evaluation) in a process of its own; its exit code. Without an accelerate launcher, on
-    Linux, `in_process` (a callable) runs in a child forked from this process, which has imported torch, TRL and
-    the stage's module already (they take about 8 s to import on 2 cores, once per stage otherwise); the child is
-    a separate process all the same: its memory is freed and its state dropped when it exits. Elsewhere, or once
+class Child:
+    """A stage (or the evaluation) started by `start`: a forked child's pid, or a new process; the runner notes
+    which stage it is and when it started."""
+
+    def __init__(self, pid: int | None = None, process: subprocess.Popen | None = None, log: Path | None = None):
+        self.pid, self.process, self.log = pid, process, log
+        self.stage, self.started = None, time.time()
+
+
+def start(command: list[str], in_process=None, log: Path | None = None, threads: int | None = None) -> Child:
+    """Start one stage (or the evaluation) in a process of its own. Without an accelerate launcher, on Linux,
+    `in_process` (a callable) runs in a child forked from this process, which has imported torch, TRL and the
+    stage's module already (they take about 8 s to import on 2 cores, once per stage otherwise); the child is a
+    separate process all the same: its memory is freed and its state dropped when it exits. Elsewhere, or once
     this process has started CUDA (reading a GPU recipe's training arguments does; a forked child cannot use it),
-    `command` runs as a new Python process."""
+    `command` runs as a new Python process. `log`: the child's stdout and stderr go to that file instead of the
+    terminal; `threads`: the CPU threads the child's torch uses (OMP_NUM_THREADS for a new process)."""
     torch = sys.modules.get("torch")
     cuda_started = torch is not None and torch.cuda.is_initialized()
-    if in_process is None or cuda_started or not sys.platform.startswith("linux"):
-        return subprocess.call(command)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: run, then leave without returning into the runner's frames
-        code = 1
-        try:
-            atexit._clear()  # the runner's own exit handlers are the runner's; the stage registers its own
-            in_process()
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-            if isinstance(exit.code, str):
-                print(exit.code, file=sys.stderr)
-        except KeyboardInterrupt:
-            code = 130
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            try:
-                atexit._run_exitfuncs()  # what a normal exit runs (loggers, writers); os._exit skips it
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-            finally:
-                os._exit(code)
+    output = open(log, "w") if log else None
     try:
-        _, status = os.waitpid(pid, 0)
-    except BaseException:  # Ctrl-C reaches the child too: give it a moment to say how to resume, then stop it
-        deadline, reaped = time.time() + 1.0, False
-        while not reaped and time.time() < deadline:
-            reaped = os.waitpid(pid, os.WNOHANG)[0] != 0
-            time.sleep(0 if reaped else 0.05)
-        if not reaped:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        if in_process is None or cuda_started or not sys.platform.startswith("linux"):
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+            return Child(process=subprocess.Popen(command, stdout=output, stderr=output, env=env), log=log)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: run, then leave without returning into the runner's frames
+            _run_child(in_process, output, threads)
+        return Child(pid=pid, log=log)
+    finally:
+        if output:
+            output.close()  # the child holds its own copy
+
+
+def _run_child(in_process, output, threads: int | None):
+    code = 1
+    try:
+        if output:  # file descriptors 1 and 2 (what libraries and subprocesses write to), and Python's streams
+            os.dup2(output.fileno(), 1)
+            os.dup2(output.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        atexit._clear()  # the runner's own exit handlers are the runner's; the stage registers its own
+        in_process()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what a normal exit runs (loggers, writers); os._exit skips it
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        finally:
+            os._exit(code)
+
+
+def _exit_code(child: Child, block: bool) -> int | None:
+    """The child's exit code once it has ended (waiting for it when `block`), else None."""
+    if child.process:
+        return child.process.wait() if block else child.process.poll()
+    pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if pid else None
+
+
+def wait(children: list[Child]):
+    """Yield (child, exit code) as each child ends. On Ctrl-C (which reaches the children too), give them a
+    moment to say how to resume, then stop those still running, and raise."""
+    running = list(children)
+    try:
+        while running:
+            for child in list(running):
+                code = _exit_code(child, block=len(running) == 1)
+                if code is not None:
+                    running.remove(child)
+                    yield child, code
+            time.sleep(0.1 if running else 0)
+    except (KeyboardInterrupt, SystemExit):
+        deadline = time.time() + 1.0
+        while running and time.time() < deadline:
+            running = [child for child in running if _exit_code(child, block=False) is None]
+            time.sleep(0.05 if running else 0)
+        for child in running:
+            os.kill(child.pid if child.pid is not None else child.process.pid, signal.SIGKILL)
+            _exit_code(child, block=True)
         raise
-    return os.waitstatus_to_exitcode(status)
+
+
+def call(command: list[str], in_process=None) -> int:
+    """Run one stage (or the evaluation) as `start` does, in the terminal; its exit code."""
+    return next(wait([start(command, in_process)]))[1]
 
 
 def _stage_in_process(stage: str, recipe: Path, overrides: list[str]):
@@ -171,9 +226,40 @@ def run_folder(output_dirs: list[str]) -> Path:
     return Path(relative) if not relative.startswith("..") else folder
 
 
+def stage_jobs(jobs: int | None, accelerate_config: str | None, training_args: list) -> int:
+    """How many stages may run at once: `jobs` when given; by default 2 on the CPU without an accelerate
+    launcher, when torch has at least 2 threads to split between them (two small stages side by side, a thread
+    each, finish sooner than one after the other with two: one thread of a tiny model's step is more than half
+    as fast as two), else 1."""
+    if jobs is not None:
+        if jobs < 1:
+            raise ValueError(f"--jobs must be 1 or more, got {jobs}")
+        if jobs > 1 and accelerate_config:
+            raise ValueError("--jobs above 1 runs stages side by side without a launcher; with --accelerate_config "
+                             "each stage already uses every process the config names (use --jobs 1)")
+        return jobs
+    import torch
+
+    on_cpu = all(args.use_cpu for args in training_args) or not torch.cuda.is_available()
+    return 2 if not accelerate_config and on_cpu and torch.get_num_threads() >= 2 else 1
+
+
+def waves(plan: list[str], jobs: int) -> list[list[str]]:
+    """The plan's stages in runs of at most `jobs` that can go side by side: a stage joins the run before it
+    when it reads no output of a stage in it (the stage-3 algorithms and the ceiling read only pretrain, sft
+    and reward); the order of the plan is kept."""
+    grouped = []
+    for stage in plan:
+        if grouped and len(grouped[-1]) < jobs and not set(upstream(stage)) & set(grouped[-1]):
+            grouped[-1].append(stage)
+        else:
+            grouped.append([stage])
+    return grouped
+
+
 def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str | None = None,
         overrides: list[str] = (), results_path: str | None = None, evaluate: bool = True,
-        force: bool = False, variant: str | None = None) -> dict:
+        force: bool = False, variant: str | None = None, jobs: int | None = None) -> dict:
     """Run the stages in order; returns (and writes, after every stage) the collected results.
 
     A stage that already finished with the same resolved recipe, after the same earlier stages, is skipped;
@@ -218,34 +304,64 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     state_path = results_path.with_name(STATE_FILE)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
 
-    push_failures = []
-    for number, stage in enumerate(plan, 1):
-        recipe = recipe_file(recipe_dir, stage, variant)
-        command = stage_command(stage, recipe, list(overrides), accelerate_config)
-        action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
-        print(f"\n=== [{number}/{len(plan)}] {stage}: {recipe} -> {output_dirs[stage]}\n    {action}: {why}", flush=True)
-        if action == "skip":
-            continue
-        in_process = None if accelerate_config else _stage_in_process(stage, recipe, list(overrides))
-        stage_start = time.time()
-        code = call(command, in_process)
-        if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
-            push_failures.append(stage)
-        elif code != 0:
-            print(f"\nstage {stage} failed (exit {code}); after fixing it, rerun from this stage with:\n  "
-                  f"python -m pipeline run {recipe_dir} --stages {','.join(plan[number - 1:])}"
+    push_failures, numbers = [], {stage: number for number, stage in enumerate(plan, 1)}
+    jobs = stage_jobs(jobs, accelerate_config, [parsed[s][1] for s in plan])
+    for wave in waves(plan, jobs):
+        todo = []
+        for stage in wave:
+            action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+            print(f"\n=== [{numbers[stage]}/{len(plan)}] {stage}: {recipe_file(recipe_dir, stage, variant)} -> "
+                  f"{output_dirs[stage]}\n    {action}: {why}", flush=True)
+            if action == "run":
+                todo.append(stage)
+        threads, logs = None, {}
+        if len(todo) > 1:
+            import torch
+
+            threads = max(1, torch.get_num_threads() // len(todo))
+            logs = {stage: results_path.parent / "logs" / f"{stage}.log" for stage in todo}
+            logs[todo[0]].parent.mkdir(parents=True, exist_ok=True)
+            print(f"\n=== {' and '.join(todo)}: side by side, {threads} CPU thread{'s' * (threads > 1)} each "
+                  f"(--jobs 1 runs them one after the other); each one's output follows when it ends (as it runs: "
+                  f"tail -f {logs[todo[0]]})", flush=True)
+        children = []
+        for stage in todo:
+            recipe = recipe_file(recipe_dir, stage, variant)
+            command = stage_command(stage, recipe, list(overrides), accelerate_config)
+            in_process = None if accelerate_config else _stage_in_process(stage, recipe, list(overrides))
+            children.append(start(command, in_process, logs.get(stage), threads))
+            children[-1].stage = stage
+        failed = []
+        for child, code in wait(children):
+            stage, wall = child.stage, round(time.time() - child.started, 1)
+            if child.log:
+                print(f"\n=== {stage}: ended after {wall} s; its output ({child.log}):", flush=True)
+                sys.stdout.write(child.log.read_text(errors="replace"))
+                sys.stdout.flush()
+            if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
+                push_failures.append(stage)
+            elif code != 0:
+                failed.append((numbers[stage], stage, code))
+                continue
+            stage_results_file = Path(output_dirs[stage]) / "results.json"
+            stage_results = json.loads(stage_results_file.read_text()) if stage_results_file.exists() else {}
+            results[stage] = {**stage_results, "wall_seconds": wall}
+            if len(todo) > 1:
+                results[stage]["side_by_side_with"] = ", ".join(s for s in todo if s != stage)
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+            state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
+            state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        if failed:
+            first, stage, code = min(failed)
+            print("\n" + "; ".join(f"stage {s} failed (exit {c})" for _, s, c in sorted(failed))
+                  + f"; after fixing it, rerun from {'this stage' if len(failed) == 1 else stage} with:\n  "
+                  f"python -m pipeline run {recipe_dir} --stages {','.join(plan[first - 1:])}"
                   + (f" --{variant}" if variant else ""), file=sys.stderr)
             raise SystemExit(code)
-        stage_results_file = Path(output_dirs[stage]) / "results.json"
-        stage_results = json.loads(stage_results_file.read_text()) if stage_results_file.exists() else {}
-        results[stage] = {**stage_results, "wall_seconds": round(time.time() - stage_start, 1)}
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
-        state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
-        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
     if evaluate:
         print(f"\n=== evaluation: {recipe_dir}", flush=True)
         eval_start = time.time()
@@ -276,7 +392,7 @@ def _fmt(value) -> str:
 def print_summary(results: dict, results_path: Path) -> None:
     rows = [(stage, key, _fmt(results[stage][key]))
             for stage in [*STAGES, CEILING] if stage in results
-            for key in HEADLINE[stage] + ["wall_seconds"] if key in results[stage]]
+            for key in HEADLINE[stage] + ["wall_seconds", "side_by_side_with"] if key in results[stage]]
     evaluation = results.get("eval", {})
     if "reward_model" in evaluation:
         rows.append(("eval", f"reward_model.accuracy ({evaluation['reward_model']['reference']})",
@@ -416,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--force", action="store_true", help="rerun stages that already finished")
     run_parser.add_argument("--lora", action="store_true",
                             help="run the stages that have a LoRA recipe (<stage>-lora.yaml), from those recipes")
+    run_parser.add_argument("--jobs", type=int, default=None,
+                            help="stages run side by side at most, those that read no output of each other (the "
+                                 "stage-3 algorithms and ppo-oracle), torch's CPU threads split between them "
+                                 "(default: 2 on the CPU without --accelerate_config, else 1)")
 
     from .compare import ALGORITHMS, SEEDS
 
@@ -517,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "run":
             run(args.recipe_dir, args.stages.split(",") if args.stages else None, args.accelerate_config,
                 overrides, args.results, evaluate=not args.skip_eval, force=args.force,
-                variant=LORA if args.lora else None)
+                variant=LORA if args.lora else None, jobs=args.jobs)
         elif args.command == "compare":
             from .compare import compare
 

@@ -315,6 +315,9 @@ def _fmt(value, key: str = "") -> str:
     return str(value)
 
 
+WALL = ("wall_seconds", "side_by_side_with")  # a stage's wall time, and the stages that ran beside it (pipeline run)
+
+
 def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
     """(stage, metric, value) for the headline metrics, every PPO metric but samples, and the wall times."""
     rows = []
@@ -324,8 +327,8 @@ def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
             continue
         keys = [k for k in HEADLINE[stage] if k in metrics]
         if stage in STAGE3:
-            keys += sorted(k for k in metrics if k not in keys and k not in ("samples", "wall_seconds"))
-        keys += ["wall_seconds"] if "wall_seconds" in metrics else []
+            keys += sorted(k for k in metrics if k not in keys and k not in ("samples", *WALL))
+        keys += [k for k in WALL if k in metrics]
         rows += [(stage, key, _fmt(metrics[key], key)) for key in keys
                  if _is_number(metrics[key]) or isinstance(metrics[key], str)]
     evaluation = results.get("eval") if isinstance(results.get("eval"), dict) else {}

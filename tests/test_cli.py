@@ -86,3 +86,44 @@ def test_call_runs_a_new_process_once_cuda_has_started(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch", Torch)
     assert call([sys.executable, "-c", "raise SystemExit(5)"], lambda: pytest.fail("forked after CUDA")) == 5
+
+
+def test_start_sends_a_childs_output_to_its_log_and_sets_its_threads(tmp_path):
+    from pipeline.cli import start, wait
+
+    def child(name):
+        def run():
+            import torch
+
+            print(f"{name}: {torch.get_num_threads()} thread(s)")
+            print("to stderr", file=sys.stderr)
+        return run
+
+    never = [sys.executable, "-c", "raise SystemExit(9)"]
+    children = [start(never, child(name), tmp_path / f"{name}.log", threads=1) for name in ("a", "b")]
+    assert sorted(code for _, code in wait(children)) == [0, 0]
+    for name in ("a", "b"):
+        assert (tmp_path / f"{name}.log").read_text() == f"{name}: 1 thread(s)\nto stderr\n"
+
+
+def test_waves_group_only_stages_that_read_no_output_of_each_other():
+    from pipeline.cli import waves
+
+    chain = ["pretrain", "sft", "reward", "ppo", "ppo-oracle"]
+    assert waves(chain, 2) == [["pretrain"], ["sft"], ["reward"], ["ppo", "ppo-oracle"]]
+    assert waves(chain, 1) == [[stage] for stage in chain]
+    every = ["pretrain", "sft", "reward", "ppo", "ppo-oracle", "grpo", "rloo", "dpo"]
+    assert waves(every, 2)[3:] == [["ppo", "ppo-oracle"], ["grpo", "rloo"], ["dpo"]]
+    assert waves(every, 3)[3:] == [["ppo", "ppo-oracle", "grpo"], ["rloo", "dpo"]]
+    assert waves(["reward", "ppo"], 2) == [["reward"], ["ppo"]]  # ppo reads the reward model
+
+
+def test_jobs_refuses_nonsense_and_a_launcher(tmp_path):
+    from pipeline.cli import stage_jobs
+
+    assert stage_jobs(1, None, []) == 1
+    with pytest.raises(ValueError, match="--jobs must be 1 or more"):
+        stage_jobs(0, None, [])
+    with pytest.raises(ValueError, match="with --accelerate_config"):
+        stage_jobs(2, "recipes/accelerate/cpu_2proc.yaml", [])
+    assert stage_jobs(None, "recipes/accelerate/cpu_2proc.yaml", []) == 1

@@ -38,6 +38,51 @@ def test_runner_runs_every_stage_and_collects_results(tiny_run):
     assert "perplexity.ppo" in markdown and "| ppo | gold_win_rate_vs_sft |" in markdown
 
 
+def test_stage3_algorithms_run_two_at_a_time_on_the_cpu(tiny_run):
+    """The session's tiny run, on a CPU with 2 or more threads: the stage-3 algorithms (they read only pretrain,
+    sft and reward) ran in pairs, each one's output in a log of its own and in the runner's output after it."""
+    import torch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread: the runner runs one stage at a time")
+    results = json.loads((tiny_run["outputs"] / "results.json").read_text())
+    pairs = {"ppo": "grpo", "grpo": "ppo", "rloo": "dpo", "dpo": "rloo"}
+    for stage, other in pairs.items():
+        assert results[stage]["side_by_side_with"] == other
+        log = tiny_run["outputs"] / "logs" / f"{stage}.log"
+        assert f"{stage}_score" in log.read_text() or f"gold_score_{stage}" in log.read_text()
+        assert f"=== {stage}: ended after" in tiny_run["log"]
+    for stage in ("pretrain", "sft", "reward"):
+        assert "side_by_side_with" not in results[stage]
+    assert "=== ppo and grpo: side by side" in tiny_run["log"]
+    assert "| ppo | side_by_side_with | grpo |" in (tiny_run["outputs"] / "report" / "report.md").read_text()
+
+
+def test_a_failed_stage_beside_another_keeps_the_others_results(tiny_run, tmp_path):
+    """grpo fails (a reward function that does not exist) while ppo runs beside it: ppo's results and state are
+    written, and the error names grpo and how to rerun from it."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    for stage in ("pretrain", "sft", "reward", "ppo", "grpo"):
+        recipe = yaml.safe_load((tiny_run["recipes"] / f"{stage}.yaml").read_text())
+        if stage in ("ppo", "grpo"):
+            recipe["output_dir"] = str(tmp_path / stage)
+        if stage == "grpo":
+            recipe["reward_functions"] = ["pipeline.embedded:no_such_function"]
+        (recipes / f"{stage}.yaml").write_text(yaml.safe_dump(recipe))
+    results = tmp_path / "results.json"
+    result = run_python("-m", "pipeline", "run", recipes, "--stages", "ppo,grpo", "--results", results, "--jobs", "2",
+                        "--skip_eval", check=False)
+    assert result.returncode != 0
+    assert "stage grpo failed" in result.stderr and "--stages grpo" in result.stderr
+    assert "no_such_function" in result.stdout  # grpo's own error, in its output
+    written = json.loads(results.read_text())
+    assert "grpo" not in written and written["ppo"]["gold_score_ppo"] is not None
+    assert written["ppo"]["side_by_side_with"] == "grpo"
+    state = json.loads(results.with_name("pipeline_state.json").read_text())
+    assert "ppo" in state and "grpo" not in state
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo", "grpo", "rloo", "dpo"])
 def test_policy_checkpoints_load_in_plain_transformers(tiny_run, stage):
     path = tiny_run["outputs"] / stage
