@@ -30,13 +30,16 @@ compare: setup
 # The stages against bare TRL scripts, side by side: BENCHMARKS.md and .json; then PPO against TRL 1.12's
 # PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json;
 # then the command line's start-up time: BENCHMARKS_STARTUP.md and .json; then TRL's tiled LM head against the
-# whole logits in the tiny pretraining stage: BENCHMARKS_LM_HEAD.md and .json
+# whole logits in the tiny pretraining stage: BENCHMARKS_LM_HEAD.md and .json; then ppo and ppo-oracle one
+# after the other against side by side, from the demo's models (made first if missing): BENCHMARKS_JOBS.md
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/ppo_vs_trl112.py
 	$(PY) bench/startup.py
 	$(PY) bench/lm_head.py
+	test -f outputs/tiny/reward/config.json || $(MAKE) demo
+	$(PY) bench/jobs.py
 
 clean:
 	rm -rf outputs

@@ -333,28 +333,37 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
             in_process = None if accelerate_config else _stage_in_process(stage, recipe, list(overrides))
             children.append(start(command, in_process, logs.get(stage), threads))
             children[-1].stage = stage
-        failed = []
-        for child, code in wait(children):
-            stage, wall = child.stage, round(time.time() - child.started, 1)
-            if child.log:
-                print(f"\n=== {stage}: ended after {wall} s; its output ({child.log}):", flush=True)
-                sys.stdout.write(child.log.read_text(errors="replace"))
-                sys.stdout.flush()
-            if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
-                push_failures.append(stage)
-            elif code != 0:
-                failed.append((numbers[stage], stage, code))
-                continue
-            stage_results_file = Path(output_dirs[stage]) / "results.json"
-            stage_results = json.loads(stage_results_file.read_text()) if stage_results_file.exists() else {}
-            results[stage] = {**stage_results, "wall_seconds": wall}
-            if len(todo) > 1:
-                results[stage]["side_by_side_with"] = ", ".join(s for s in todo if s != stage)
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
-            state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                            "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
-            state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        failed, ended = [], set()
+        try:
+            for child, code in wait(children):
+                ended.add(child.stage)
+                stage, wall = child.stage, round(time.time() - child.started, 1)
+                if child.log:
+                    print(f"\n=== {stage}: ended after {wall} s; its output ({child.log}):", flush=True)
+                    output = child.log.read_text(errors="replace")
+                    sys.stdout.write(output if output.endswith("\n") or not output else output + "\n")
+                    sys.stdout.flush()
+                if code == PUSH_FAILED:  # trained and saved; only the push failed (its retry command was printed)
+                    push_failures.append(stage)
+                elif code != 0:
+                    failed.append((numbers[stage], stage, code))
+                    continue
+                stage_results_file = Path(output_dirs[stage]) / "results.json"
+                stage_results = json.loads(stage_results_file.read_text()) if stage_results_file.exists() else {}
+                results[stage] = {**stage_results, "wall_seconds": wall}
+                if len(todo) > 1:
+                    results[stage]["side_by_side_with"] = ", ".join(s for s in todo if s != stage)
+                results_path.parent.mkdir(parents=True, exist_ok=True)
+                results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+                state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
+                state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        except KeyboardInterrupt:
+            stopped = [child for child in children if child.log and child.stage not in ended]
+            if stopped:
+                print("\n" + "; ".join(f"{child.stage} was stopped: its output is in {child.log}" for child in stopped),
+                      file=sys.stderr, flush=True)
+            raise
         if failed:
             first, stage, code = min(failed)
             print("\n" + "; ".join(f"stage {s} failed (exit {c})" for _, s, c in sorted(failed))

@@ -78,3 +78,21 @@ def test_lm_head_bench_trains_the_same_loss_both_ways(tmp_path):
     assert abs(tiled["eval_loss"] - whole["eval_loss"]) < 1e-3 * tiled["eval_loss"]
     table = md.read_text()
     assert "| `tiled` |" in table and "| `auto` |" in table
+
+
+def test_jobs_bench_runs_both_settings_on_the_same_work(tiny_run, tmp_path):
+    """bench/jobs.py in its smoke mode, from the tiny run's SFT policy and reward model: ppo and ppo-oracle one after
+    the other and side by side, a row each, the same gold scores to rounding (only the wall time is the
+    benchmark's to measure); a run folder without the models is named."""
+    md, js = tmp_path / "jobs.md", tmp_path / "jobs.json"
+    run_python("bench/jobs.py", "--quick", "--run", tiny_run["outputs"], "--md", md, "--json", js, timeout=600)
+    results = json.loads(js.read_text())["results"]
+    assert set(results) == {"1", "2"}
+    one, two = results["1"][0], results["2"][0]
+    assert one["wall_seconds_total"] > 0 and two["wall_seconds_total"] > 0
+    for stage in ("ppo", "ppo-oracle"):
+        assert abs(one[f"{stage}_gold_score"] - two[f"{stage}_gold_score"]) < 0.05, stage
+    table = md.read_text()
+    assert "| 1 |" in table and "| 2 |" in table
+    missing = run_python("bench/jobs.py", "--run", tmp_path / "nothing", check=False)
+    assert missing.returncode != 0 and "has no sft or reward model" in missing.stderr
