@@ -118,7 +118,7 @@ def test_waves_group_only_stages_that_read_no_output_of_each_other():
     assert waves(["reward", "ppo"], 2) == [["reward"], ["ppo"]]  # ppo reads the reward model
 
 
-def test_jobs_refuses_nonsense_and_a_launcher(tmp_path):
+def test_jobs_refuses_nonsense_and_a_launcher():
     from pipeline.cli import stage_jobs
 
     assert stage_jobs(1, None, []) == 1

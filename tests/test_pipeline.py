@@ -50,7 +50,7 @@ def test_stage3_algorithms_run_two_at_a_time_on_the_cpu(tiny_run):
     for stage, other in pairs.items():
         assert results[stage]["side_by_side_with"] == other
         log = tiny_run["outputs"] / "logs" / f"{stage}.log"
-        assert f"{stage}_score" in log.read_text() or f"gold_score_{stage}" in log.read_text()
+        assert f"gold_score_{stage}" in log.read_text()  # its final results, printed by the stage
         assert f"=== {stage}: ended after" in tiny_run["log"]
     for stage in ("pretrain", "sft", "reward"):
         assert "side_by_side_with" not in results[stage]
