@@ -542,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--lora", action="store_true",
                             help="run the stages that have a LoRA recipe (<stage>-lora.yaml), from those recipes")
     run_parser.add_argument("--jobs", type=int, default=None,
-                            help="stages run side by side at most, those that read no output of each other (the "
-                                 "stage-3 algorithms and ppo-oracle), torch's CPU threads split between them "
-                                 "(default: 2 on the CPU without --accelerate_config, else 1)")
+                            help="how many stages may run at once, side by side (only those that read no output "
+                                 "of each other: the stage-3 algorithms and ppo-oracle), torch's CPU threads split "
+                                 "between them (default: 2 on the CPU without --accelerate_config, else 1)")
 
     from .compare import ALGORITHMS, SEEDS
 
