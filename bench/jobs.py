@@ -31,11 +31,11 @@ QUICK = ["--total_episodes", "64", "--per_device_train_batch_size", "8", "--grad
 def write_recipes(run: Path, dest: Path) -> Path:
     """recipes/tiny's ppo and ppo-oracle recipes, reading the SFT policy and reward model of `run`, writing
     under `dest`."""
+    (dest / "recipes").mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
         recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / f"{stage}.yaml").read_text())
         recipe.update(sft_model_path=str(run / "sft"), reward_model_path=str(run / "reward"),
                       output_dir=str(dest / "outputs" / stage), report_to="none", disable_tqdm=True)
-        (dest / "recipes").mkdir(parents=True, exist_ok=True)
         (dest / "recipes" / f"{stage}.yaml").write_text(yaml.safe_dump(recipe))
     return dest / "recipes"
 
