@@ -9,7 +9,7 @@
         (ppo and ppo-oracle) run two at a time, a thread each on 2 cores (--jobs 1: one at a time)
   compare [--recipes DIR] [--seeds 0,1,2] [--algorithms ...]
         PPO, GRPO, RLOO, DPO and oracle-reward PPO from one SFT policy and reward model, over seeds:
-        COMPARISON.md, COMPARISON.json and plots (see docs/comparison.md)
+        COMPARISON.md, COMPARISON.json and plots (see docs/alignment.md)
   eval suite DIR | policy MODEL | compare A B | reward MODEL | perplexity MODEL | fewshot MODEL
         evaluate any checkpoint (a local folder or a Hub id); prints JSON (--output FILE writes it)
   generate MODEL PROMPT...   answer prompts (greedy, sampling or beam search)
