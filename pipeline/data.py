@@ -44,11 +44,13 @@ def load_splits(dataset_name: str, dataset_config: str | None = None, train_spli
     return splits[train_split], splits.get(test_split), label
 
 
-def _load_all(dataset_name: str | None, dataset_config: str | None, seed: int) -> tuple[DatasetDict, str]:
+def _load_all(dataset_name: str | None, dataset_config: str | None, seed: int,
+              only: tuple[str, ...] | None = None) -> tuple[DatasetDict, str]:
+    """Every split of the dataset; `only`: the embedded datasets generate just these splits (others load whole)."""
     if dataset_name is None:
         raise DataError("no dataset given: set `dataset_name` in the recipe or with --dataset_name")
     if dataset_name.startswith(EMBEDDED_PREFIX):
-        splits, label = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed), dataset_name
+        splits, label = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed, splits=only), dataset_name
     elif os.path.splitext(dataset_name)[1] in LOCAL_BUILDERS or os.path.isdir(dataset_name):
         splits, label = _load_local(dataset_name), dataset_name
     else:
@@ -245,6 +247,17 @@ def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
     if test is not None:
         test = normalise(test, use, f"{source} [{script_args.dataset_test_split}]", invalid)
     return train, test, source
+
+
+def load_test(use: str, script_args) -> Dataset | None:
+    """The test split named by a stage's script arguments, normalised (None if the dataset has none), without
+    generating the embedded train split: what the evaluation after the stages reads."""
+    test_split = script_args.dataset_test_split
+    splits, source = _load_all(script_args.dataset_name, script_args.dataset_config, script_args.embedded_seed,
+                               only=(test_split,))
+    if test_split not in splits:
+        return None
+    return normalise(splits[test_split], use, f"{source} [{test_split}]", script_args.invalid_rows)
 
 
 def load_extra_tests(use: str, script_args) -> dict[str, Dataset]:

@@ -45,7 +45,7 @@ def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 50
 
     if "reward" in stages:
         script_args, training_args, model_args = stages["reward"]
-        _, pairs, _ = data.load_for("preference", script_args)
+        pairs = data.load_test("preference", script_args)
         if pairs is not None:
             tokenizer = load_tokenizer(training_args.output_dir, model_args)
             model = load_scalar_head_model(training_args.output_dir, tokenizer, model_args,
@@ -55,7 +55,7 @@ def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 50
 
     texts = None
     if "pretrain" in stages:
-        _, corpus, _ = data.load_for("text", stages["pretrain"][0])
+        corpus = data.load_test("text", stages["pretrain"][0])
         texts = corpus["text"][:max_texts] if corpus is not None else None
     task = sentiment_task(seed=stages[next(iter(stages))][0].embedded_seed, examples=fewshot_examples) if on_embedded else None
 

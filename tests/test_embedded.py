@@ -16,6 +16,20 @@ def test_same_seed_same_data_other_seed_other_data():
     assert build("sft", seed=3)["train"][:50] != build("sft", seed=4)["train"][:50]
 
 
+def test_a_split_built_alone_is_the_split_built_with_the_others():
+    # the evaluation after the stages builds only the test splits; they must be the ones the stages held out
+    from pipeline.embedded import generate
+
+    generate._split.cache_clear()
+    alone = build("preference", seed=5, splits=("test_title_only",))
+    assert list(alone) == ["test_title_only"]
+    generate._split.cache_clear()
+    whole = build("preference", seed=5)
+    assert list(whole) == ["train", "test", "test_title_only", "test_repeat_only"]
+    assert alone["test_title_only"][:] == whole["test_title_only"][:]
+    assert whole["test"][:50] != whole["test_title_only"][:50]
+
+
 def test_test_prompts_are_held_out_of_every_train_split():
     test_prompts = {r["prompt"][0]["content"] for r in build("prompt")["test"]}
     assert test_prompts

@@ -106,31 +106,36 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
     return rows
 
 
-def build(kind: str, seed: int = 0) -> DatasetDict:
-    """The embedded dataset `kind` under `seed` (generated once per process: a stage reads the preference data for
-    its train, test and extra test splits)."""
-    return DatasetDict(_build(kind, seed))
-
-
-@functools.lru_cache(maxsize=None)
-def _build(kind: str, seed: int) -> DatasetDict:
+def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> DatasetDict:
+    """The embedded dataset `kind` under `seed`, or only the named `splits` of it (each split draws its own random
+    stream, so a split is the same whether it is built alone or with the others). A split is generated once per
+    process: a stage reads the preference data for its train, test and extra test splits."""
     if kind not in KINDS:
         raise ValueError(f"unknown embedded dataset 'embedded:{kind}'; choose one of: "
                          + ", ".join(f"embedded:{k}" for k in KINDS))
+    names = SPLITS[kind] if splits is None else [name for name in SPLITS[kind] if name in splits]
+    return DatasetDict({name: _split(kind, seed, name) for name in names})
+
+
+SPLITS = {kind: ("train", "test", *(("test_title_only", "test_repeat_only") if kind == "preference" else ()))
+          for kind in KINDS}
+
+
+@functools.lru_cache(maxsize=None)
+def _split(kind: str, seed: int, name: str) -> Dataset:
     train_prompts, test_prompts = _prompts(seed)
     n_train, n_test = SIZES.get(kind, (0, 0))
-    offset = KINDS.index(kind) * 1000  # each kind draws its own random stream
-    splits = {
-        "train": _rows(kind, train_prompts, n_train, random.Random(seed + offset), noisy=True,
-                       title_swaps=TITLE_SWAPS, repeat_swaps=REPEAT_SWAPS),
-        "test": _rows(kind, test_prompts, n_test, random.Random(seed + offset + 1), noisy=False),
-    }
-    if kind == "preference":  # held-out pairs that differ in one thing only: what the reward model sees of each
-        splits["test_title_only"] = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 2),
-                                          noisy=False, title_swaps=1.0)
-        splits["test_repeat_only"] = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 3),
-                                           noisy=False, repeat_swaps=1.0)
-    return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+    offset = KINDS.index(kind) * 1000  # each kind draws its own random stream, and each split its own
+    if name == "train":
+        rows = _rows(kind, train_prompts, n_train, random.Random(seed + offset), noisy=True,
+                     title_swaps=TITLE_SWAPS, repeat_swaps=REPEAT_SWAPS)
+    elif name == "test":
+        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 1), noisy=False)
+    elif name == "test_title_only":  # held-out pairs that differ in one thing only: what the reward model sees of each
+        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 2), noisy=False, title_swaps=1.0)
+    else:
+        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 3), noisy=False, repeat_swaps=1.0)
+    return Dataset.from_list(rows)
 
 
 def rater_flip_rate(dataset: Dataset) -> float:
