@@ -106,6 +106,10 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
     return rows
 
 
+SPLITS = {kind: ("train", "test", *(("test_title_only", "test_repeat_only") if kind == "preference" else ()))
+          for kind in KINDS}
+
+
 def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> DatasetDict:
     """The embedded dataset `kind` under `seed`, or only the named `splits` of it (each split draws its own random
     stream, so a split is the same whether it is built alone or with the others). A split is generated once per
@@ -115,10 +119,6 @@ def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> Da
                          + ", ".join(f"embedded:{k}" for k in KINDS))
     names = SPLITS[kind] if splits is None else [name for name in SPLITS[kind] if name in splits]
     return DatasetDict({name: _split(kind, seed, name) for name in names})
-
-
-SPLITS = {kind: ("train", "test", *(("test_title_only", "test_repeat_only") if kind == "preference" else ()))
-          for kind in KINDS}
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,9 +131,9 @@ def _split(kind: str, seed: int, name: str) -> Dataset:
                      title_swaps=TITLE_SWAPS, repeat_swaps=REPEAT_SWAPS)
     elif name == "test":
         rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 1), noisy=False)
-    elif name == "test_title_only":  # held-out pairs that differ in one thing only: what the reward model sees of each
+    elif name == "test_title_only":  # held-out pairs that differ in one thing only: what the reward model sees of
         rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 2), noisy=False, title_swaps=1.0)
-    else:
+    else:  # each
         rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 3), noisy=False, repeat_swaps=1.0)
     return Dataset.from_list(rows)
 
