@@ -114,6 +114,15 @@ def test_auto_layout_is_rows_without_flash_attention_and_flat_is_trls(tiny, tmp_
     assert not isinstance(unpacked.data_collator, PackedRowsCollator)
 
 
+def test_tokenizing_in_two_processes_gives_the_same_rows(tiny, tmp_path):
+    # dataset_num_proc: 2 in the tiny recipes. Packing is another matter: TRL packs each map batch (1000 rows) on
+    # its own, so 2 processes pack the same rows only when each half of the data is a whole number of batches
+    prepared = {procs: sft_trainer(tiny, tmp_path / str(procs), dataset_num_proc=procs).train_dataset
+                for procs in (1, 2)}
+    assert len(prepared[1]) == len(tiny["rows"])
+    assert prepared[1][:] == prepared[2][:]
+
+
 def test_packed_rows_train_on_every_real_token_once(tiny, tmp_path):
     """One epoch, packed in rows vs padded: the same real tokens counted (TRL's own count, with no attention
     mask, would take one row's length per batch), and a finite loss."""
