@@ -106,13 +106,21 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
     return rows
 
 
-SPLITS = {kind: ("train", "test", *(("test_title_only", "test_repeat_only") if kind == "preference" else ()))
+# Each split draws its own random stream (the kind's offset + its number), so a split is the same whether it is
+# built alone or with the others. name: (stream, held out, how its rows are drawn)
+SPLIT_DRAWS = {
+    "train": (0, False, {"noisy": True, "title_swaps": TITLE_SWAPS, "repeat_swaps": REPEAT_SWAPS}),
+    "test": (1, True, {"noisy": False}),
+    # preference only: held-out pairs that differ in one thing only, what the reward model sees of each
+    "test_title_only": (2, True, {"noisy": False, "title_swaps": 1.0}),
+    "test_repeat_only": (3, True, {"noisy": False, "repeat_swaps": 1.0}),
+}
+SPLITS = {kind: tuple(name for name in SPLIT_DRAWS if kind == "preference" or name in ("train", "test"))
           for kind in KINDS}
 
 
 def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> DatasetDict:
-    """The embedded dataset `kind` under `seed`, or only the named `splits` of it (each split draws its own random
-    stream, so a split is the same whether it is built alone or with the others). A split is generated once per
+    """The embedded dataset `kind` under `seed`, or only the named `splits` of it. A split is generated once per
     process: a stage reads the preference data for its train, test and extra test splits."""
     if kind not in KINDS:
         raise ValueError(f"unknown embedded dataset 'embedded:{kind}'; choose one of: "
@@ -123,19 +131,12 @@ def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> Da
 
 @functools.lru_cache(maxsize=None)
 def _split(kind: str, seed: int, name: str) -> Dataset:
+    stream, held_out, draw = SPLIT_DRAWS[name]
     train_prompts, test_prompts = _prompts(seed)
     n_train, n_test = SIZES.get(kind, (0, 0))
-    offset = KINDS.index(kind) * 1000  # each kind draws its own random stream, and each split its own
-    if name == "train":
-        rows = _rows(kind, train_prompts, n_train, random.Random(seed + offset), noisy=True,
-                     title_swaps=TITLE_SWAPS, repeat_swaps=REPEAT_SWAPS)
-    elif name == "test":
-        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 1), noisy=False)
-    elif name == "test_title_only":  # held-out pairs that differ in one thing only: what the reward model sees of
-        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 2), noisy=False, title_swaps=1.0)
-    else:  # each
-        rows = _rows(kind, test_prompts, n_test, random.Random(seed + offset + 3), noisy=False, repeat_swaps=1.0)
-    return Dataset.from_list(rows)
+    prompts, size = (test_prompts, n_test) if held_out else (train_prompts, n_train)
+    rng = random.Random(seed + KINDS.index(kind) * 1000 + stream)  # each kind and split its own stream
+    return Dataset.from_list(_rows(kind, prompts, size, rng, **draw))
 
 
 def rater_flip_rate(dataset: Dataset) -> float:
