@@ -1,9 +1,11 @@
 """Every stage under DeepSpeed ZeRO-2 and ZeRO-3 with 2 CPU processes (DS_ACCELERATOR=cpu,
-recipes/accelerate/zero{2,3}_cpu.yaml): it trains, saves a model that loads in plain transformers, and PPO
-(generation and the evaluation on every process, the weights sharded under ZeRO-3) is killed after a checkpoint
-and resumes where an uninterrupted run ends. And PPO launched as 2 machines x 1 process on 127.0.0.1."""
+recipes/accelerate/zero{2,3}_cpu.yaml): it trains, evaluates on every process (the stage-3 algorithms against
+the SFT policy, the weights sharded under ZeRO-3) and saves a model that loads in plain transformers; PPO is
+killed after a checkpoint and resumes where an uninterrupted run ends. And PPO launched as 2 machines x 1 process
+on 127.0.0.1."""
 
 import json
+import math
 import os
 import random
 import socket
@@ -21,7 +23,9 @@ pytest.importorskip("deepspeed")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
 SHORT = {"pretrain": ["--max_steps", "4"], "sft": ["--max_steps", "4"], "reward": ["--max_steps", "4"],
          "ppo": ["--total_episodes", "32", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                 "--num_ppo_epochs", "2"]}
+                 "--num_ppo_epochs", "2"],
+         "grpo": [], "rloo": [], "dpo": []}  # the test recipes' few steps (conftest.TINY_OVERRIDES)
+STARTS_FROM = {"pretrain": "pretrain", "sft": "sft", "reward": "reward"}  # the rest start from the SFT policy
 
 
 def launcher(zero: int) -> list:
@@ -34,25 +38,45 @@ def stage_args(tiny_run, stage, output_dir, *extra) -> list:
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo"])
 def test_stage_trains_and_saves_under_deepspeed(tiny_run, tmp_path, stage, zero):
     output = tmp_path / stage
     run_python(*launcher(zero), *stage_args(tiny_run, stage, output), env=ENV)
+    check_trained_under_deepspeed(tiny_run, output, stage)
+
+
+def check_trained_under_deepspeed(tiny_run, output, stage, moved=True):
     results = json.loads((output / "results.json").read_text())
     assert (results["num_processes"], results["distributed_type"]) == (2, "DEEPSPEED")
-    base_dir = tiny_run["outputs"] / {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "sft"}[stage]
+    base_dir = tiny_run["outputs"] / STARTS_FROM.get(stage, "sft")
     loader = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     trained, base = loader.from_pretrained(output).state_dict(), loader.from_pretrained(base_dir).state_dict()
     if stage != "pretrain":  # pretrain starts from scratch: nothing to compare with
         assert trained.keys() == base.keys()
-        assert any(not torch.equal(trained[k], base[k]) for k in trained)  # the gathered weights are the trained ones
+        # the gathered weights are the trained ones
+        assert any(not torch.equal(trained[k], base[k]) for k in trained) or not moved
     assert all(torch.isfinite(v).all() for v in trained.values())
     if stage == "ppo":
         value = AutoModelForSequenceClassification.from_pretrained(output / "value_model")
         reward = AutoModelForSequenceClassification.from_pretrained(tiny_run["outputs"] / "reward")
         assert any(not torch.equal(a, b) for a, b in zip(value.state_dict().values(), reward.state_dict().values()))
-        # the evaluation ran on both processes, each on its share of the prompts, and gathered every answer
+    if stage in ("ppo", "grpo", "rloo", "dpo"):
+        # the evaluation ran on both processes, each on its share of the prompts, and gathered every answer,
+        # scored by the reward model too
         assert results["eval_prompts"] == 8 and 0 <= results["gold_win_rate_vs_sft"] <= 1
+        assert math.isfinite(results[f"rm_score_{stage}"]) and 0 <= results["rm_win_rate_vs_sft"] <= 1
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_grpo_without_reference_and_rewarded_by_a_function_under_deepspeed(tiny_run, tmp_path, zero):
+    """The evaluation's own models: with `beta: 0` there is no reference model, so the evaluation loads a copy of
+    the SFT policy, and with `reward_model_weight: 0` the reward model only scores the answers; under ZeRO-3 both
+    load sharded and must be prepared for DeepSpeed like the trainer's. (The tiny test policy's answers often all
+    get the same gold score, which leaves GRPO without an advantage to follow: the weights may not move.)"""
+    output = tmp_path / "grpo"
+    run_python(*launcher(zero), *stage_args(tiny_run, "grpo", output, "--beta", "0", "--reward_model_weight", "0",
+                                            "--reward_functions", "pipeline.embedded:gold_reward"), env=ENV)
+    check_trained_under_deepspeed(tiny_run, output, "grpo", moved=False)
 
 
 @pytest.mark.parametrize("zero", [2, 3])

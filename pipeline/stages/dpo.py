@@ -10,7 +10,7 @@ from .. import data, hub
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, load_reward_model,
                       load_tokenizer)
 from .common import finish, last_checkpoint, load_data, logger, setup, train
-from .policy_eval import evaluate_against_sft
+from .policy_eval import evaluate_against_sft, for_evaluation
 
 
 def eval_prompts(script_args, test_pairs):
@@ -61,12 +61,10 @@ def main(script_args, training_args, model_args):
                        f"max_length={training_args.max_length} tokens")
     train_result = train(trainer, checkpoint, "dpo")
 
-    if reward_model is not None:
-        reward_model.to(trainer.accelerator.device)
     metrics = {"train_loss": train_result.training_loss}
     metrics.update(evaluate_against_sft(
         trainer, "dpo", script_args, model_args, tokenizer, prompts, sft_model_path=policy_path,
-        reward_model=reward_model, max_new_tokens=script_args.eval_max_new_tokens,
+        reward_model=for_evaluation(reward_model, trainer), max_new_tokens=script_args.eval_max_new_tokens,
         temperature=script_args.eval_temperature, reference=trainer.ref_model))
     if trainer.accelerator.is_main_process:
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})

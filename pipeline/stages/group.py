@@ -12,7 +12,7 @@ from ..models import (CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, 
                       load_tokenizer)
 from .common import finish, last_checkpoint, load_data, setup, train
 from .online import require_reward, tokenize_prompts
-from .policy_eval import evaluate_against_sft
+from .policy_eval import evaluate_against_sft, for_evaluation
 
 
 def main_for(stage: str, trainer_class, script_args, training_args, model_args):
@@ -57,10 +57,8 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     train(trainer, last_checkpoint(training_args), stage)
 
     # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
-    # against, as loaded
-    scorer = trainer.reward_funcs[0] if trains_on_model else reward_model
-    if scorer is not None and not trains_on_model:
-        scorer.to(trainer.accelerator.device)
+    # against, made ready the same way
+    scorer = trainer.reward_funcs[0] if trains_on_model else for_evaluation(reward_model, trainer)
     metrics = evaluate_against_sft(
         trainer, stage, script_args, model_args, tokenizer, eval_prompts if eval_prompts is not None else prompts,
         sft_model_path=policy_path, reward_model=scorer, max_new_tokens=training_args.max_completion_length,

@@ -3,11 +3,23 @@ trained policy against a copy of the SFT policy on the same held-out prompts, un
 (`gold_score_<stage>`, `gold_score_sft`, `gold_win_rate_vs_sft`, `rm_*`, `kl_to_sft`, lengths, EOS rates,
 the gold score's terms, samples)."""
 
-from trl.models import unwrap_model_for_generation
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
 
 from .. import data, embedded
 from ..evaluate import compare_policies
 from ..models import load_causal_lm
+
+
+def for_evaluation(model, trainer):
+    """A frozen model that only the evaluation uses (a reward model not trained against, a copy of the SFT
+    policy), ready on this process. Under DeepSpeed it is wrapped as TRL wraps its own reference and reward
+    models: under ZeRO-3, from_pretrained has left each process only its shard of the weights, and the wrapped
+    model gathers them layer by layer in every forward. Otherwise it moves to the trainer's device."""
+    if model is None:
+        return None
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(model, trainer.accelerator)
+    return model.to(trainer.accelerator.device)
 
 
 def evaluate_against_sft(trainer, stage: str, script_args, model_args, tokenizer, prompts, sft_model_path: str,
@@ -25,10 +37,10 @@ def evaluate_against_sft(trainer, stage: str, script_args, model_args, tokenizer
     rows = list(prompts["prompt"])[: script_args.eval_max_prompts]
     on_embedded_task = script_args.dataset_name.startswith(data.EMBEDDED_PREFIX)
     gather = getattr(trainer.args, "ds3_gather_for_generation", True)
+    sft = reference if reference is not None else for_evaluation(
+        load_causal_lm(sft_model_path, tokenizer, model_args), trainer)
     with unwrap_model_for_generation(trainer.model_wrapped, accelerator, gather_deepspeed3_params=gather) as unwrapped:
         policy = policy_of(unwrapped)
-        sft = reference if reference is not None else load_causal_lm(sft_model_path, tokenizer, model_args).to(
-            policy.device)
         was_training = policy.training
         policy.eval(), sft.eval()
         try:
