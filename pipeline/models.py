@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 from transformers import (
@@ -349,6 +350,29 @@ def peft_model(trainer):
     return model if isinstance(model, PeftModel) else None
 
 
+@contextmanager
+def whole_weights():
+    """from_pretrained on one process of a DeepSpeed ZeRO-3 run, loading the weights whole. While ZeRO-3 is
+    configured, transformers loads every model sharded across the processes (zero.Init), which waits for all of
+    them: on the main process alone it would never return. The configuration is set again afterwards."""
+    from transformers.integrations import (HfDeepSpeedConfig, deepspeed_config, is_deepspeed_zero3_enabled,
+                                           unset_hf_deepspeed_config)
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = deepspeed_config()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        # HfDeepSpeedConfig registers itself through a weak reference: kept alive here
+        _DEEPSPEED_CONFIGS.append(HfDeepSpeedConfig(config))
+
+
+_DEEPSPEED_CONFIGS = []
+
+
 def save_lora(trainer, model, output_dir: str) -> None:
     """A LoRA stage's outputs: the adapter (+ tokenizer) in <output_dir>/adapter, and in <output_dir> the merged
     model, a plain transformers checkpoint that the next stage and every command load as any other."""
@@ -358,7 +382,8 @@ def save_lora(trainer, model, output_dir: str) -> None:
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         trainer.save_model(adapter_dir)
         if trainer.accelerator.is_main_process:
-            merge_adapter(adapter_dir, output_dir, overwrite=True)  # the stage's own folder
+            with whole_weights():
+                merge_adapter(adapter_dir, output_dir, overwrite=True)  # the stage's own folder
             value_model = os.path.join(adapter_dir, "value_model")  # PPO's, trained in full: beside the merged policy
             if os.path.isdir(value_model):
                 shutil.rmtree(os.path.join(output_dir, "value_model"), ignore_errors=True)

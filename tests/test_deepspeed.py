@@ -25,7 +25,8 @@ SHORT = {"pretrain": ["--max_steps", "4"], "sft": ["--max_steps", "4"], "reward"
          "ppo": ["--total_episodes", "32", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                  "--num_ppo_epochs", "2"],
          "grpo": [], "rloo": [], "dpo": []}  # the test recipes' few steps (conftest.TINY_OVERRIDES)
-STARTS_FROM = {"pretrain": "pretrain", "sft": "sft", "reward": "reward"}  # the rest start from the SFT policy
+# a model of the same kind from the test chain: the saved model must have its keys, and other weights
+SAME_KIND = {"pretrain": "pretrain", "sft": "sft", "reward": "reward"}  # the rest: the SFT policy, their start
 
 
 def launcher(zero: int) -> list:
@@ -48,7 +49,7 @@ def test_stage_trains_and_saves_under_deepspeed(tiny_run, tmp_path, stage, zero)
 def check_trained_under_deepspeed(tiny_run, output, stage, moved=True):
     results = json.loads((output / "results.json").read_text())
     assert (results["num_processes"], results["distributed_type"]) == (2, "DEEPSPEED")
-    base_dir = tiny_run["outputs"] / STARTS_FROM.get(stage, "sft")
+    base_dir = tiny_run["outputs"] / SAME_KIND.get(stage, "sft")
     loader = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     trained, base = loader.from_pretrained(output).state_dict(), loader.from_pretrained(base_dir).state_dict()
     if stage != "pretrain":  # pretrain starts from scratch: nothing to compare with
@@ -77,6 +78,27 @@ def test_grpo_without_reference_and_rewarded_by_a_function_under_deepspeed(tiny_
     run_python(*launcher(zero), *stage_args(tiny_run, "grpo", output, "--beta", "0", "--reward_model_weight", "0",
                                             "--reward_functions", "pipeline.embedded:gold_reward"), env=ENV)
     check_trained_under_deepspeed(tiny_run, output, "grpo", moved=False)
+
+
+LORA = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "c_attn", "c_proj", "c_fc"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+def test_lora_stage_under_zero3_saves_its_adapter_and_the_merged_model(tiny_run, tmp_path, stage):
+    """LoRA under ZeRO-3: the main process merges the adapter into a whole copy of the base model (loaded whole,
+    not sharded: a sharded load there waits for the other processes forever), and DPO's evaluation, which has no
+    reference model with LoRA, uses a copy of the SFT policy prepared for DeepSpeed."""
+    output = tmp_path / stage
+    run_python(*launcher(3), *stage_args(tiny_run, stage, output, *LORA), env=ENV, timeout=300)
+    check_trained_under_deepspeed(tiny_run, output, stage)
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    loader = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    merged = loader.from_pretrained(output).state_dict()
+    base = loader.from_pretrained(tiny_run["outputs"] / ("pretrain" if stage == "sft" else "sft")).state_dict()
+    adapted = {k for k in merged if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))}
+    assert adapted and all(not torch.equal(merged[k], base[k]) for k in adapted)  # each LoRA'd matrix moved
+    frozen = {k for k in merged if k not in adapted and k in base and "score" not in k}
+    assert frozen and all(torch.equal(merged[k], base[k]) for k in frozen)  # and nothing else did
 
 
 @pytest.mark.parametrize("zero", [2, 3])
