@@ -37,17 +37,19 @@ def test_reward_stage_two_processes_match_one(tiny_run, tmp_path):
 
 
 def test_runner_launches_every_stage_with_accelerate(tiny_run, tmp_path):
-    """The whole tiny chain through `python -m pipeline run --accelerate_config cpu_2proc.yaml`: every
-    stage, PPO and its evaluation included, runs in 2 processes and writes its results once."""
+    """The whole tiny chain and the other stage-3 algorithms through `python -m pipeline run --stages all
+    --accelerate_config cpu_2proc.yaml`: every stage, the evaluations against the SFT policy included, runs in 2
+    processes and writes its results once."""
     from conftest import write_recipes
 
     recipes = write_recipes(tmp_path / "recipes", tmp_path / "outputs")
-    run_python("-m", "pipeline", "run", recipes, "--accelerate_config", ROOT / "recipes/accelerate/cpu_2proc.yaml",
-               "--skip_eval")
+    run_python("-m", "pipeline", "run", recipes, "--stages", "all",
+               "--accelerate_config", ROOT / "recipes/accelerate/cpu_2proc.yaml", "--skip_eval")
     results = json.loads((tmp_path / "outputs" / "results.json").read_text())
-    for stage in ("pretrain", "sft", "reward", "ppo"):
-        assert results[stage]["num_processes"] == 2, stage
-    assert 0 <= results["ppo"]["gold_win_rate_vs_sft"] <= 1
+    for stage in ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo"):
+        assert (results[stage]["num_processes"], results[stage]["distributed_type"]) == (2, "MULTI_CPU"), stage
+    for stage in ("ppo", "grpo", "rloo", "dpo"):
+        assert results[stage]["eval_prompts"] == 8 and 0 <= results[stage]["gold_win_rate_vs_sft"] <= 1, stage
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed"])
