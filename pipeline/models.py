@@ -272,7 +272,9 @@ def adapter_base(path: str, base_model: str | None = None) -> str:
 
 def _load_merged(path: str, tokenizer, model_args: ModelConfig, auto_class, base_model: str | None = None,
                  **kwargs):
-    """An adapter folder as a plain model: its base model (resized to the tokenizer), the adapter, merged."""
+    """An adapter folder as a plain model: its base model (resized to the tokenizer), the adapter, merged. Under
+    DeepSpeed ZeRO-3 the merge needs whole weights: each process loads them whole (whole_weights), and DeepSpeed
+    shards the merged model when the trainer prepares it."""
     from peft import PeftModel
 
     if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
@@ -283,9 +285,11 @@ def _load_merged(path: str, tokenizer, model_args: ModelConfig, auto_class, base
     check_model_kind(base, CAUSAL_LM if causal else SCALAR_HEAD, f"the base model of the adapter '{path}'", model_args,
                      allow=() if causal else (CAUSAL_LM,))  # a reward model's adapter sits on the SFT policy
     logger.info(f"{path} is a LoRA adapter: loading its base model {base}, the adapter, and merging them")
-    model = fit_to_tokenizer(auto_class.from_pretrained(base, **kwargs, **model_kwargs(model_args)), tokenizer)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return fit_to_tokenizer(model, tokenizer)
+    with whole_weights():
+        model = fit_to_tokenizer(auto_class.from_pretrained(base, **kwargs, **model_kwargs(model_args)), tokenizer)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        # peft loads an adapter for inference, every weight frozen; from_pretrained's models train in full
+        return fit_to_tokenizer(model.requires_grad_(True), tokenizer)
 
 
 def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = None, dtype: str = "auto",

@@ -101,6 +101,26 @@ def test_lora_stage_under_zero3_saves_its_adapter_and_the_merged_model(tiny_run,
     assert frozen and all(torch.equal(merged[k], base[k]) for k in frozen)  # and nothing else did
 
 
+def test_stage_started_from_an_adapter_folder_under_zero3(tiny_run, tmp_path):
+    """`model_name_or_path` may name a LoRA adapter folder: every process loads its base model whole, merges the
+    adapter, and DeepSpeed shards the merged model (a sharded base cannot be merged into); it trains in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    sft = tiny_run["outputs"] / "sft"
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM", init_lora_weights=False)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(sft), config)
+    lora.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(sft).save_pretrained(adapter)
+    output = tmp_path / "dpo"
+    run_python(*launcher(3), *stage_args(tiny_run, "dpo", output, "--model_name_or_path", adapter), env=ENV,
+               timeout=300)
+    check_trained_under_deepspeed(tiny_run, output, "dpo")
+    results = json.loads((output / "results.json").read_text())
+    assert results["trainable_parameters"] == results["total_parameters"]
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_ppo_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, zero):
     from test_resume import STAGES, command, kill_after_a_checkpoint, logged, saved_steps

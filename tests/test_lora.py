@@ -122,6 +122,8 @@ def test_merged_sft_model_loads_in_plain_transformers_and_equals_base_plus_adapt
         # the pipeline's loaders take the adapter folder itself: base + adapter, merged
         from_adapter = load_causal_lm(str(out / "adapter"), load_tokenizer(str(out / "adapter")), ModelConfig())
         torch.testing.assert_close(from_adapter.eval()(**ids).logits, logits, atol=1e-5, rtol=1e-4)
+    # and a stage started from it trains it in full, as a model from from_pretrained (peft loads adapters frozen)
+    assert all(p.requires_grad for p in from_adapter.parameters())
     assert merged.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
 
 
