@@ -80,7 +80,8 @@ def test_grpo_without_reference_and_rewarded_by_a_function_under_deepspeed(tiny_
     check_trained_under_deepspeed(tiny_run, output, "grpo", moved=False)
 
 
-LORA = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "c_attn", "c_proj", "c_fc"]
+LORA = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
+        "--lora_target_modules", "c_attn", "c_proj", "c_fc"]
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
