@@ -370,11 +370,11 @@ def whole_weights():
     try:
         yield
     finally:
-        # HfDeepSpeedConfig registers itself through a weak reference: kept alive here
-        _DEEPSPEED_CONFIGS.append(HfDeepSpeedConfig(config))
+        # HfDeepSpeedConfig registers itself through a weak reference: the one registered last is kept alive here
+        _REGISTERED["deepspeed_config"] = HfDeepSpeedConfig(config)
 
 
-_DEEPSPEED_CONFIGS = []
+_REGISTERED = {}
 
 
 def save_lora(trainer, model, output_dir: str) -> None:
