@@ -1,8 +1,8 @@
 """Every stage under DeepSpeed ZeRO-2 and ZeRO-3 with 2 CPU processes (DS_ACCELERATOR=cpu,
 recipes/accelerate/zero{2,3}_cpu.yaml): it trains, evaluates on every process (the stage-3 algorithms against
-the SFT policy, the weights sharded under ZeRO-3) and saves a model that loads in plain transformers; PPO is
-killed after a checkpoint and resumes where an uninterrupted run ends. And PPO launched as 2 machines x 1 process
-on 127.0.0.1."""
+the SFT policy, the weights sharded under ZeRO-3) and saves a model that loads in plain transformers; PPO (ZeRO-2
+and 3), GRPO and DPO (ZeRO-3) are killed after a checkpoint and resume where an uninterrupted run ends. And PPO
+launched as 2 machines x 1 process on 127.0.0.1."""
 
 import json
 import math
@@ -122,22 +122,30 @@ def test_stage_started_from_an_adapter_folder_under_zero3(tiny_run, tmp_path):
     assert results["trainable_parameters"] == results["total_parameters"]
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_ppo_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, zero):
+# per stage: fewer steps than test_resume's, enough for a kill to land after a checkpoint and before the end
+RESUME_SHORTER = {"ppo": ["--total_episodes", "96"],  # 6 updates of 4 optimizer steps; checkpoints every 3 steps
+                  "grpo": ["--max_steps", "12"], "dpo": ["--max_steps", "12"]}
+
+
+@pytest.mark.parametrize("stage, zero", [("ppo", 2), ("ppo", 3), ("grpo", 3), ("dpo", 3)])
+def test_stage_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, stage, zero):
+    """PPO's own checkpointing, TRL's GRPO (a generation batch per step) and DPO (a reference model, prepared
+    for DeepSpeed beside the policy): each killed after a checkpoint, then resumed from DeepSpeed's engine files,
+    logs what an uninterrupted run logs."""
     from test_resume import STAGES, command, kill_after_a_checkpoint, logged, saved_steps
 
     launch = [sys.executable, *map(str, launcher(zero))]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    shorter = ["--total_episodes", "96"]  # 6 updates of 4 optimizer steps; checkpoints every 3 steps
-    run_python(*launch[1:], *command(tiny_run, "ppo", uninterrupted, shorter), env=ENV)
-    kill_after_a_checkpoint(command(tiny_run, "ppo", interrupted, shorter), interrupted, random.Random(zero),
+    shorter = RESUME_SHORTER[stage]
+    run_python(*launch[1:], *command(tiny_run, stage, uninterrupted, shorter), env=ENV)
+    kill_after_a_checkpoint(command(tiny_run, stage, interrupted, shorter), interrupted, random.Random(zero),
                             launcher=launch, env=ENV)
     saved = saved_steps(interrupted)
     checkpoint = interrupted / f"checkpoint-{saved[-1]}"
     assert (checkpoint / f"global_step{saved[-1]}").is_dir()  # DeepSpeed's own engine checkpoint
-    resumed = run_python(*launch[1:], *command(tiny_run, "ppo", interrupted, shorter), env=ENV)
+    resumed = run_python(*launch[1:], *command(tiny_run, stage, interrupted, shorter), env=ENV)
     assert f"resuming from {checkpoint}" in resumed.stdout + resumed.stderr
-    keys = STAGES["ppo"][1]
+    keys = STAGES[stage][1]
     expected, got = logged(uninterrupted, keys), logged(interrupted, keys)
     assert list(got) == list(expected) and max(got) > saved[-1]
     for step, values in expected.items():
