@@ -84,11 +84,12 @@ LORA = ["--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16",
         "--lora_target_modules", "c_attn", "c_proj", "c_fc"]
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "grpo", "dpo"])
 def test_lora_stage_under_zero3_saves_its_adapter_and_the_merged_model(tiny_run, tmp_path, stage):
     """LoRA under ZeRO-3: the main process merges the adapter into a whole copy of the base model (loaded whole,
-    not sharded: a sharded load there waits for the other processes forever), and DPO's evaluation, which has no
-    reference model with LoRA, uses a copy of the SFT policy prepared for DeepSpeed."""
+    not sharded: a sharded load there waits for the other processes forever); PPO's and GRPO's reference is the
+    policy with its adapter switched off; DPO's evaluation, which has no reference model with LoRA, uses a copy
+    of the SFT policy prepared for DeepSpeed."""
     output = tmp_path / stage
     run_python(*launcher(3), *stage_args(tiny_run, stage, output, *LORA), env=ENV, timeout=300)
     check_trained_under_deepspeed(tiny_run, output, stage)
