@@ -38,7 +38,7 @@ SEEDS = (42, 43, 44)
 # How the shipped tiny recipes were set: said in COMPARISON.md when they are the ones compared
 TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared setting. GRPO and RLOO take ppo.yaml's "
                "values (learning rate, answers, length, temperature, KL coefficient 0.05, 64 answers per "
-               "optimizer step, 4 passes) as they are; DPO takes the reward model's data budget, its 16000 pairs for 1.5 epochs, at "
+               "optimizer step, 2 passes) as they are; DPO takes the reward model's data budget, its 16000 pairs for 1.25 epochs, at "
                "ppo.yaml's learning rate.")
 RUN_FILE = "compare_run.json"  # beside a run's results.json: its wall time, peak RSS and command
 # the figures of a run, without the stage's suffix (gold_score_grpo -> gold_score), in the table's order
