@@ -1,7 +1,7 @@
 """RLHF works, as a measured fact: the demo's chain (recipes/tiny, unchanged but for output paths: pretrain,
 SFT, reward model, PPO, and PPO on the oracle itself as the ceiling) judged by the gold oracle. Every figure is
 the oracle's judgement of sampled answers to held-out prompts (pipeline.embedded); the thresholds are the
-targets of issue 14. This is the slowest test (the whole demo, five to six minutes on 2 cores). GRPO's, RLOO's
+targets of issue 14. This is the slowest test (the whole demo, about five minutes on 2 cores). GRPO's, RLOO's
 and DPO's learning figures come from `make compare` (COMPARISON.md, 3 seeds each); tests/test_stage3.py runs
 them on tiny settings."""
 
