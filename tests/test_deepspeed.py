@@ -124,7 +124,7 @@ def test_stage_started_from_an_adapter_folder_under_zero3(tiny_run, tmp_path):
 
 
 # per stage: fewer steps than test_resume's, enough for a kill to land after a checkpoint and before the end
-RESUME_SHORTER = {"ppo": ["--total_episodes", "96"],  # 6 updates of 4 optimizer steps; checkpoints every 3 steps
+RESUME_SHORTER = {"ppo": ["--total_episodes", "96"],  # 6 updates of 2 optimizer steps; checkpoints every 3 steps
                   "grpo": ["--max_steps", "12"], "dpo": ["--max_steps", "12"]}
 
 
