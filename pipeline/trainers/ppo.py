@@ -64,11 +64,13 @@ class PPOConfig(TrainingArguments):
         "help": "How many times to print sample completions of the eval prompts during training (0: never)."})
     response_length: int = field(default=53, metadata={"help": "Tokens generated per response, at most."})
     stop_token: Literal["eos"] | None = field(default=None, metadata={
-        "help": "'eos': responses end at the tokenizer's EOS (what follows is padding)."})
+        "help": "'eos': responses end at the end of an assistant turn as the chat template writes it (ChatML's "
+                "<|im_end|>, Llama 3's <|eot_id|>; EOS for templates that end turns with it) or at EOS; what "
+                "follows is padding. Unset: the same tokens, which the policy's generation config stops at."})
     stop_token_id: int | None = field(default=None, metadata={"help": "A token id that ends responses instead."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     missing_eos_penalty: float | None = field(default=None, metadata={
-        "help": "Subtracted from the score of a response that does not contain EOS."})
+        "help": "Subtracted from the score of a response that holds no stop token (it ran to response_length)."})
     sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "The SFT policy (and reference)."})
     reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={
         "help": "The reward model (frozen; the value model starts from it too)."})
@@ -118,13 +120,28 @@ class PolicyAndValue(torch.nn.Module):
         policy = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
         return getattr(policy, "is_activation_checkpointing", False)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    # transformers >= 5.25's Trainer calls `activation_checkpointing_enable(activation_checkpointing_kwargs=...,
+    # every_n_layers=..., offload=...)`; TRL's generation helpers still call the older `gradient_checkpointing_*`
+    # names. Both reach the two models with whatever keywords the caller passed.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         for model in (self.policy, self.value_model):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+            else:  # transformers before 5.25
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                    **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        for model in (self.policy, self.value_model):
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
 
     def gradient_checkpointing_disable(self):
-        for model in (self.policy, self.value_model):
-            model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     def forward(self, input_ids, attention_mask, position_ids, ptx_input_ids=None, **kwargs):
         kwargs = {"return_dict": True, "use_cache": False}
@@ -191,7 +208,17 @@ class PPOTrainer(Trainer):
             raise ValueError("set stop_token or stop_token_id, not both")
         if args.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {args.kl_estimator!r}")
-        self.stop_token_id = processing_class.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+        from ..models import stop_token_ids
+
+        # the tokens that end a response: an explicit stop_token_id, else the end of an assistant turn as the chat
+        # template writes it and EOS (what `generate` stops at; TRL 1.12 assumed EOS, which a ChatML model never
+        # writes at the end of its answers)
+        vocabulary = model.get_input_embeddings().weight.shape[0]
+        if args.stop_token_id is not None and not 0 <= args.stop_token_id < vocabulary:
+            raise ValueError(f"stop_token_id {args.stop_token_id} is not a token of the model's vocabulary "
+                             f"(0 to {vocabulary - 1})")
+        self.stop_token_ids = ([args.stop_token_id] if args.stop_token_id is not None
+                               else stop_token_ids(processing_class, getattr(model, "generation_config", None)))
 
         if peft_config is not None:
             from peft import get_peft_model
@@ -314,38 +341,38 @@ class PPOTrainer(Trainer):
         args, pad = self.args, self.processing_class.pad_token_id
         context = queries.shape[1]
         step = self.state.global_step + 1
-        config = rollout.sampling_config(args.response_length, args.temperature, self.stop_token_id, pad)
+        config = rollout.sampling_config(args.response_length, args.temperature, self.stop_token_ids, pad)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
             query_responses, logits = rollout.generate(unwrapped.policy, queries, pad, config,
                                                        args.local_rollout_forward_batch_size, return_logits=True)
-        responses = query_responses[:, context:]
+        responses = rollout.truncate_after(self.stop_token_ids, pad, query_responses[:, context:])
         logprobs = selective_log_softmax(logits, responses)
         del logits
-        if self.stop_token_id is not None:
-            responses = rollout.truncate_after(self.stop_token_id, pad, responses)
-            query_responses = torch.cat((queries, responses), 1)
+        query_responses = torch.cat((queries, responses), 1)
+        mask = rollout.attention_mask(query_responses, context, pad, self.stop_token_ids)
 
         ref_logprobs, values, scores = [], [], []
         wrapper = self.accelerator.unwrap_model(self.model)
         chunk = args.local_rollout_forward_batch_size
         for start in range(0, len(query_responses), chunk):
-            rows = query_responses[start:start + chunk]
+            rows, rows_mask = query_responses[start:start + chunk], mask[start:start + chunk]
             with self._reference() as reference:
-                ref_logits = rollout.forward(reference, rows, pad).logits[:, context - 1:-1]
+                ref_logits = rollout.forward(reference, rows, rows_mask).logits[:, context - 1:-1]
             ref_logprobs.append(selective_log_softmax(ref_logits / (args.temperature + 1e-7), rows[:, context:]))
-            values.append(rollout.scalar_head(wrapper.value_model, rows, pad)[:, context - 1:-1])
+            values.append(rollout.scalar_head(wrapper.value_model, rows, rows_mask)[:, context - 1:-1])
             if self.reward_model_weight:
-                scores.append(self.reward_model_weight * rollout.sequence_scores(self.reward_model, rows, pad, context))
+                scores.append(self.reward_model_weight
+                              * rollout.sequence_scores(self.reward_model, rows, rows_mask, context))
         ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values).float()
         scores = torch.cat(scores).float() if scores else torch.zeros(len(queries), device=queries.device)
         if self.reward_functions:
             scores = scores + self._function_rewards(query_responses, context, step)
         self._check_finite(scores, "the reward (objective/scores)", step)
 
-        scores, has_eos = ppo_math.apply_missing_eos_penalty(scores, responses, self.processing_class.eos_token_id,
+        scores, has_eos = ppo_math.apply_missing_eos_penalty(scores, rollout.ended(responses, self.stop_token_ids),
                                                              args.missing_eos_penalty)
-        _, padding, padding_p1, score_at = ppo_math.response_masks(responses, pad)
+        _, padding, padding_p1, score_at = ppo_math.response_masks(mask[:, context:])
         logprobs = logprobs.masked_fill(padding, INVALID_LOGPROB)
         ref_logprobs = ref_logprobs.masked_fill(padding, INVALID_LOGPROB)
         values = values.masked_fill(padding_p1, 0)
@@ -376,7 +403,7 @@ class PPOTrainer(Trainer):
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_batch_size, device=queries.device)
             schedule += list(order.split(args.per_device_train_batch_size))
-        return {"query_responses": query_responses, "logprobs": logprobs, "values": values, "returns": returns,
+        return {"query_responses": query_responses, "attention_mask": mask, "logprobs": logprobs, "values": values, "returns": returns,
                 "advantages": advantages, "padding": padding, "padding_p1": padding_p1,
                 "context_length": torch.full((len(queries),), context, device=queries.device),
                 "schedule": schedule}
@@ -419,8 +446,7 @@ class PPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args, pad = self.args, self.processing_class.pad_token_id
         context = int(inputs["context_length"][0])
-        rows = inputs["query_responses"]
-        mask = rows != pad
+        rows, mask = inputs["query_responses"], inputs["attention_mask"]
         policy_output, values, ptx_loss = model(input_ids=rows.masked_fill(~mask, 0), attention_mask=mask,
                                                 position_ids=mask.cumsum(1) - mask.long(),
                                                 ptx_input_ids=inputs.get("ptx_input_ids"))
