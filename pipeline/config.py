@@ -260,6 +260,9 @@ def _show(value) -> str:
         value, (bool, type(None))) else repr(value)
 
 
+SHORTHANDS = {"lora_target_modules": ("all-linear",)}  # a string that peft takes where the field is a list
+
+
 def check_types(stage_parser: TrlParser, recipe: dict, path: str) -> None:
     """Fail on a recipe value of the wrong type (`learning_rate: fast`, `num_train_epochs: [1]`) or outside a
     field's choices, naming the key and what it expects. argparse only converts string values, so without
@@ -277,6 +280,8 @@ def check_types(stage_parser: TrlParser, recipe: dict, path: str) -> None:
             continue
         annotation = annotations[key]
         if value is None and defaults.get(key, MISSING) is None:
+            continue
+        if value in SHORTHANDS.get(key, ()):
             continue
         outside_choices = key in choices and value is not None and (
             isinstance(value, (bool, dict, list)) or str(value) not in choices[key])

@@ -19,13 +19,18 @@ class Decoding:
     num_beams: int = 4
     repetition_penalty: float = 1.0
 
-    def generation_config(self, tokenizer):
+    def generation_config(self, tokenizer, model_generation_config=None):
+        """The GenerationConfig of these settings, stopping at the end of an assistant turn as the chat template
+        writes it, at the ids `model_generation_config` stops at, and at EOS (models.stop_token_ids)."""
         from transformers import GenerationConfig
+
+        from .models import stop_token_ids
 
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
         common = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                      eos_token_id=stop_token_ids(tokenizer, model_generation_config),
+                      pad_token_id=tokenizer.pad_token_id)
         if self.strategy == "greedy":
             return GenerationConfig(do_sample=False, num_beams=1, **common)
         if self.strategy == "sample":
@@ -88,7 +93,8 @@ def _generate(model, tokenizer, inputs, decoding, write):
                       f"tokens with {decoding.max_new_tokens} new ones)")
                 ids[i] = x[-room:]
     batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(model.device)
-    output = model.generate(**batch, generation_config=decoding.generation_config(tokenizer))
+    config = decoding.generation_config(tokenizer, getattr(model, "generation_config", None))
+    output = model.generate(**batch, generation_config=config)
     return [text.strip() for text in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
                                                              skip_special_tokens=True)]
 

@@ -13,15 +13,16 @@ import torch
 from tqdm.auto import tqdm
 from trl.trainer.utils import selective_log_softmax
 
-from .rollout import first_true_indices, forward, generate, sampling_config, sequence_scores, truncate_after
+from .rollout import attention_mask, ended, forward, generate, sampling_config, sequence_scores, truncate_after
 
 
 @dataclass
 class Rollouts:
-    query_responses: torch.Tensor  # left-padded queries + responses truncated after EOS, pad after
+    query_responses: torch.Tensor  # left-padded queries + responses truncated after their stop token, pad after
+    attention_mask: torch.Tensor  # True on real tokens (rollout.attention_mask: from the layout, not the pad id)
     context_length: int
     responses: list[str]  # decoded responses, special tokens removed
-    has_eos: torch.Tensor  # bool per row
+    has_eos: torch.Tensor  # bool per row: the response ended at a stop token (turn end or EOS)
 
 
 def encode_prompts(tokenizer, prompts: list) -> torch.Tensor:
@@ -34,15 +35,23 @@ def encode_prompts(tokenizer, prompts: list) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, temperature: float,
            batch_size: int = 64) -> Rollouts:
-    config = sampling_config(max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    query_responses = generate(model, queries.to(model.device), tokenizer.pad_token_id, config, batch_size)
+    """Answers sampled at `temperature`, each ending at the first stop token (the end of an assistant turn as
+    the chat template writes it, or EOS: models.stop_token_ids) or after `max_new_tokens`."""
+    from .models import stop_token_ids
+
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id
+    config = sampling_config(max_new_tokens, temperature, stops, pad)
+    query_responses = generate(model, queries.to(model.device), pad, config, batch_size)
     context_length = queries.shape[1]
-    responses = truncate_after(tokenizer.eos_token_id, tokenizer.pad_token_id, query_responses[:, context_length:])
+    responses = truncate_after(stops, pad, query_responses[:, context_length:])
+    query_responses = torch.cat((query_responses[:, :context_length], responses), 1)
     return Rollouts(
-        query_responses=torch.cat((query_responses[:, :context_length], responses), 1),
+        query_responses=query_responses,
+        attention_mask=attention_mask(query_responses, context_length, pad, stops),
         context_length=context_length,
         responses=tokenizer.batch_decode(responses, skip_special_tokens=True),
-        has_eos=(responses == tokenizer.eos_token_id).any(1).cpu(),
+        has_eos=ended(responses, stops).cpu(),
     )
 
 
@@ -50,22 +59,22 @@ def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, tempera
 def sequence_logprob(model, rollouts: Rollouts, pad_token_id: int, temperature: float) -> torch.Tensor:
     """Sum over response tokens of log p(token), at the sampling temperature (as PPO computes it)."""
     query_responses = rollouts.query_responses.to(model.device)
+    mask = rollouts.attention_mask.to(model.device)
     responses = query_responses[:, rollouts.context_length:]
-    logits = forward(model, query_responses, pad_token_id).logits[:, rollouts.context_length - 1: -1]
+    logits = forward(model, query_responses, mask).logits[:, rollouts.context_length - 1: -1]
     logprobs = selective_log_softmax(logits / (temperature + 1e-7), responses)
-    return (logprobs * (responses != pad_token_id)).sum(1).cpu()
+    return (logprobs * mask[:, rollouts.context_length:]).sum(1).cpu()
 
 
 @torch.no_grad()
 def reward_scores(reward_model, rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
     device = next(reward_model.parameters()).device
-    return sequence_scores(reward_model, rollouts.query_responses.to(device), pad_token_id,
+    return sequence_scores(reward_model, rollouts.query_responses.to(device), rollouts.attention_mask.to(device),
                            rollouts.context_length).float().cpu()
 
 
 def response_lengths(rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
-    responses = rollouts.query_responses[:, rollouts.context_length:]
-    return (first_true_indices(responses == pad_token_id)).float().cpu()
+    return rollouts.attention_mask[:, rollouts.context_length:].sum(1).float().cpu()
 
 
 def win_rate(scores_a, scores_b) -> float:
@@ -185,13 +194,15 @@ def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, 
 
 @torch.no_grad()
 def score_texts(reward_model, tokenizer, conversations: list, batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores of full conversations (or strings), formatted as the RewardTrainer saw them:
-    through the chat template, or with EOS appended."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) if isinstance(c, list)
-             else c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token for c in conversations]
+    """Reward-model scores of full conversations (or strings), tokenized as the RewardTrainer tokenizes them: a
+    conversation rendered to ids once by the chat template (a tokenizer that adds BOS itself gets one BOS, not
+    a second one from tokenizing the rendered text again), a string with EOS appended and special tokens added."""
+    ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) if isinstance(c, list)
+           else tokenizer(c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token)["input_ids"]
+           for c in conversations]
     scores = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i:i + batch_size], padding=True, return_tensors="pt", padding_side="right")
+    for i in range(0, len(ids), batch_size):
+        batch = tokenizer.pad({"input_ids": ids[i:i + batch_size]}, padding_side="right", return_tensors="pt")
         scores.append(reward_model(**batch.to(reward_model.device)).logits[:, 0].float().cpu())
     return torch.cat(scores)
 

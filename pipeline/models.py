@@ -126,15 +126,56 @@ def model_kwargs(model_args: ModelConfig) -> dict:
     return kwargs
 
 
+_SENTINEL = "\u2063reply\u2063"  # an assistant turn's text that no template writes itself
+
+
+def turn_end_token_id(tokenizer) -> int | None:
+    """The token the chat template writes right after an assistant turn's text (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`, Gemma's `<end_of_turn>`, our template's EOS), when that is one special token; else None."""
+    if not tokenizer.chat_template:
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    except Exception:  # a template that cannot render this conversation (e.g. it insists on a system turn)
+        return None
+    if _SENTINEL not in text:
+        return None
+    after = text.split(_SENTINEL, 1)[1].lstrip(" ")
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    return ids[0] if ids and ids[0] in special and ids[0] != tokenizer.pad_token_id else None
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The tokens that end an answer: the end of an assistant turn as the chat template writes it, the ids the
+    model's generation config already stops at, and EOS; the turn end first. Never the pad token."""
+    ids = [turn_end_token_id(tokenizer)]
+    # a generation config written for the model (Llama 3 Instruct's lists <|eot_id|>); one derived from the model's
+    # config only repeats its EOS, which may be a random config's default
+    written = generation_config is not None and not getattr(generation_config, "_from_model_config", False)
+    configured = getattr(generation_config, "eos_token_id", None) if written else None
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    stops = []
+    for token in ids:
+        if token is not None and token != tokenizer.pad_token_id and int(token) not in stops:
+            stops.append(int(token))
+    return stops
+
+
 def fit_to_tokenizer(model, tokenizer):
-    """Resize embeddings for added tokens and write pad/EOS ids into the config and generation config."""
+    """Resize embeddings for added tokens and write pad/EOS ids into the config; the generation config stops at
+    every token that ends an answer (`stop_token_ids`), so `generate`, TRL's GRPO/RLOO and plain transformers
+    stop at the end of an assistant turn even where the template does not end turns with EOS."""
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
+        stops = stop_token_ids(tokenizer, model.generation_config)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     return model
 
 
@@ -161,15 +202,17 @@ def model_kind(path: str, model_args: ModelConfig | None = None) -> tuple[str, s
                              "of a stage that finished, or the folder above it?")
     config = AutoConfig.from_pretrained(path, revision=getattr(model_args, "model_revision", None) or "main",
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     architecture = (config.architectures or [""])[0]
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    mapped = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
     if architecture.endswith("ForSequenceClassification"):
         kind = SCALAR_HEAD if config.num_labels == 1 else "classifier"
-    elif architecture.endswith(("ForCausalLM", "LMHeadModel")):
-        kind = CAUSAL_LM
+    elif architecture.endswith(("ForCausalLM", "LMHeadModel")) or architecture in mapped:
+        kind = CAUSAL_LM  # what AutoModelForCausalLM itself loads, e.g. Gemma 3's *ForConditionalGeneration
     else:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        kind = CAUSAL_LM if not architecture and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "other"
+        kind = CAUSAL_LM if not architecture and mapped else "other"
     return kind, architecture or f"a {config.model_type} config"
 
 
@@ -196,9 +239,11 @@ def check_model_kind(path: str, need: str, field: str = "model", model_args: Mod
 def load_causal_lm(path: str, tokenizer, model_args: ModelConfig, field: str = "model_name_or_path"):
     check_model_kind(path, CAUSAL_LM, field, model_args)
     if is_adapter(path):
-        return _load_merged(path, tokenizer, model_args, AutoModelForCausalLM)
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args))
-    return fit_to_tokenizer(model, tokenizer)
+        model = _load_merged(path, tokenizer, model_args, AutoModelForCausalLM)
+    else:
+        model = fit_to_tokenizer(AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args)), tokenizer)
+    check_lora_targets(model, model_args, path)
+    return model
 
 
 def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig, field: str | None = None):
@@ -207,9 +252,13 @@ def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig, field:
     stage's starting point), a causal LM gets a new head."""
     check_model_kind(path, SCALAR_HEAD, field or "model_name_or_path", model_args, allow=() if field else (CAUSAL_LM,))
     if is_adapter(path):
-        return _load_merged(path, tokenizer, model_args, AutoModelForSequenceClassification, num_labels=1)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(model_args))
-    return fit_to_tokenizer(model, tokenizer)
+        model = _load_merged(path, tokenizer, model_args, AutoModelForSequenceClassification, num_labels=1)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(model_args))
+        model = fit_to_tokenizer(model, tokenizer)
+    if field is None:  # a model this stage trains (LoRA adapters included); a frozen reward model gets none
+        check_lora_targets(model, model_args, path)
+    return model
 
 
 def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig, field: str = "reward_model_path"):
@@ -244,6 +293,46 @@ def check_same_tokenizer(tokenizers: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
+
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head, in any architecture
+
+
+def _targets_match(name: str, targets) -> bool:
+    """peft's rule: a string is a regular expression over the full module name; a list names modules by their
+    last components (`c_attn` matches `transformer.h.0.attn.c_attn`)."""
+    import re
+
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def check_lora_targets(model, model_args: ModelConfig, path: str) -> None:
+    """With `use_peft`, fail in one line when `lora_target_modules` names no module of the model (a recipe written
+    for another architecture: GPT-2's `c_attn` is `q_proj`/`k_proj`/`v_proj` in Llama), naming the model's
+    linear layers and `all-linear`, which fits every architecture."""
+    if not getattr(model_args, "use_peft", False):
+        return
+    targets = model_args.lora_target_modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1:
+        targets = targets[0]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+    architecture = type(model).__name__
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if model.config.model_type in DEFAULTS:
+            return
+        raise ValueError(f"lora_target_modules is not set and peft has no default for {architecture}: set it to "
+                         f"{ALL_LINEAR} or to some of its linear layers ({', '.join(linear)})")
+    if not any(_targets_match(name, targets) for name, _ in model.named_modules()):
+        raise ValueError(f"lora_target_modules {targets} match no module of '{path}' ({architecture}); its linear "
+                         f"layers are {', '.join(linear)}: set lora_target_modules to {ALL_LINEAR} (every linear "
+                         "layer but the output head, in any architecture) or to some of those names")
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"  # a LoRA stage's adapter: <output_dir>/adapter; the merged model is <output_dir> itself

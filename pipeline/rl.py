@@ -175,13 +175,13 @@ def for_trl(name: str, function, tokenizer):
 class PtxBatches:
     """Endless shuffled batches of `block_size`-token blocks, cut from the dataset's texts joined with EOS
     (the causal-LM pretraining objective). Text rows are used as they are; prompt/completion and
-    conversational rows through the tokenizer's chat template. Reproducible: a generator seeded by `seed`."""
+    conversational rows through the tokenizer's chat template, rendered to ids once (a tokenizer that adds BOS
+    itself gets one BOS per conversation). Reproducible: a generator seeded by `seed`."""
 
     def __init__(self, dataset, tokenizer, block_size: int, batch_size: int, seed: int, source: str):
-        texts = [self._text(row, tokenizer) for row in dataset]
         ids = []
-        for text in texts:
-            ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+        for row in dataset:
+            ids.extend(self._ids(row, tokenizer) + [tokenizer.eos_token_id])
         n_blocks = len(ids) // block_size
         if n_blocks < batch_size:
             raise data.DataError(f"{source}: {len(ids)} tokens of ptx text make {n_blocks} blocks of {block_size} "
@@ -192,15 +192,17 @@ class PtxBatches:
         self._order, self._next = torch.empty(0, dtype=torch.long), 0
 
     @staticmethod
-    def _text(row, tokenizer) -> str:
+    def _ids(row, tokenizer) -> list[int]:
+        """A row's token ids: a conversation through the chat template straight to ids (never to text and then
+        through the tokenizer's special tokens again), a text with the tokenizer's own special tokens."""
         if "text" in row:
-            return row["text"]
+            return tokenizer(row["text"])["input_ids"]
         if "messages" in row:
-            return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            return tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):
-            return tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        return prompt + completion
+            return tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+        return tokenizer(prompt + completion)["input_ids"]
 
     def __len__(self):
         return len(self.blocks)

@@ -1,8 +1,11 @@
 """Rollouts of a causal LM on left-padded prompts, shared by PPO training and the evaluation.
 
-Rows are `query + response`: queries left-padded, responses right-padded, the pad token marking both paddings
-(GPT-2 gets a pad token distinct from EOS: pipeline.models). `forward` rebuilds the attention mask and
-position ids from the pads, so a row means the same to the model whatever its padding.
+Rows are `query + response`: queries left-padded, responses right-padded with the pad token after the token
+that ended them. Which tokens are real is decided by the layout, never by comparing ids with the pad id (a
+tokenizer's pad may be a token the model emits, e.g. Qwen's `<|endoftext|>`): a query's real tokens run from
+its first non-pad token to its end, a response's from its start up to and including its first stop token (all
+of it where it has none). `attention_mask` builds that mask; `forward` counts positions from each row's first
+real token, so a row means the same to the model whatever its padding.
 """
 
 import copy
@@ -19,27 +22,62 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return torch.where(bools, positions, length).min(-1).values
 
 
-def truncate_after(stop_token_id: int, pad_token_id: int, responses: torch.Tensor) -> torch.Tensor:
-    """Everything after the first `stop_token_id` of each response becomes padding (the stop token is kept)."""
-    stop = first_true_indices(responses == stop_token_id).unsqueeze(-1)
+def _ids(stop_token_ids) -> list[int]:
+    return [] if stop_token_ids is None else [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+
+
+def response_mask(responses: torch.Tensor, stop_token_ids) -> torch.Tensor:
+    """True on each response's real tokens: up to and including its first stop token (every token where it has
+    none, or where `stop_token_ids` is empty)."""
+    stops = _ids(stop_token_ids)
     positions = torch.arange(responses.shape[1], device=responses.device)
-    return responses.masked_fill(positions > stop, pad_token_id)
+    if not stops:
+        return positions.expand_as(responses) >= 0
+    ended = torch.isin(responses, torch.tensor(stops, device=responses.device))
+    return positions <= first_true_indices(ended).unsqueeze(-1)
 
 
-def forward(model, query_responses: torch.Tensor, pad_token_id: int, **kwargs):
-    """The model on padded rows, pads masked out and positions counted from each row's first real token."""
-    attention_mask = query_responses != pad_token_id
+def ended(responses: torch.Tensor, stop_token_ids) -> torch.Tensor:
+    """Whether each response holds a stop token (it ended rather than ran out of tokens)."""
+    stops = _ids(stop_token_ids)
+    if not stops:
+        return torch.zeros(len(responses), dtype=torch.bool, device=responses.device)
+    return torch.isin(responses, torch.tensor(stops, device=responses.device)).any(1)
+
+
+def truncate_after(stop_token_ids, pad_token_id: int, responses: torch.Tensor) -> torch.Tensor:
+    """Everything after the first stop token of each response becomes padding (the stop token is kept)."""
+    return responses.masked_fill(~response_mask(responses, stop_token_ids), pad_token_id)
+
+
+def query_mask(queries: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """True on left-padded queries' real tokens: from each row's first non-pad token on."""
+    return (queries != pad_token_id).cumsum(1) > 0
+
+
+def attention_mask(query_responses: torch.Tensor, context_length: int, pad_token_id: int,
+                   stop_token_ids) -> torch.Tensor:
+    """The real tokens of `query + response` rows (see the module's docstring)."""
+    return torch.cat((query_mask(query_responses[:, :context_length], pad_token_id),
+                      response_mask(query_responses[:, context_length:], stop_token_ids)), 1)
+
+
+def forward(model, query_responses: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """The model on padded rows, `attention_mask` False on padding, positions counted from each row's first
+    real token."""
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
     input_ids = query_responses.masked_fill(~attention_mask, 0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
                  output_hidden_states=True, use_cache=False, **kwargs)
 
 
-def sampling_config(response_length: int, temperature: float, eos_token_id: int | None,
+def sampling_config(response_length: int, temperature: float, stop_token_ids,
                     pad_token_id: int) -> GenerationConfig:
-    """Plain sampling at `temperature` (no top-k/top-p), as PPO's log-probabilities assume."""
+    """Plain sampling at `temperature` (no top-k/top-p), as PPO's log-probabilities assume, stopping at any of
+    `stop_token_ids` (none: `response_length` tokens every time)."""
+    stops = _ids(stop_token_ids)
     return GenerationConfig(max_new_tokens=response_length, min_new_tokens=0, temperature=temperature + 1e-7,
-                            top_k=0, top_p=1.0, do_sample=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                            top_k=0, top_p=1.0, do_sample=True, eos_token_id=stops or None, pad_token_id=pad_token_id)
 
 
 @torch.no_grad()
@@ -54,7 +92,7 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
     step_config.return_dict_in_generate, step_config.output_scores = True, return_logits
     for start in range(0, len(queries), batch_size):
         query = queries[start:start + batch_size]
-        mask = query != pad_token_id
+        mask = query_mask(query, pad_token_id)
         output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask,
                                 generation_config=step_config)
         rows.append(torch.cat((query, output.sequences[:, query.shape[1]:]), 1))
@@ -69,15 +107,16 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
     return query_responses, logits.view(-1, *logits.shape[2:])[: len(queries)]
 
 
-def scalar_head(model, query_responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+def scalar_head(model, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A sequence-classification model's 1-label head at every position: (rows, tokens)."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = forward(backbone, query_responses, pad_token_id).hidden_states[-1]
+    hidden = forward(backbone, query_responses, attention_mask).hidden_states[-1]
     return model.score(hidden).squeeze(-1)
 
 
-def sequence_scores(model, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
-    """A reward model's score of each row, read at its last response token (the last one before padding)."""
-    values = scalar_head(model, query_responses, pad_token_id)
-    last = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
+def sequence_scores(model, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                    context_length: int) -> torch.Tensor:
+    """A reward model's score of each row, read at its last response token (the last real one)."""
+    values = scalar_head(model, query_responses, attention_mask)
+    last = attention_mask[:, context_length:].sum(1) - 1 + context_length
     return values[torch.arange(len(values), device=values.device), last.clamp(min=0)]

@@ -19,24 +19,41 @@ def test_first_true_index_and_truncation_after_the_stop_token():
     assert rollout.first_true_indices(torch.tensor([[F, T, T], [F, F, F], [T, F, F]])).tolist() == [1, 3, 0]
     responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8], [2, 9, 9, 9]])
     assert rollout.truncate_after(2, 0, responses).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    # several stop tokens (a turn end and EOS): the first of either ends the response
+    responses = torch.tensor([[5, 3, 2, 8], [5, 6, 2, 3], [5, 6, 7, 8]])
+    assert rollout.truncate_after([3, 2], 0, responses).tolist() == [[5, 3, 0, 0], [5, 6, 2, 0], [5, 6, 7, 8]]
+    assert rollout.ended(responses, [3, 2]).tolist() == [T, T, F]
+
+
+def test_attention_mask_comes_from_the_layout_not_from_the_pad_id():
+    """A response may hold the pad id as a real token (a tokenizer whose pad the model emits, Qwen's
+    <|endoftext|>): it stays attended, and only what follows the stop token is padding. Queries are real from
+    their first non-pad token."""
+    pad, stop = 0, 2
+    rows = torch.tensor([[0, 0, 7, 5, 0, 6, 2, 0],   # query [7], answer 5 <pad-id> 6 <stop>, then padding
+                         [0, 8, 7, 0, 5, 5, 5, 5]])  # query [8, 7], answer <pad-id> 5 5 5 5 (no stop: all real)
+    mask = rollout.attention_mask(rows, 3, pad, [stop])
+    assert mask.tolist() == [[F, F, T, T, T, T, T, F], [F, T, T, T, T, T, T, T]]
+    last, padding, _, _ = ppo_math.response_masks(mask[:, 3:])
+    assert last.tolist() == [3, 4]
+    assert padding.tolist() == [[F, F, F, F, T], [F, F, F, F, F]]
 
 
 def test_response_masks_put_the_score_one_past_the_last_token_when_there_is_room():
-    pad = 0
     responses = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]])
-    last, padding, padding_p1, score_at = ppo_math.response_masks(responses, pad)
+    last, padding, padding_p1, score_at = ppo_math.response_masks(rollout.response_mask(responses, 2))
     assert last.tolist() == [1, 3, 0]
     assert padding.tolist() == [[F, F, T, T], [F, F, F, F], [F, T, T, T]]
     assert padding_p1.tolist() == [[F, F, F, T], [F, F, F, F], [F, F, T, T]]
     assert score_at.tolist() == [2, 3, 1]  # the full-length row keeps it on its last token
 
 
-def test_missing_eos_penalty_only_hits_responses_without_eos():
-    eos = 2
+def test_missing_eos_penalty_only_hits_responses_without_a_stop_token():
     responses = torch.tensor([[5, 2, 0], [5, 6, 7], [2, 0, 0]])
-    scores, has_eos = ppo_math.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, -0.5]), responses, eos, 1.5)
+    ended = rollout.ended(responses, [2])
+    scores, has_eos = ppo_math.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, -0.5]), ended, 1.5)
     assert scores.tolist() == [1.0, -0.5, -0.5] and has_eos.tolist() == [T, F, T]
-    unchanged, _ = ppo_math.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, -0.5]), responses, eos, None)
+    unchanged, _ = ppo_math.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, -0.5]), ended, None)
     assert unchanged.tolist() == [1.0, 1.0, -0.5]
 
 

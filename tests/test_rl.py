@@ -53,7 +53,7 @@ def test_reward_function_names_are_checked(spec, message):
 def test_reward_model_score_is_read_at_the_last_response_token_whatever_the_padding(tiny_run):
     """rollout.sequence_scores (PPO's reward) on left-padded prompts + right-padded responses equals the reward
     model's own score of each row alone, unpadded; and the score of a row depends on its last real token."""
-    from pipeline.rollout import sequence_scores
+    from pipeline.rollout import query_mask, sequence_scores
 
     path = tiny_run["outputs"] / "reward"
     tokenizer = load_tokenizer(str(path), padding_side="left")
@@ -63,10 +63,12 @@ def test_reward_model_score_is_read_at_the_last_response_token_whatever_the_padd
     responses = tokenizer([r for _, r in texts], padding=True, padding_side="right", return_tensors="pt")["input_ids"]
     assert (prompts == tokenizer.pad_token_id).any() and (responses == tokenizer.pad_token_id).any()  # both padded
     rows = torch.cat([prompts, responses], 1)
+    pad = tokenizer.pad_token_id
+    mask = torch.cat([query_mask(prompts, pad), responses != pad], 1)
     with torch.no_grad():
-        scores = sequence_scores(model, rows, tokenizer.pad_token_id, prompts.shape[1])
+        scores = sequence_scores(model, rows, mask, prompts.shape[1])
         alone = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item() for p, r in texts]
-        shorter = sequence_scores(model, rows[:, :-1], tokenizer.pad_token_id, prompts.shape[1])
+        shorter = sequence_scores(model, rows[:, :-1], mask[:, :-1], prompts.shape[1])
     assert scores.tolist() == pytest.approx(alone, abs=1e-4)
     assert shorter[1].item() == pytest.approx(scores[1].item(), abs=1e-4)  # row 1 ended earlier: padding cut
     assert shorter[0].item() != pytest.approx(scores[0].item(), abs=1e-4)  # row 0 lost its last token

@@ -7,29 +7,26 @@ and return plain tensors, so each can be checked by hand (tests/test_ppo_math.py
 
 import torch
 
-from ..rollout import first_true_indices
 
-
-def response_masks(responses: torch.Tensor, pad_token_id: int) -> tuple:
-    """For responses truncated after their stop token (padding after): (index of each response's last token,
-    `padding` True after it, `padding_p1` True from two tokens after it, the index the score goes to: one past
-    the last token where there is room, else the last token). As TRL 1.12: the value model is trained one token
-    further than the policy, on the position that holds the score."""
-    last = first_true_indices(responses == pad_token_id) - 1
-    positions = torch.arange(responses.shape[1], device=responses.device)
+def response_masks(response_mask: torch.Tensor) -> tuple:
+    """For responses whose real tokens are `response_mask` (True up to and including the stop token, padding
+    after): (index of each response's last token, `padding` True after it, `padding_p1` True from two tokens after
+    it, the index the score goes to: one past the last token where there is room, else the last token). As TRL
+    1.12: the value model is trained one token further than the policy, on the position that holds the score."""
+    last = response_mask.sum(1) - 1
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
     padding = positions > last[:, None]
     padding_p1 = positions > (last + 1)[:, None]
-    score_at = torch.where(last + 1 < responses.shape[1], last + 1, last)
+    score_at = torch.where(last + 1 < response_mask.shape[1], last + 1, last)
     return last, padding, padding_p1, score_at
 
 
-def apply_missing_eos_penalty(scores: torch.Tensor, responses: torch.Tensor, eos_token_id: int,
-                              penalty: float | None) -> tuple:
-    """Scores with `penalty` subtracted where a response has no EOS (None: unchanged), and which have one."""
-    has_eos = (responses == eos_token_id).any(1)
+def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> tuple:
+    """Scores with `penalty` subtracted where a response did not end (`ended` False: no stop token; None:
+    unchanged), and `ended`."""
     if penalty is None:
-        return scores, has_eos
-    return scores - penalty * (~has_eos).to(scores.dtype), has_eos
+        return scores, ended
+    return scores - penalty * (~ended).to(scores.dtype), ended
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
