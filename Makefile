@@ -5,16 +5,46 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: setup demo test compare clean
+LOCK    = requirements/lock.txt
 
+.PHONY: setup demo test compare clean lock test-latest
+
+# The exact versions CI last passed with (requirements/lock.txt, as pip constraints; torch is not in it, TORCH
+# picks it). setup.cfg keeps the ranges users may install into.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
+
+# requirements/lock.txt again from what .venv holds now (after upgrading it and make test passing there):
+# pip freeze --all less pip, the project itself, torch and torch's GPU packages (nvidia-*, triton, cuda-*)
+lock:
+	$(PY) -m pip freeze --all --exclude-editable > $(LOCK).freeze
+	{ echo "# The exact versions CI last passed with (make test on a clean clone, Python 3.11, CPU torch)."; \
+	  echo "# make setup installs from it (pip -c); setup.cfg keeps the ranges users may install into."; \
+	  echo "# torch is not here: the Makefile's TORCH picks it (torch==2.13.0 CPU by default, a CUDA build on GPUs)."; \
+	  echo "# Regenerate with make lock, from .venv (docs/development.md, Tested versions)."; \
+	  grep -v -i -E '^(pip|rlhf-pipeline|torch|triton|pytorch-triton|nvidia-[a-z0-9._-]*|cuda-[a-z0-9._-]*)==' $(LOCK).freeze; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm $(LOCK).freeze
+
+# The fast tests against the newest releases, in their own venv (.venv-latest), without the lock: the CPU torch
+# (TORCH) and the newest of everything else. Run it before moving the lock and when transformers or TRL release.
+VENV_LATEST  = .venv-latest
+PY_LATEST    = $(VENV_LATEST)/bin/python
+LATEST_TESTS = tests/test_recipes.py tests/test_models.py tests/test_ppo_math.py tests/test_lora.py tests/test_rl.py
+test-latest:
+	test -x $(PY_LATEST) || $(PYTHON) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --quiet --upgrade pip
+	$(PY_LATEST) -m pip install --quiet --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[dev]"
+	$(PY_LATEST) -c "from importlib.metadata import version; \
+	  [print(p, version(p)) for p in 'torch transformers trl accelerate datasets peft deepspeed'.split()]"
+	$(PY_LATEST) -m pytest -q -x $(LATEST_TESTS)
 
 demo: setup
 	$(PY) -m pipeline run recipes/tiny
