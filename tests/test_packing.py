@@ -156,3 +156,31 @@ def test_rows_layout_is_refused_with_flash_attention(tiny, tmp_path):
     with pytest.raises(ValueError, match="packed_batch_layout: rows needs sdpa or eager attention"):
         SFTStageTrainer(model=model, args=args, train_dataset=tiny["rows"], processing_class=tiny["tokenizer"],
                         packed_batch_layout="rows")
+
+
+def _micro(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2))
+    return OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32))
+
+
+@pytest.mark.parametrize("kind, apart", [("llama", True), ("opt", False)])
+def test_packing_is_switched_off_where_the_architecture_lets_packed_examples_see_each_other(kind, apart, caplog):
+    """OPT ignores the position_ids that keep packed examples apart: each example would attend to the ones before
+    it in its row. The SFT stage checks the model once and trains on padded rows there, saying so; Llama (and
+    GPT-2) keep them apart and stay packed."""
+    from pipeline.stages.sft import keeps_packed_examples_apart, unpack_if_leaking
+
+    model = _micro(kind)
+    assert keeps_packed_examples_apart(model) is apart
+    assert model.training  # the probe leaves the model's mode as it found it
+    args = SFTConfig(output_dir="unused", packing=True, packing_strategy="bfd", use_cpu=True, bf16=False)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        unpack_if_leaking(model, args)
+    assert args.packing is apart
+    assert ("does not keep examples packed in one row apart" in caplog.text) is not apart
