@@ -52,6 +52,10 @@ class PretrainArguments(LMHeadArguments):
     """The byte-level BPE tokenizer and the GPT2Config of a model trained from scratch."""
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included."})
+    chat_format: str = field(default="hh", metadata={
+        "help": "The new tokenizer's chat template: 'hh' (\\n\\nHuman: ... \\n\\nAssistant: ..., turns end with "
+                "EOS) or 'chatml' (Qwen's <|im_start|>role ... <|im_end|>: turns end with a token that is not EOS); "
+                "the corpus's transcripts are written in it.", "choices": ["hh", "chatml"]})
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128

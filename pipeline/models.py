@@ -39,6 +39,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
 
+# ChatML, as Qwen's models write it: every turn ends with <|im_end|>, which is not EOS
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_FORMATS = {  # a new tokenizer's chat template and the special tokens it needs
+    "hh": (CHAT_TEMPLATE, []),
+    "chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]),
+}
+
 
 class TokenizerMismatchError(ValueError):
     pass
@@ -54,19 +66,26 @@ def require_local_or_hub(path: str, what: str = "model path") -> None:
         raise FileNotFoundError(f"{what} '{path}' does not exist (has the stage that writes it run?)")
 
 
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with EOS, a distinct pad and our chat template."""
+def train_tokenizer(texts, vocab_size: int, chat_format: str = "hh") -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with EOS, a distinct pad and a chat template:
+    `hh` (ours: turns end with EOS) or `chatml` (Qwen's: turns end with <|im_end|>, a token of its own)."""
     from tokenizers import ByteLevelBPETokenizer
 
+    template, extra = CHAT_FORMATS[chat_format]
+    specials = [EOS_TOKEN, PAD_TOKEN, *extra]
     bpe = ByteLevelBPETokenizer()
     # a special token written in a text (a transcript's end of turn) is one token: no merges are learned from it
-    texts = (text.replace(EOS_TOKEN, " ").replace(PAD_TOKEN, " ") for text in texts)
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN])
+    def plain(text):
+        for token in specials:
+            text = text.replace(token, " ")
+        return text
+    bpe.train_from_iterator((plain(text) for text in texts), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=specials)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN, model_max_length=1024,
+        pad_token=PAD_TOKEN, model_max_length=1024, additional_special_tokens=extra or None,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = template
     return tokenizer
 
 

@@ -157,3 +157,24 @@ def test_ppo_wrapper_takes_transformers_activation_checkpointing_call(chatml):
     assert not policy.is_activation_checkpointing and not value.is_activation_checkpointing
     wrapper.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert policy.is_activation_checkpointing  # the Trainer's own call: tests/test_shipped_recipes.py (gpt2-hh)
+
+
+def test_generate_and_chat_stop_at_the_turn_end(chatml):
+    """`generate` and `chat` (pipeline.decoding) stop a ChatML model's answer at <|im_end|>, which is not EOS."""
+    from pipeline.decoding import Decoding, chat, generate
+
+    model = micro_llama(chatml)
+    im_end, film = chatml.convert_tokens_to_ids("<|im_end|>"), chatml.convert_tokens_to_ids("film")
+    model.lm_head = ScriptedHead(len(chatml), [film, im_end], film)  # then "film" forever, had it not stopped
+    greedy = Decoding(strategy="greedy", max_new_tokens=6)
+    assert generate(model, chatml, [[{"role": "user", "content": "hi"}]], greedy) == ["film"]
+    model.lm_head.calls = 0
+    lines = ["hi"]
+
+    def read(prompt):
+        if not lines:
+            raise EOFError  # Ctrl-D: the chat ends
+        return lines.pop()
+
+    conversation = chat(model, chatml, greedy, read=read, write=lambda text: None)
+    assert conversation[-1] == {"role": "assistant", "content": "film"}

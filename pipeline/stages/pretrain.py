@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from trl import get_peft_config
 
 from .. import hub
+from ..data import parse_transcript
 from ..models import fit_to_tokenizer, train_tokenizer
 from .common import finish, last_checkpoint, load_data, setup, train
 from .sft import SFTStageTrainer
@@ -20,6 +21,13 @@ from .sft import SFTStageTrainer
 # GPT-2's tanh GELU as PyTorch's fused kernel: the same function as GPT2Config's default "gelu_new" (to 2.4e-7),
 # which is seven elementwise ops each way; on the CPU a tiny reward-model step takes about 12% less with it
 ACTIVATION = "gelu_pytorch_tanh"
+
+
+def in_chat_format(text: str, tokenizer) -> str:
+    """A "\n\nHuman: ...\n\nAssistant: ..." transcript rendered by the tokenizer's chat template; other text as is."""
+    if not text.startswith("\n\nHuman:"):
+        return text
+    return tokenizer.apply_chat_template(parse_transcript(text), tokenize=False)
 
 
 def main(script_args, training_args, model_args):
@@ -32,7 +40,10 @@ def main(script_args, training_args, model_args):
     if checkpoint:  # the tokenizer saved with the checkpoint is the one the weights were trained with
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     else:
-        tokenizer = train_tokenizer(train_dataset["text"], script_args.vocab_size)
+        tokenizer = train_tokenizer(train_dataset["text"], script_args.vocab_size, script_args.chat_format)
+    if script_args.chat_format != "hh":  # Human/Assistant transcripts of the corpus, in the tokenizer's chat format
+        train_dataset, eval_dataset = (None if split is None else split.map(
+            lambda row: {"text": in_chat_format(row["text"], tokenizer)}) for split in (train_dataset, eval_dataset))
 
     config = GPT2Config(
         vocab_size=len(tokenizer),
