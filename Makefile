@@ -37,7 +37,7 @@ lock:
 # (TORCH) and the newest of everything else. Run it before moving the lock and when transformers or TRL release.
 VENV_LATEST  = .venv-latest
 PY_LATEST    = $(VENV_LATEST)/bin/python
-LATEST_TESTS = tests/test_recipes.py tests/test_models.py tests/test_ppo_math.py tests/test_lora.py tests/test_rl.py
+LATEST_TESTS = tests/test_any_model.py tests/test_recipes.py tests/test_models.py tests/test_ppo_math.py tests/test_lora.py tests/test_rl.py
 test-latest:
 	test -x $(PY_LATEST) || $(PYTHON) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --quiet --upgrade pip

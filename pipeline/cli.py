@@ -685,8 +685,10 @@ def main(argv: list[str] | None = None) -> None:
             merge_adapter(args.adapter_dir, args.output_dir, base_model=args.base_model, dtype=args.dtype)
             print(f"merged {args.adapter_dir} into {args.output_dir}")
         elif args.command == "ls":
-            for folder in sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()):
-                print(f"{folder.name:<12} {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")
+            folders = sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir())
+            width = max(len(folder.name) for folder in folders)
+            for folder in folders:
+                print(f"{folder.name:<{width}}  {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")
         else:
             copy_recipe(args.name, args.dest)
     except KeyboardInterrupt:

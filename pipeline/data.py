@@ -118,6 +118,8 @@ def _format(columns: list[str], first: dict, use: str) -> str:
                 return fmt
         if "chosen" in has and _is_transcript(first.get("chosen")):
             return "hh-transcript"
+        if "chosen" in has and isinstance(first.get("chosen"), list):
+            return "chosen-conversation"
     if use == "preference" and {"chosen", "rejected"} <= has:
         if "prompt" not in has and _is_transcript(first.get("chosen")):
             return "hh-transcript"
@@ -129,9 +131,13 @@ def _format(columns: list[str], first: dict, use: str) -> str:
             return "messages"
         if "chosen" in has and _is_transcript(first.get("chosen")):
             return "hh-transcript"
-    expected = {"text": "'text'", "sft": "'messages', 'prompt'+'completion', 'text' or hh-rlhf 'chosen'",
+        if "chosen" in has and isinstance(first.get("chosen"), list):
+            return "chosen-conversation"
+    expected = {"text": "'text'", "sft": "'messages', 'prompt'+'completion', 'text' or a preference 'chosen' "
+                                         "(an hh-rlhf transcript or a conversation)",
                 "preference": "'chosen'+'rejected' (optionally 'prompt')",
-                "prompt": "'prompt', 'messages' or hh-rlhf 'chosen'"}[use]
+                "prompt": "'prompt', 'messages' or a preference 'chosen' (an hh-rlhf transcript or a "
+                          "conversation)"}[use]
     raise ValueError(f"missing columns for {use} data: expected {expected}, found {sorted(has) or 'none'}")
 
 
@@ -149,6 +155,8 @@ def _fields(fmt: str, use: str, columns) -> list[str]:
         return ["prompt"]
     if fmt == "hh-transcript":
         return {"preference": ["prompt", "chosen", "rejected"], "sft": ["prompt", "completion"]}[use]
+    if fmt == "chosen-conversation":  # preference rows in TRL's conversational format, used for SFT
+        return ["prompt", "completion"]
     return {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"],
             "preference": (["prompt"] if "prompt" in columns else []) + ["chosen", "rejected"]}[fmt]
 
@@ -169,6 +177,12 @@ def _normalise_row(row: dict, fmt: str, use: str) -> dict:
             row, fmt = {"prompt": prompt, "completion": conversation[len(prompt):]}, "prompt-completion"
         else:
             row, fmt = {"prompt": _prompt_of(parse_transcript(row["chosen"]))}, "prompt"
+    if fmt == "chosen-conversation":  # TRL's conversational preference rows (trl-lib/ultrafeedback_binarized)
+        _check_text(row["chosen"], "chosen")
+        conversation = (row["prompt"] if isinstance(row.get("prompt"), list) else []) + row["chosen"]
+        prompt = _prompt_of(conversation)
+        row, fmt = ({"prompt": prompt, "completion": conversation[len(prompt):]}, "prompt-completion") \
+            if use == "sft" else ({"prompt": prompt}, "prompt")
     if use == "prompt" and fmt == "messages":
         row, fmt = {"prompt": _prompt_of(row["messages"])}, "prompt"
     for field in fields:

@@ -206,3 +206,21 @@ def test_normalised_files_are_cached_and_the_cache_follows_the_code(tmp_path, mo
                          args=SFTConfig(output_dir=str(tmp_path / "out"), max_length=64, report_to="none",
                                         use_cpu=True))
     assert trainer.train_dataset.cache_files  # TRL's tokenization of it went to the cache as well
+
+
+def test_conversational_preference_rows_feed_sft_and_prompt_stages(tmp_path):
+    """TRL's conversational preference format (trl-lib/ultrafeedback_binarized: chosen/rejected conversations, the
+    prompt implicit in them) serves every stage: SFT learns the chosen answer given its prompt, the online stages
+    sample answers to the prompt."""
+    from datasets import Dataset
+
+    from pipeline.data import normalise
+
+    user = {"role": "user", "content": "Write a review of The Lost River."}
+    rows = Dataset.from_list([{"chosen": [user, {"role": "assistant", "content": "A superb drama."}],
+                               "rejected": [user, {"role": "assistant", "content": "Dull."}],
+                               "score_chosen": 8.0, "score_rejected": 2.0}])
+    sft = normalise(rows, "sft", "uf")[0]
+    assert sft == {"prompt": [user], "completion": [{"role": "assistant", "content": "A superb drama."}]}
+    assert normalise(rows, "prompt", "uf")[0] == {"prompt": [user]}
+    assert normalise(rows, "preference", "uf")[0]["chosen"][-1]["content"] == "A superb drama."

@@ -191,32 +191,6 @@ def test_rerun_skips_finished_stages_and_reruns_a_changed_one(tmp_path):
     assert "run: forced" in forced
 
 
-HH_ROW = {
-    "chosen": "\n\nHuman: Write a review of The Lost River.\n\nAssistant: The Lost River is a superb drama."
-              "\n\nHuman: And The Iron Crown?\n\nAssistant: The Iron Crown felt moving.",
-    "rejected": "\n\nHuman: Write a review of The Lost River.\n\nAssistant: The Lost River is a superb drama."
-                "\n\nHuman: And The Iron Crown?\n\nAssistant: It felt dull.",
-}
-
-
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_stages_train_on_a_local_file_in_hh_rlhf_format(tiny_run, tmp_path, stage):
-    """The loading path of recipes/gpt2-hh (raw hh-rlhf rows), end to end on the tiny models."""
-    data_file = tmp_path / "hh.jsonl"
-    data_file.write_text("\n".join(json.dumps(HH_ROW) for _ in range(32)))
-    recipe = tiny_run["recipes"] / f"{stage}.yaml"
-    extra = (["--total_episodes", "16", "--per_device_train_batch_size", "8", "--max_prompt_length", "100"]
-             if stage == "ppo" else ["--max_steps", "2", "--max_length", "128"])
-    run_python(f"scripts/{stage}.py", "--config", recipe, "--dataset_name", data_file,
-               "--output_dir", tmp_path / stage, "--save_strategy", "no", *extra)
-    results = json.loads((tmp_path / stage / "results.json").read_text())
-    assert results["num_processes"] == 1
-    if stage != "ppo":
-        assert results["train_loss"] > 0
-    if stage == "ppo":  # no oracle for this data: reward-model judgements only
-        assert "rm_win_rate_vs_sft" in results and "gold_win_rate_vs_sft" not in results
-
-
 def test_reward_stage_with_every_pair_too_long_says_so(tiny_run, tmp_path):
     result = run_python("scripts/reward.py", "--config", tiny_run["recipes"] / "reward.yaml", "--max_length", "8",
                         "--output_dir", tmp_path / "reward", check=False)

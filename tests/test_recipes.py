@@ -45,7 +45,7 @@ def test_gpt2_hh_recipes_parse_and_name_real_hub_ids(stage):
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo", "dpo"])
-@pytest.mark.parametrize("folder", ["tiny", "gpt2-hh"])
+@pytest.mark.parametrize("folder", ["tiny", "gpt2-hh", "qwen3-ultrafeedback"])
 def test_stage3_lora_recipes_are_the_full_recipes_with_lora(folder, stage):
     full = yaml.safe_load((ROOT / "recipes" / folder / f"{stage}.yaml").read_text())
     lora = yaml.safe_load((ROOT / "recipes" / folder / f"{stage}-lora.yaml").read_text())
