@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 
 LOCK    = requirements/lock.txt
 
-.PHONY: setup demo test compare clean lock test-latest
+.PHONY: setup demo test compare clean lock test-latest test-families
 
 # The exact versions CI last passed with (requirements/lock.txt, as pip constraints; torch is not in it, TORCH
 # picks it). setup.cfg keeps the ranges users may install into.
@@ -45,6 +45,11 @@ test-latest:
 	$(PY_LATEST) -c "from importlib.metadata import version; \
 	  [print(p, version(p)) for p in 'torch transformers trl accelerate datasets peft deepspeed'.split()]"
 	$(PY_LATEST) -m pytest -q -x $(LATEST_TESTS)
+
+# The family matrix (tests/test_families.py, docs/families.md): tiny random Llama, Qwen, Mistral, GPT-NeoX, OPT,
+# Gemma and Phi models through every stage; make test runs only the families in tests/families.py's CI_FAMILIES
+test-families: setup
+	RUN_ALL_FAMILIES=1 $(PY) -m pytest -q tests/test_families.py
 
 demo: setup
 	$(PY) -m pipeline run recipes/tiny
