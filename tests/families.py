@@ -426,8 +426,8 @@ def table(reports: list[dict]) -> str:
                      else "pass" if evaluated else "not run")
         ppo = stages["ppo"]
         stop = ppo.get("generation_eos_ids")
-        stop_cell = (f"{stop} ({report['turn_end']}={report['turn_end_id']}, "
-                     f"{report['eos_token']}={report['eos_token_id']})") if stop is not None else "-"
+        stop_cell = (f"`{stop}` (`{report['turn_end']}`={report['turn_end_id']}, "
+                     f"`{report['eos_token']}`={report['eos_token_id']})").replace("|", "\\|") if stop is not None else "-"
         rows.append(f"| {report['family']} | " + " | ".join(cells) + f" | {eval_cell} | {stop_cell} | "
                     f"{report['seconds']:.0f} |")
     return "\n".join(rows)

@@ -16,6 +16,7 @@ import json
 import time
 
 import pytest
+import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig)
 
@@ -95,11 +96,14 @@ def test_policies_load_in_plain_transformers(chain, stage):
                                         return_dict=True)
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
-    if stage == "ppo-lora":  # the adapter beside the merged model, on the family's own module names
+    if stage == "ppo-lora":  # the adapter beside the merged model, on every linear layer but the output head
         adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        targets = adapter["target_modules"]
-        targets = {targets} if isinstance(targets, str) else set(targets)
-        assert targets and not targets & GPT2_MODULES, targets
+        targets = adapter["target_modules"]  # peft writes all-linear out as the full names of what it chose
+        targets = {name.rsplit(".", 1)[-1] for name in ([targets] if isinstance(targets, str) else targets)}
+        head = model.get_output_embeddings()
+        linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and module is not head}
+        assert targets == linear and not targets & GPT2_MODULES, (targets, linear)
 
 
 @pytest.mark.parametrize("sub", SCALAR_HEADS)
