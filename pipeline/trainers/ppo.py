@@ -213,7 +213,8 @@ class PPOTrainer(Trainer):
         # the tokens that end a response: an explicit stop_token_id, else the end of an assistant turn as the chat
         # template writes it and EOS (what `generate` stops at; TRL 1.12 assumed EOS, which a ChatML model never
         # writes at the end of its answers)
-        vocabulary = model.get_input_embeddings().weight.shape[0]
+        # the embedding's rows (under ZeRO-3 a partitioned weight reads as empty: the config's size then)
+        vocabulary = model.get_input_embeddings().weight.shape[0] or model.config.vocab_size
         if args.stop_token_id is not None and not 0 <= args.stop_token_id < vocabulary:
             raise ValueError(f"stop_token_id {args.stop_token_id} is not a token of the model's vocabulary "
                              f"(0 to {vocabulary - 1})")
