@@ -56,7 +56,7 @@ def sample(model, tokenizer, queries: torch.Tensor, max_new_tokens: int, tempera
 
 
 @torch.no_grad()
-def sequence_logprob(model, rollouts: Rollouts, pad_token_id: int, temperature: float) -> torch.Tensor:
+def sequence_logprob(model, rollouts: Rollouts, temperature: float) -> torch.Tensor:
     """Sum over response tokens of log p(token), at the sampling temperature (as PPO computes it)."""
     query_responses = rollouts.query_responses.to(model.device)
     mask = rollouts.attention_mask.to(model.device)
@@ -67,13 +67,13 @@ def sequence_logprob(model, rollouts: Rollouts, pad_token_id: int, temperature: 
 
 
 @torch.no_grad()
-def reward_scores(reward_model, rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
+def reward_scores(reward_model, rollouts: Rollouts) -> torch.Tensor:
     device = next(reward_model.parameters()).device
     return sequence_scores(reward_model, rollouts.query_responses.to(device), rollouts.attention_mask.to(device),
                            rollouts.context_length).float().cpu()
 
 
-def response_lengths(rollouts: Rollouts, pad_token_id: int) -> torch.Tensor:
+def response_lengths(rollouts: Rollouts) -> torch.Tensor:
     return rollouts.attention_mask[:, rollouts.context_length:].sum(1).float().cpu()
 
 
@@ -94,12 +94,12 @@ def prompt_text(prompt) -> str:
     return prompt[-1]["content"] if isinstance(prompt, list) else prompt
 
 
-def _per_sample(rollouts: Rollouts, pad: int, reward_model=None) -> dict:
+def _per_sample(rollouts: Rollouts, reward_model=None) -> dict:
     """Each answer's text, EOS, length and (with a reward model) score: lists that processes can gather."""
     rows = {"response": rollouts.responses, "has_eos": rollouts.has_eos.tolist(),
-            "length": response_lengths(rollouts, pad).tolist()}
+            "length": response_lengths(rollouts).tolist()}
     if reward_model is not None:
-        rows["rm"] = reward_scores(reward_model, rollouts, pad).tolist()
+        rows["rm"] = reward_scores(reward_model, rollouts).tolist()
     return rows
 
 
@@ -125,11 +125,10 @@ def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, tempe
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     torch.manual_seed(seed)
     rollouts = sample(policy, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, temperature)
-    pad = tokenizer.pad_token_id
-    results = _summary(_per_sample(rollouts, pad, reward_model), prompts, oracle)
+    results = _summary(_per_sample(rollouts, reward_model), prompts, oracle)
     if reference is not None:
-        results["kl_to_reference"] = (sequence_logprob(policy, rollouts, pad, temperature)
-                                      - sequence_logprob(reference, rollouts, pad, temperature)).mean().item()
+        results["kl_to_reference"] = (sequence_logprob(policy, rollouts, temperature)
+                                      - sequence_logprob(reference, rollouts, temperature)).mean().item()
     results["eval_prompts"] = len(prompts)
     results["samples"] = [{"prompt": prompt_text(p), "response": r}
                           for p, r in list(zip(prompts, rollouts.responses))[::samples_per_prompt][:8]]
@@ -165,15 +164,14 @@ def compare_policies(policy, reference, reward_model, tokenizer, prompts: list, 
     total = len(prompts)
     mine = _share(prompts, process_index, num_processes)
     queries = encode_prompts(tokenizer, mine)
-    pad = tokenizer.pad_token_id
     per_sample, rollouts = {}, {}
     for name, model in zip(names, (policy, reference)):
         torch.manual_seed(seed + process_index)  # same randomness for both policies
         rollouts[name] = sample(model, tokenizer, queries, max_new_tokens, temperature)
-        per_sample[name] = _per_sample(rollouts[name], pad, reward_model)
+        per_sample[name] = _per_sample(rollouts[name], reward_model)
     a, b = names
-    per_sample[a]["kl"] = (sequence_logprob(policy, rollouts[a], pad, temperature)
-                           - sequence_logprob(reference, rollouts[a], pad, temperature)).tolist()
+    per_sample[a]["kl"] = (sequence_logprob(policy, rollouts[a], temperature)
+                           - sequence_logprob(reference, rollouts[a], temperature)).tolist()
     gathered = {name: {key: _gather(values, num_processes, total) for key, values in rows.items()}
                 for name, rows in per_sample.items()}
     results = {}

@@ -32,7 +32,7 @@ def response_mask(responses: torch.Tensor, stop_token_ids) -> torch.Tensor:
     stops = _ids(stop_token_ids)
     positions = torch.arange(responses.shape[1], device=responses.device)
     if not stops:
-        return positions.expand_as(responses) >= 0
+        return torch.ones_like(responses, dtype=torch.bool)
     ended = torch.isin(responses, torch.tensor(stops, device=responses.device))
     return positions <= first_true_indices(ended).unsqueeze(-1)
 

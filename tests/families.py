@@ -108,6 +108,13 @@ class Family:
     notes: str = ""
 
 
+# Gemma 2 and Gemma 3 (text) share their tokens, template and attention sizes
+GEMMA_TOKENS = dict(specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), bos="<bos>",
+                    eos="<eos>", pad="<pad>", unk="<unk>", turn_end="<end_of_turn>", add_bos=True,
+                    chat_template=GEMMA_TEMPLATE)
+GEMMA_CONFIG = {"num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64,
+                "tie_word_embeddings": True}
+
 FAMILIES = {f.name: f for f in [
     Family("llama3-untied", "llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                       "<|end_header_id|>", "<|eot_id|>"),
@@ -140,18 +147,11 @@ FAMILIES = {f.name: f for f in [
            turn_end="</s>", add_bos=True, chat_template="pipeline",
            notes="OPT: the tokenizer prepends </s> (its BOS is its EOS); pad <pad>; learned positions; the "
                  "pipeline's chat template"),
-    Family("gemma2", "gemma2", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-           bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", turn_end="<end_of_turn>", add_bos=True,
-           chat_template=GEMMA_TEMPLATE,
-           config={"num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64,
-                   "tie_word_embeddings": True},
+    Family("gemma2", "gemma2", **GEMMA_TOKENS, config=GEMMA_CONFIG,
            notes="Gemma 2: turns end <end_of_turn>, EOS <eos>, pad <pad>; BOS added; logit soft-capping; sliding "
                  "window 64 on every other layer; tied"),
-    Family("gemma3-text", "gemma3_text", ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-           bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", turn_end="<end_of_turn>", add_bos=True,
-           chat_template=GEMMA_TEMPLATE,
-           config={"num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64,
-                   "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True},
+    Family("gemma3-text", "gemma3_text", **GEMMA_TOKENS,
+           config={**GEMMA_CONFIG, "layer_types": ["sliding_attention", "full_attention"]},
            notes="Gemma 3 text-only (Gemma3ForCausalLM, as Gemma 3 1B): the Gemma template and tokens"),
     Family("phi3", "phi3", ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
                             "<|end|>"),

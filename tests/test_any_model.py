@@ -100,7 +100,7 @@ def test_evaluation_stops_at_the_turn_end_and_keeps_a_pad_id_token_inside_the_an
     assert answer == [film, pad, film, im_end]  # generation stopped at the turn end
     assert rollouts.has_eos.tolist() == [True]
     assert rollouts.attention_mask[0, rollouts.context_length:].tolist() == [True] * 4  # the pad id included
-    assert response_lengths(rollouts, pad).tolist() == [4.0]
+    assert response_lengths(rollouts).tolist() == [4.0]
 
 
 def test_forward_on_a_padded_row_equals_the_row_alone_even_with_the_pad_id_inside_the_answer(chatml):
