@@ -266,11 +266,12 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     `force` reruns every stage. `variant` ("lora") runs the stages that have a <stage>-<variant>.yaml recipe,
     from those recipes (the stages before read the outputs their recipes name, e.g. the full pretrain)."""
     started = time.time()  # the total counts the runner's own imports and checks, not the stages alone
+    _check_recipe_dir(str(recipe_dir), "run")
     recipe_dir = Path(recipe_dir)
-    if not recipe_dir.is_dir():
-        raise FileNotFoundError(f"recipe folder '{recipe_dir}' does not exist (see `python -m pipeline ls`)")
+    _check_file_arg(accelerate_config, "--accelerate_config", "e.g. recipes/accelerate/multi_gpu.yaml")
     if accelerate_config and not os.path.isfile(accelerate_config):
         raise FileNotFoundError(f"accelerate config '{accelerate_config}' does not exist")
+    _check_file_arg(results_path, "--results", "e.g. outputs/mine/results.json")
     stages = [*STAGES, CEILING] if stages and "all" in stages else stages
     unknown = set(stages or ()) - {*STAGES, CEILING}
     if unknown:
@@ -442,10 +443,11 @@ def _decoding_arguments(parser):
     defaults = Decoding()
     parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="0: no top-k filter")
-    parser.add_argument("--top_p", type=float, default=defaults.top_p)
-    parser.add_argument("--num_beams", type=int, default=defaults.num_beams, help="with --strategy beam")
+    # None: not given (the strategy's default applies); a sampling flag given with greedy or beam is refused
+    parser.add_argument("--temperature", type=float, help=f"with --strategy sample (default {defaults.temperature})")
+    parser.add_argument("--top_k", type=int, help="with --strategy sample; 0: no top-k filter (the default)")
+    parser.add_argument("--top_p", type=float, help="with --strategy sample; 1: no top-p filter (the default)")
+    parser.add_argument("--num_beams", type=int, help=f"with --strategy beam (default {defaults.num_beams})")
     parser.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -493,37 +495,98 @@ def evaluate_command(args, overrides: list[str]) -> dict:
     if args.what == "suite":
         from .suite import evaluate_run
 
+        _check_recipe_dir(args.recipe_dir, "eval suite")
         return evaluate_run(args.recipe_dir, overrides, variant=LORA if args.lora else None)
+    _check_dtype(args.dtype)
     if args.what in ("policy", "compare"):
-        from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind
-
-        for path, need, field in ((args.model, CAUSAL_LM, "MODEL"), (getattr(args, "other", None), CAUSAL_LM, "OTHER"),
-                                  (getattr(args, "reference", None), CAUSAL_LM, "--reference"),
-                                  (args.reward_model, SCALAR_HEAD, "--reward_model")):
-            if path:  # every model's kind before any is loaded
-                check_model_kind(path, need, field)
-        policy, tokenizer = _load(args, args.model)
-        reward_model = (_load(args, args.reward_model, "reward", field="--reward_model")[0] if args.reward_model
-                        else None)
-        prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
-        common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, oracle=oracle,
-                      samples_per_prompt=args.samples_per_prompt, seed=args.seed)
-        if args.what == "policy":
-            reference = _load(args, args.reference, field="--reference")[0] if args.reference else None
-            return evaluate.evaluate_policy(policy, tokenizer, prompts, reward_model=reward_model,
-                                            reference=reference, **common)
-        other, _ = _load(args, args.other, field="OTHER")
-        return evaluate.compare_policies(policy, other, reward_model, tokenizer, prompts, names=("a", "b"), **common)
+        return _evaluate_policies(args, oracle)
+    _check_model_path(args.model, "MODEL")
     if args.what == "reward":
         model, tokenizer = _load(args, args.model, "reward", padding_side="right")
         return evaluate.evaluate_reward_model(model, tokenizer, _split(args.dataset, args.split, "preference"),
                                               oracle=oracle)
+    _check_at_least(args, 1, "max_texts", "examples")
+    if args.what == "fewshot":
+        try:
+            shots = [int(k) for k in args.shots.split(",")]
+        except ValueError:
+            raise ValueError(f"--shots must be comma-separated integers, e.g. 0,1,2, got {args.shots!r}") from None
+        if min(shots) < 0:
+            raise ValueError(f"--shots must be 0 or more (demonstrations before each question), got {args.shots!r}")
     model, tokenizer = _load(args, args.model, padding_side="right")
     if args.what == "perplexity":
         texts = _split(args.dataset, args.split, "text")["text"][: args.max_texts]
         return {"perplexity": evaluate.perplexity(model, tokenizer, texts), "texts": len(texts)}
-    shots = [int(k) for k in args.shots.split(",")]
     return evaluate.few_shot_accuracy(model, tokenizer, sentiment_task(args.seed, args.examples), shots)
+
+
+def _evaluate_policies(args, oracle) -> dict:
+    """`eval policy` and `eval compare`: every setting, every model's kind and every tokenizer checked before any
+    model's weights are loaded; the lengths checked against each model's context before anything is generated."""
+    from . import evaluate
+    from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind, first_tokenizer_difference, load_tokenizer
+
+    _check_at_least(args, 1, "max_prompts", "samples_per_prompt", "max_new_tokens")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be greater than 0, got {args.temperature} (it divides the logits; "
+                         "for nearly greedy answers use a small value such as 0.01)")
+    models = [(path, need, field) for path, need, field in (
+        (args.model, CAUSAL_LM, "MODEL"), (getattr(args, "other", None), CAUSAL_LM, "OTHER"),
+        (getattr(args, "reference", None), CAUSAL_LM, "--reference"), (args.reward_model, SCALAR_HEAD, "--reward_model"))
+        if path]
+    for path, need, field in models:  # every model's kind before any is loaded
+        _check_model_path(path, field)
+        check_model_kind(path, need, field)
+    from trl import ModelConfig
+
+    tokenizers = {field: load_tokenizer(path, ModelConfig(model_name_or_path=path)) for path, _, field in models}
+    for path, _, field in models[1:]:  # one tokenizer: the policy's ids are what the others read
+        difference = first_tokenizer_difference(tokenizers["MODEL"], tokenizers[field])
+        if difference:
+            raise ValueError(f"{field} '{path}' has another tokenizer than MODEL '{args.model}' (its {difference} "
+                             "differs): it would read the policy's token ids as other words, and its scores, "
+                             "log-probabilities and KL would be meaningless; give models trained from the same "
+                             "tokenizer (the same pretrain stage)")
+    policy, tokenizer = _load(args, args.model)
+    prompts = list(_split(args.dataset, args.split, "prompt")["prompt"])[: args.max_prompts]
+    longest = evaluate.encode_prompts(tokenizer, prompts).shape[1]
+    loaded = {"MODEL": policy}
+    if args.reward_model:
+        loaded["--reward_model"] = _load(args, args.reward_model, "reward", field="--reward_model")[0]
+    if getattr(args, "reference", None):
+        loaded["--reference"] = _load(args, args.reference, field="--reference")[0]
+    if getattr(args, "other", None):
+        loaded["OTHER"] = _load(args, args.other, field="OTHER")[0]
+    paths = {field: path for path, _, field in models}
+    for field, model in loaded.items():
+        _check_lengths(model, tokenizer, field, paths[field], longest, args.max_new_tokens)
+    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, oracle=oracle,
+                  samples_per_prompt=args.samples_per_prompt, seed=args.seed)
+    if args.what == "policy":
+        return evaluate.evaluate_policy(policy, tokenizer, prompts, reward_model=loaded.get("--reward_model"),
+                                        reference=loaded.get("--reference"), **common)
+    return evaluate.compare_policies(policy, loaded["OTHER"], loaded.get("--reward_model"), tokenizer, prompts,
+                                     names=("a", "b"), **common)
+
+
+def _check_lengths(model, tokenizer, field: str, path: str, longest: int, max_new_tokens: int) -> None:
+    """A model with absolute position embeddings (GPT-2's wpe, OPT's) cannot read past its last position (an
+    IndexError deep in torch): refuse prompts + --max_new_tokens longer than that, naming the numbers."""
+    import torch
+
+    from .decoding import context_length
+
+    absolute = any(isinstance(module, torch.nn.Embedding) and name.endswith(("wpe", "embed_positions",
+                                                                             "position_embeddings"))
+                   for name, module in model.named_modules())
+    context = context_length(model, tokenizer)
+    if not absolute or context is None or longest + max_new_tokens <= context:
+        return
+    fix = (f"use --max_new_tokens {context - longest} or less" if context > longest
+           else "the longest prompt alone fills it: use shorter prompts (another --dataset)")
+    raise ValueError(f"--max_new_tokens {max_new_tokens} does not fit {field} '{path}': the longest prompt "
+                     f"({longest} tokens) and {max_new_tokens} new tokens need {longest + max_new_tokens} positions, "
+                     f"and the model has {context} (absolute position embeddings); {fix}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,12 +689,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p")
+
+
 def _decoding(args):
+    """The decoding settings of `generate`/`chat`, checked before any model is loaded: every value in its range,
+    and no flag that the chosen strategy would ignore."""
     from .decoding import Decoding
 
-    return Decoding(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                    repetition_penalty=args.repetition_penalty)
+    given = {name: getattr(args, name) for name in (*SAMPLING_FLAGS, "num_beams") if getattr(args, name) is not None}
+    ignored = [name for name in given if args.strategy != ("beam" if name == "num_beams" else "sample")]
+    if ignored:
+        name = ignored[0]
+        needs = "beam" if name == "num_beams" else "sample"
+        raise ValueError(f"--{name} {given[name]} applies to --strategy {needs} only, and this is --strategy "
+                         f"{args.strategy}, which would ignore it: add --strategy {needs} or leave --{name} out")
+    return Decoding(strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                    repetition_penalty=args.repetition_penalty, **given).check()
+
+
+def _check_dtype(value: str | None, flag: str = "--dtype") -> None:
+    """A --dtype must name a torch dtype (or auto); torch would fail with an AttributeError deep in loading."""
+    if value in (None, "auto"):
+        return
+    import torch
+
+    if not isinstance(getattr(torch, value, None), torch.dtype):
+        raise ValueError(f"{flag} {value} is not a torch dtype: use auto (the checkpoint's), float32, bfloat16 or "
+                         "float16")
+
+
+def _check_at_least(args, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be at least {low}, got {value}")
+
+
+def _check_model_path(path: str, field: str) -> None:
+    """A model is a folder (a stage's output_dir) or a Hub id, never a file: name a file as such (transformers
+    would call it an invalid repo id)."""
+    if os.path.isfile(path):
+        raise ValueError(f"{field} '{path}' is a file; a model is the folder that holds it (e.g. "
+                         f"'{os.path.dirname(path) or '.'}', a stage's output_dir) or a Hub id")
+
+
+def _check_recipe_dir(path: str, command: str) -> None:
+    """`run`, `eval suite` and `compare --recipes` take a recipe folder: name a recipe file, or any file, as such."""
+    if os.path.isdir(path):
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"recipe folder '{path}' does not exist (see `python -m pipeline ls`)")
+    name = Path(path)
+    if name.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"'{path}' is a file; {command} takes a recipe folder (e.g. recipes/tiny: "
+                         "`python -m pipeline ls` lists them)")
+    stem = name.stem.removesuffix(f"-{LORA}")
+    script = f"scripts/{script_of(stem)}.py" if stem in (*STAGES, CEILING) else "scripts/<stage>.py"
+    raise ValueError(f"'{path}' is a recipe file; {command} takes the recipe folder ('{name.parent}'); to run this "
+                     f"one recipe alone: python {script} --config {path}")
+
+
+def _check_file_arg(path: str | None, flag: str, example: str) -> None:
+    """A flag that takes a file must not be given a folder."""
+    if path and os.path.isdir(path):
+        raise ValueError(f"{flag} '{path}' is a folder; {flag} takes a file ({example})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -650,6 +772,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "compare":
             from .compare import compare
 
+            _check_recipe_dir(args.recipes, "compare --recipes")
+            _check_file_arg(args.accelerate_config, "--accelerate_config", "e.g. recipes/accelerate/multi_gpu.yaml")
             try:
                 seeds = [int(seed) for seed in args.seeds.split(",")]
             except ValueError:
@@ -657,6 +781,7 @@ def main(argv: list[str] | None = None) -> None:
             compare(args.recipes, seeds, args.algorithms.split(","), args.output_dir, args.markdown, args.plots_dir,
                     overrides, args.accelerate_config, args.force, args.note)
         elif args.command == "eval":
+            _check_file_arg(args.output, "--output", "the JSON result, e.g. eval.json")
             result = evaluate_command(args, overrides)
             text = json.dumps(result, indent=2, sort_keys=True)
             print(text)
@@ -667,21 +792,32 @@ def main(argv: list[str] | None = None) -> None:
 
             from .decoding import chat, generate
 
+            decoding = _decoding(args)  # every setting checked before the model is loaded
+            _check_dtype(args.dtype)
+            _check_model_path(args.model, "MODEL")
             torch.manual_seed(args.seed)
             model, tokenizer = _load(args, args.model)
             if args.command == "chat":
-                chat(model, tokenizer, _decoding(args))
+                chat(model, tokenizer, decoding)
             else:
                 inputs = args.prompts if args.no_chat else [[{"role": "user", "content": p}] for p in args.prompts]
-                for prompt, answer in zip(args.prompts, generate(model, tokenizer, inputs, _decoding(args))):
+                for prompt, answer in zip(args.prompts, generate(model, tokenizer, inputs, decoding)):
                     print(f"prompt: {prompt}\nanswer: {answer}\n")
         elif args.command == "push":
             from .hub import push_command
 
+            if os.path.isfile(args.output_dir):
+                raise ValueError(f"OUTPUT_DIR '{args.output_dir}' is a file; push takes a stage's output folder "
+                                 f"(e.g. '{os.path.dirname(args.output_dir) or '.'}')")
             sys.exit(push_command(args.output_dir, args.repo_id, args.revision, args.private))
         elif args.command == "merge":
             from .models import merge_adapter
 
+            _check_dtype(args.dtype)
+            _check_model_path(args.adapter_dir, "ADAPTER_DIR")
+            if os.path.isfile(args.output_dir):
+                raise ValueError(f"OUTPUT_DIR '{args.output_dir}' is a file; merge writes a new folder: give it one "
+                                 "that does not exist or is empty")
             merge_adapter(args.adapter_dir, args.output_dir, base_model=args.base_model, dtype=args.dtype)
             print(f"merged {args.adapter_dir} into {args.output_dir}")
         elif args.command == "ls":

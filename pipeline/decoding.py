@@ -19,6 +19,27 @@ class Decoding:
     num_beams: int = 4
     repetition_penalty: float = 1.0
 
+    def check(self) -> "Decoding":
+        """Refuse settings out of range, naming the command-line flag, the value and the valid range (before any
+        model is loaded; transformers' own messages name its parameters, or fail with a traceback)."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown decoding strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be greater than 0, got {self.temperature} (it divides the logits; "
+                             "for greedy answers use --strategy greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be at least 0 (0: no top-k filter), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be greater than 0 and at most 1 (1: no top-p filter), got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"--repetition_penalty must be greater than 0 (1: no penalty), got "
+                             f"{self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ValueError(f"--num_beams must be at least 1, got {self.num_beams}")
+        return self
+
     def generation_config(self, tokenizer, model_generation_config=None):
         """The GenerationConfig of these settings, stopping at the end of an assistant turn as the chat template
         writes it, at the ids `model_generation_config` stops at, and at EOS (models.stop_token_ids)."""
@@ -26,8 +47,7 @@ class Decoding:
 
         from .models import stop_token_ids
 
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown decoding strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        self.check()
         common = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty,
                       eos_token_id=stop_token_ids(tokenizer, model_generation_config),
                       pad_token_id=tokenizer.pad_token_id)

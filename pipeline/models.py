@@ -506,3 +506,10 @@ def save_lora(trainer, model, output_dir: str) -> None:
         model.get_base_model().save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def first_tokenizer_difference(tokenizer, other) -> str | None:
+    """The first of vocabulary, EOS token, pad token and chat template in which two tokenizers differ (what
+    check_same_tokenizer compares), or None when they are the same."""
+    mine, theirs = _fingerprint(tokenizer), _fingerprint(other)
+    return next((key for key in mine if mine[key] != theirs[key]), None)
