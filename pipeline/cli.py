@@ -266,16 +266,25 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     `force` reruns every stage. `variant` ("lora") runs the stages that have a <stage>-<variant>.yaml recipe,
     from those recipes (the stages before read the outputs their recipes name, e.g. the full pretrain)."""
     started = time.time()  # the total counts the runner's own imports and checks, not the stages alone
+    rerun = _rerun_command(recipe_dir, accelerate_config, overrides, results_path, evaluate, force, variant, jobs)
     _check_recipe_dir(str(recipe_dir), "run")
     recipe_dir = Path(recipe_dir)
     _check_file_arg(accelerate_config, "--accelerate_config", "e.g. recipes/accelerate/multi_gpu.yaml")
     if accelerate_config and not os.path.isfile(accelerate_config):
         raise FileNotFoundError(f"accelerate config '{accelerate_config}' does not exist")
     _check_file_arg(results_path, "--results", "e.g. outputs/mine/results.json")
+    named = [s for s in stages or () if s != "all"]
     stages = [*STAGES, CEILING] if stages and "all" in stages else stages
     unknown = set(stages or ()) - {*STAGES, CEILING}
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(STAGES)}, {CEILING} (or all)")
+    missing = [s for s in named if not recipe_file(recipe_dir, s, variant).exists()]
+    if missing:  # a stage named on purpose is never skipped in silence (`all` means those that have a recipe)
+        have = sorted(p.name for p in recipe_dir.glob("*.yaml")) or ["no recipe"]
+        raise FileNotFoundError(
+            f"--stages names {', '.join(missing)}, but '{recipe_dir}' has no "
+            f"{' or '.join(recipe_file('', s, variant).name for s in missing)} (it has: {', '.join(have)}); add the "
+            f"recipe (e.g. from recipes/tiny) or leave {', '.join(missing)} out of --stages; nothing was run")
     plan = [s for s in STAGES if recipe_file(recipe_dir, s, variant).exists() and s in (stages or CHAIN)]
     # The oracle-reward ceiling, after ppo: in the default chain (or when named) where its recipe exists
     if (not stages or CEILING in stages) and not variant and recipe_file(recipe_dir, CEILING).exists():
@@ -369,8 +378,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
             first, stage, code = min(failed)
             print("\n" + "; ".join(f"stage {s} failed (exit {c})" for _, s, c in sorted(failed))
                   + f"; after fixing it, rerun from {'this stage' if len(failed) == 1 else stage} with:\n  "
-                  f"python -m pipeline run {recipe_dir} --stages {','.join(plan[first - 1:])}"
-                  + (f" --{variant}" if variant else ""), file=sys.stderr)
+                  + rerun(plan[first - 1:]), file=sys.stderr)
             raise SystemExit(code)
     if evaluate:
         print(f"\n=== evaluation: {recipe_dir}", flush=True)
@@ -383,6 +391,10 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         results["eval"] = {**json.loads(results_path.with_name("eval.json").read_text()),
                            "wall_seconds": round(time.time() - eval_start, 1)}
     results["wall_seconds_total"] = round(time.time() - started, 1)
+    stale = stale_stages({s: model_inputs(args) for s, args in parsed.items() if s in results}, output_dirs)
+    results.pop("stale", None)
+    if stale:  # every stage's figures whose input model was written after them, and the command that updates them
+        results["stale"] = {s: f"{why}; rerun it: {rerun(list(stale))}" for s, why in stale.items()}
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     from .report import write_report
 
@@ -395,28 +407,83 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     return results
 
 
+def _rerun_command(recipe_dir, accelerate_config, overrides, results_path, evaluate, force, variant, jobs):
+    """A function of the stages to run that writes the `pipeline run` command repeating every option the user
+    gave (so that copying it reruns the same thing from those stages), quoted for the shell."""
+    import shlex
+
+    options = [*(["--accelerate_config", accelerate_config] if accelerate_config else []),
+               *(["--results", str(results_path)] if results_path else []), *([] if evaluate else ["--skip_eval"]),
+               *(["--force"] if force else []), *([f"--{variant}"] if variant else []),
+               *(["--jobs", str(jobs)] if jobs is not None else []),
+               *(["--debug"] if os.environ.get("PIPELINE_DEBUG", "") not in ("", "0") else []),
+               *(["--", *overrides] if overrides else [])]
+    return lambda stages: shlex.join(["python", "-m", "pipeline", "run", str(recipe_dir), "--stages", ",".join(stages),
+                                      *options])
+
+
+INPUT_FIELDS = ("model_name_or_path", "sft_model_path", "reward_model_path")
+
+
+def model_inputs(parsed) -> dict[str, str]:
+    """field -> path of the models a stage starts from or trains against (its parsed recipe's three dataclasses)."""
+    return {field: value for args in parsed for field in INPUT_FIELDS
+            if isinstance(value := getattr(args, field, None), str) and value}
+
+
+def _written(folder: Path) -> float | None:
+    """When a model folder's model was last written (its config and weights), or None when it holds none."""
+    files = [folder / "config.json", folder / "adapter_config.json", *folder.glob("*.safetensors"),
+             *folder.glob("*.bin")]
+    times = [f.stat().st_mtime for f in files if f.is_file()]
+    return max(times) if times else None
+
+
+def stale_stages(inputs: dict[str, dict[str, str]], output_dirs: dict[str, str]) -> dict[str, str]:
+    """stage -> why its figures are stale: its results.json is older than a model it starts from or trains
+    against (e.g. sft rerun after reward and ppo finished: their figures describe models of the old SFT policy)."""
+    stale = {}
+    for stage, fields in inputs.items():
+        results_file = Path(output_dirs[stage]) / "results.json"
+        if not results_file.is_file():
+            continue
+        finished = results_file.stat().st_mtime
+        for field, path in fields.items():
+            written = _written(Path(path)) if os.path.isdir(path) else None
+            if written is not None and written > finished:
+                stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))  # noqa: E731
+                stale[stage] = (f"its figures are from a run of {stamp(finished)}, before its {field} {path} was "
+                                f"written again ({stamp(written)})")
+                break
+    return stale
+
+
 def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def print_summary(results: dict, results_path: Path) -> None:
-    rows = [(stage, key, _fmt(results[stage][key]))
+    stale = results.get("stale", {})
+    mark = lambda stage: " (stale)" if stage in stale else ""  # noqa: E731
+    rows = [(stage, key, _fmt(results[stage][key]) + mark(stage))
             for stage in [*STAGES, CEILING] if stage in results
             for key in HEADLINE[stage] + ["wall_seconds", "side_by_side_with"] if key in results[stage]]
     evaluation = results.get("eval", {})
     if "reward_model" in evaluation:
         rows.append(("eval", f"reward_model.accuracy ({evaluation['reward_model']['reference']})",
-                     _fmt(evaluation["reward_model"]["accuracy"])))
+                     _fmt(evaluation["reward_model"]["accuracy"]) + mark("reward")))
     for stage, value in evaluation.get("perplexity", {}).items():
-        rows.append(("eval", f"perplexity.{stage}", _fmt(value)))
+        rows.append(("eval", f"perplexity.{stage}", _fmt(value) + mark(stage)))
     for stage, by_k in evaluation.get("few_shot_sentiment", {}).items():
         rows.append(("eval", f"few_shot_sentiment.{stage}",
-                     " ".join(f"{k}={_fmt(v)}" for k, v in by_k.items())))
+                     " ".join(f"{k}={_fmt(v)}" for k, v in by_k.items()) + mark(stage)))
     width = max(len(f"{s}.{k}") for s, k, _ in rows)
     print(f"\n{'result':<{width}}  value")
     for stage, key, value in rows:
         print(f"{stage + '.' + key:<{width}}  {value}")
     print(f"{'wall_seconds_total':<{width}}  {_fmt(results.get('wall_seconds_total'))}")
+    for stage, why in stale.items():
+        print(f"(stale) {stage}: {why}")
     for stage in [s for s in STAGE3 if s in results][:1]:  # a few answers of the first stage-3 policy
         for sample in results[stage].get("samples", [])[:3]:
             print(f"\nprompt: {sample['prompt']}\n  sft: {sample['sft'].strip()}\n  {stage}: {sample[stage].strip()}")

@@ -319,8 +319,11 @@ WALL = ("wall_seconds", "side_by_side_with")  # a stage's wall time, and the sta
 
 
 def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
-    """(stage, metric, value) for the headline metrics, every PPO metric but samples, and the wall times."""
+    """(stage, metric, value) for the headline metrics, every PPO metric but samples, and the wall times; the values
+    of a stage whose figures are stale (results["stale"], written by `pipeline run`) end with " (stale)"."""
     rows = []
+    stale = results.get("stale") if isinstance(results.get("stale"), dict) else {}
+    mark = lambda stage: " (stale)" if stage in stale else ""  # noqa: E731
     for stage in (*STAGES, CEILING):
         metrics = results.get(stage)
         if not isinstance(metrics, dict):
@@ -329,18 +332,18 @@ def results_rows(results: Mapping[str, dict]) -> list[tuple[str, str, str]]:
         if stage in STAGE3:
             keys += sorted(k for k in metrics if k not in keys and k not in ("samples", *WALL))
         keys += [k for k in WALL if k in metrics]
-        rows += [(stage, key, _fmt(metrics[key], key)) for key in keys
+        rows += [(stage, key, _fmt(metrics[key], key) + mark(stage)) for key in keys
                  if _is_number(metrics[key]) or isinstance(metrics[key], str)]
     evaluation = results.get("eval") if isinstance(results.get("eval"), dict) else {}
     reward_model = evaluation.get("reward_model", {})
     for key in ("accuracy", "mean_margin", "score_mean", "score_std"):
         if _is_number(reward_model.get(key)):
             rows.append(("eval", f"reward_model.{key} (vs {reward_model.get('reference', 'labels')})",
-                         _fmt(reward_model[key])))
+                         _fmt(reward_model[key]) + mark("reward")))
     for stage, value in evaluation.get("perplexity", {}).items():
-        rows.append(("eval", f"perplexity.{stage} (held-out pretraining text)", _fmt(value)))
+        rows.append(("eval", f"perplexity.{stage} (held-out pretraining text)", _fmt(value) + mark(stage)))
     for stage, by_k in evaluation.get("few_shot_sentiment", {}).items():
-        rows += [("eval", f"few_shot_sentiment.{stage}.{k}", _fmt(v)) for k, v in by_k.items()]
+        rows += [("eval", f"few_shot_sentiment.{stage}.{k}", _fmt(v) + mark(stage)) for k, v in by_k.items()]
     if _is_number(results.get("wall_seconds_total")):
         rows.append(("total", "wall_seconds_total", _fmt(results["wall_seconds_total"], "wall_seconds_total")))
     return rows
@@ -368,6 +371,10 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
     if rows:
         lines += ["| stage | metric | value |", "|---|---|---:|"]
         lines += [f"| {md_cell(s)} | {md_cell(k)} | {md_cell(v)} |" for s, k, v in rows]
+        stale = results.get("stale") if isinstance(results.get("stale"), dict) else {}
+        if stale:
+            lines += ["", "**Stale figures** (marked \"(stale)\": a stage they read was run again after them):", ""]
+            lines += [f"- {md_cell(stage)}: {md_cell(why)}" for stage, why in stale.items()]
     else:
         lines.append("No results found.")
     lines.append("")
