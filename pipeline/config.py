@@ -398,6 +398,113 @@ def check_settings(values: dict, argv: list[str], path: str | None) -> None:
     if "n_head" in values and values["n_embd"] % values["n_head"]:
         raise ValueError(f"{_named('n_embd', argv, path)} ({values['n_embd']}) must be a multiple of n_head "
                          f"({values['n_head']})")
+    check_steps(values, argv, path)
+    if "n_positions" in values and values.get("max_length") and values["n_positions"] < values["max_length"]:
+        raise ValueError(f"{_named('n_positions', argv, path)} is {values['n_positions']:g}, fewer than max_length "
+                         f"{values['max_length']:g} (the pretrain stage's block: packed rows of max_length tokens): "
+                         f"set n_positions to at least {values['max_length']:g} or max_length to at most "
+                         f"{values['n_positions']:g}")
+    if values.get("stop_token") and values.get("stop_token_id") is not None:
+        raise ValueError(f"{_named('stop_token_id', argv, path)} is set beside stop_token: {values['stop_token']}: "
+                         "set one of them (stop_token_id ends responses at that token instead)")
+    check_integrations(values, argv, path)
+    if values.get("push_to_hub"):
+        from .hub import check_repo_id
+
+        if values.get("hub_model_id"):
+            check_repo_id(values["hub_model_id"], _named("hub_model_id", argv, path))
+        elif values.get("output_dir"):  # the Trainer's default: the output folder's name
+            check_repo_id(os.path.basename(os.path.abspath(values["output_dir"])),
+                          f"the output folder's name (the repo id when hub_model_id is not set; output_dir "
+                          f"{values['output_dir']})")
+
+
+def _strategy(value) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+def check_steps(values: dict, argv: list[str], path: str | None) -> None:
+    """Step settings that transformers reads as something else than what they say: a max_steps of 0 or below -1
+    (trains num_train_epochs instead), save/logging/eval steps of 0 (never saves, logs or evaluates), eval_steps
+    with evaluation off."""
+    max_steps = values.get("max_steps")
+    if isinstance(max_steps, (int, float)) and not isinstance(max_steps, bool) and (max_steps == 0 or max_steps < -1):
+        raise ValueError(f"{_named('max_steps', argv, path)} must be at least 1 (or -1, unset: train "
+                         f"num_train_epochs), got {max_steps:g}")
+    for kind, off in (("save", "set save_strategy: \"no\" to save no checkpoints"),
+                      ("logging", "set logging_strategy: \"no\" to log nothing"),
+                      ("eval", "set eval_strategy: \"no\" to evaluate nothing")):
+        steps, strategy = values.get(f"{kind}_steps"), _strategy(values.get(f"{kind}_strategy"))
+        if isinstance(steps, (int, float)) and not isinstance(steps, bool) and steps <= 0 and strategy == "steps":
+            raise ValueError(f"{_named(f'{kind}_steps', argv, path)} must be greater than 0 (a number of steps, or "
+                             f"below 1 a fraction of the run), got {steps:g}; {off}")
+    if values.get("eval_steps") is not None and _strategy(values.get("eval_strategy")) == "no":
+        raise ValueError(f"{_named('eval_steps', argv, path)} is {values['eval_steps']:g} but eval_strategy is "
+                         "\"no\": nothing would be evaluated during training; set eval_strategy: steps (or leave "
+                         "eval_steps out)")
+
+
+# report_to name -> (module to import, package to install); a name not here is left to transformers
+REPORTERS = {"wandb": ("wandb", "wandb"), "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+             "comet_ml": ("comet_ml", "comet_ml"), "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
+             "clearml": ("clearml", "clearml"), "neptune": ("neptune", "neptune"), "dvclive": ("dvclive", "dvclive"),
+             "codecarbon": ("codecarbon", "codecarbon"), "swanlab": ("swanlab", "swanlab"),
+             "dagshub": ("dagshub", "dagshub"), "azure_ml": ("azureml.core", "azureml-core"),
+             "flyte": ("flytekit", "flytekit")}
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (found, not imported: cheap)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_integrations(values: dict, argv: list[str], path: str | None) -> None:
+    """Optional packages a setting needs (report_to's trackers, deepspeed, peft, flash attention, bitsandbytes):
+    one line naming the setting and what to install, before anything is loaded or written."""
+    report_to = values.get("report_to")
+    names = report_to if isinstance(report_to, (list, tuple)) else [report_to] if isinstance(report_to, str) else []
+    for name in names:
+        modules, package = REPORTERS.get(str(name).strip(), (None, None))
+        if modules is None:
+            continue
+        modules = (modules,) if isinstance(modules, str) else modules
+        if not any(installed(m) for m in modules):
+            raise ValueError(f"{_named('report_to', argv, path)} {name} needs the {package} package, which is not "
+                             f"installed: pip install {package} (or set report_to: none)")
+    if values.get("deepspeed") and not installed("deepspeed"):
+        raise ValueError(f"{_named('deepspeed', argv, path)} {values['deepspeed']} needs the deepspeed package, which "
+                         "is not installed: pip install deepspeed (or leave deepspeed out)")
+    if values.get("use_peft") and not installed("peft"):
+        raise ValueError(f"{_named('use_peft', argv, path)} (LoRA) needs the peft package, which is not installed: "
+                         "pip install peft")
+    attention = str(values.get("attn_implementation") or "")
+    if attention.startswith("flash_attention"):
+        import torch
+
+        module, package = (("flash_attn_interface", "flash-attn-3") if attention == "flash_attention_3"
+                           else ("flash_attn", "flash-attn"))
+        if not torch.cuda.is_available():
+            raise ValueError(f"{_named('attn_implementation', argv, path)} {attention} needs a CUDA GPU, which this "
+                             "machine does not have: use attn_implementation: sdpa (or eager)")
+        if not installed(module) and not installed("kernels"):
+            raise ValueError(f"{_named('attn_implementation', argv, path)} {attention} needs the {package} package, "
+                             f"which is not installed: pip install {package} --no-build-isolation (or use "
+                             "attn_implementation: sdpa)")
+    for bits in ("4", "8"):
+        if values.get(f"load_in_{bits}bit"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"{_named(f'load_in_{bits}bit', argv, path)}: {bits}-bit loading needs a CUDA GPU "
+                                 f"and bitsandbytes; this machine has no CUDA GPU (leave load_in_{bits}bit out)")
+            if not installed("bitsandbytes"):
+                raise ValueError(f"{_named(f'load_in_{bits}bit', argv, path)}: {bits}-bit loading needs the "
+                                 "bitsandbytes package, which is not installed: pip install bitsandbytes")
 
 
 def parse(stage: str, argv: list[str] | None = None):

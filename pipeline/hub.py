@@ -94,21 +94,65 @@ class PushRequest:
     revision: str | None = None
 
 
+REPO_ID_CHARACTERS = re.compile(r"[A-Za-z0-9._/-]")
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` cannot name a Hub repo (huggingface_hub's `validate_repo_id`, in words), or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        return None
+    except HFValidationError as error:
+        fallback = " ".join(str(error).split())
+    if not repo_id:
+        return "it is empty"
+    slashes = repo_id.count("/")
+    if slashes > 1:
+        return f"it has {slashes} slashes; an id is 'name' or 'namespace/name' (a user or organisation, one slash)"
+    bad = sorted({c for c in repo_id if not REPO_ID_CHARACTERS.fullmatch(c) or not c.isascii()})
+    if bad:
+        shown = ", ".join("a space" if c == " " else repr(c) for c in bad)
+        return f"it has {shown}; an id takes only ASCII letters, digits, '-', '_' and '.'"
+    if "--" in repo_id or ".." in repo_id:
+        return "it has '--' or '..'"
+    for part in repo_id.split("/"):
+        if not part:
+            return "its namespace or name is empty"
+        if part[0] in "-." or part[-1] in "-.":
+            return f"'{part}' starts or ends with '-' or '.'"
+        if len(part) > 96:
+            return f"'{part[:20]}...' is {len(part)} characters long, more than 96"
+    if repo_id.endswith(".git"):
+        return "it ends with .git"
+    return fallback
+
+
+def check_repo_id(repo_id: str, field: str = "hub_model_id") -> None:
+    """A one-line ValueError, naming `field`, when `repo_id` is not a valid Hub repo id: before anything trains."""
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise ValueError(f"{field} '{repo_id}' is not a valid Hub repo id: {problem} (e.g. my-name/tiny-ppo); "
+                         "nothing was trained or pushed")
+
+
 def take_push_request(training_args) -> PushRequest | None:
     """Take `push_to_hub` (and the token) out of the training arguments, before the trainer is built.
 
     The Trainer then neither creates the repo nor pushes on save, and `hub_token` is cleared so that it is
     never saved (training_args.bin, checkpoints, logs). Returns what to push at the end, or None.
     """
-    from huggingface_hub.utils import validate_repo_id
-
     token, training_args.hub_token = training_args.hub_token, None
     if not training_args.push_to_hub:
         return None
     training_args.push_to_hub = False
     # Without hub_model_id, like the Trainer: the output folder's name, in the token owner's namespace.
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
-    validate_repo_id(repo_id)  # a malformed id fails now (exit 2), not after training
+    # a malformed id fails now (exit 2), not after training
+    check_repo_id(repo_id, "hub_model_id" if training_args.hub_model_id else
+                  f"the output folder's name (the repo id when hub_model_id is not set; output_dir "
+                  f"{training_args.output_dir})")
     return PushRequest(repo_id, token or None, training_args.hub_private_repo, training_args.hub_revision)
 
 
@@ -462,6 +506,10 @@ def push_command(output_dir: str, repo_id: str, revision: str | None = None, pri
         return 2
     if not files_to_push(output_dir):
         print(f"error: '{output_dir}' has no files to push", file=sys.stderr)
+        return 2
+    if problem := repo_id_problem(repo_id):  # not a Hub failure: retrying the same id would fail the same way
+        print(f"error: --repo_id '{repo_id}' is not a valid Hub repo id: {problem} (e.g. my-name/tiny-ppo)",
+              file=sys.stderr)
         return 2
     return push_and_report(output_dir, repo_id, private=private, revision=revision)
 

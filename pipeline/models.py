@@ -255,6 +255,93 @@ def check_model_kind(path: str, need: str, field: str = "model", model_args: Mod
                              f"{random_head}{ROLE_HINTS[need]}")
 
 
+def _text_config(path: str, model_args: ModelConfig | None):
+    """The (text) config of the model at `path`, an adapter's base model's for an adapter; None if unreadable (the
+    loading reports that itself)."""
+    try:
+        if is_adapter(path):
+            path = adapter_base(path)
+        config = AutoConfig.from_pretrained(path, revision=getattr(model_args, "model_revision", None) or "main",
+                                            trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    except Exception:  # noqa: BLE001
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> tuple[int | None, str | None, bool]:
+    """(positions, the config field that says so, whether they are a hard limit). Learned position embeddings
+    (GPT-2, OPT) have one row per position: a longer sequence is an index error. Rotary (Llama, Qwen, Mistral,
+    GPT-NeoX, ...) or ALiBi positions have no table: a longer sequence runs, beyond what the model was trained on."""
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            break
+    else:
+        return None, None, False
+    relative = any(getattr(config, a, None) not in (None, False) for a in (
+        "rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct", "rotary_emb_base", "alibi"))
+    relative = relative or getattr(config, "position_embedding_type", None) in ("rotary", "alibi")
+    return value, name, not relative
+
+
+# per stage: the models whose context the sequences must fit, and the settings that make up a sequence's length
+LENGTHS = {
+    "sft": (("model_name_or_path",), ("max_length",)),
+    "reward": (("model_name_or_path",), ("max_length",)),
+    "dpo": (("model_name_or_path",), ("max_length",)),
+    "ppo": (("sft_model_path", "reward_model_path"), ("max_prompt_length", "response_length")),
+    "grpo": (("model_name_or_path", "reward_model_path"), ("max_prompt_length", "max_completion_length")),
+    "rloo": (("model_name_or_path", "reward_model_path"), ("max_prompt_length", "max_completion_length")),
+}
+
+
+def check_fits_model(stage: str, script_args, training_args, model_args) -> None:
+    """Before anything is loaded (configs only): the stage's lengths must fit the models' context (a sequence longer
+    than GPT-2's n_positions is an IndexError deep in training), and token-id settings (PPO's stop_token_id) must be
+    tokens of the vocabulary. Rotary models have no hard limit: a warning only."""
+    if stage not in LENGTHS:
+        return
+    paths, length_fields = LENGTHS[stage]
+    settings = {}
+    for name in length_fields:
+        for args in (script_args, training_args, model_args):
+            if getattr(args, name, None) is not None:
+                settings[name] = getattr(args, name)
+                break
+    if len(settings) < len(length_fields):  # e.g. max_length: null (no truncation): nothing to compare
+        return
+    total = sum(settings.values())
+    spelled = " + ".join(f"{name} {value}" for name, value in settings.items())
+    spelled += f" = {total} tokens" if len(settings) > 1 else ""
+    ptx = getattr(script_args, "ptx_block_size", None) if getattr(script_args, "ptx_coef", 0) else None
+    stop_token_id = getattr(training_args, "stop_token_id", None)
+    for field in paths:
+        path = next((getattr(a, field) for a in (script_args, training_args, model_args)
+                     if getattr(a, field, None)), None)
+        config = _text_config(path, model_args) if path else None
+        if config is None:
+            continue
+        positions, where, hard = context_length(config)
+        model = f"{field} '{path}' ({where} {positions})"
+        if positions is not None and total > positions:
+            fix = (f"set {length_fields[0]} to at most {positions}" if len(settings) == 1
+                   else f"lower them to add up to at most {positions}")
+            if hard:
+                raise ValueError(f"{spelled} is longer than the {positions} positions of {model}: {fix}")
+            logger.warning(f"{spelled} is longer than the {positions} positions {model} was trained on: its rotary "
+                           f"positions run on, untrained beyond {positions} ({fix} to stay within them)")
+        if ptx and positions is not None and hard and ptx > positions and field == paths[0]:
+            raise ValueError(f"ptx_block_size {ptx} is longer than the {positions} positions of {model}: set "
+                             f"ptx_block_size to at most {positions}")
+        vocabulary = getattr(config, "vocab_size", None)
+        if stop_token_id is not None and field == paths[0] and vocabulary and not 0 <= stop_token_id < vocabulary:
+            raise ValueError(f"stop_token_id {stop_token_id} is not a token of the vocabulary of {field} '{path}' "
+                             f"(ids 0 to {vocabulary - 1}): set a token id of that range, or stop_token: eos")
+
+
 def load_causal_lm(path: str, tokenizer, model_args: ModelConfig, field: str = "model_name_or_path"):
     check_model_kind(path, CAUSAL_LM, field, model_args)
     if is_adapter(path):

@@ -59,12 +59,33 @@ def load_function(spec: str):
         raise ValueError(f"reward function {spec!r}: expected 'module:function' (e.g. pipeline.embedded:gold_reward)")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({error})") from None
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):  # the module itself (or its package) is not found
+            raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({error})") from None
+        raise ValueError(f"reward function {spec!r}: importing {module_name} failed: {_where_failed(error)}") from None
+    except Exception as error:  # SyntaxError, NameError, ... raised by the module's own code
+        raise ValueError(f"reward function {spec!r}: importing {module_name} failed: {_where_failed(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"reward function {spec!r}: {module_name} has no function {name!r}")
     return function
+
+
+def _where_failed(error: BaseException) -> str:
+    """'SyntaxError: invalid syntax (rewards/mine.py, line 3)': the error and the place in the user's code."""
+    if isinstance(error, SyntaxError) and error.filename:
+        filename, line, text = error.filename, error.lineno, error.msg
+    else:
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if "<frozen" not in f.filename]
+        frame = frames[-1] if frames else None
+        filename, line, text = (frame.filename if frame else None), (frame.lineno if frame else None), str(error)
+    where = f" ({os.path.relpath(filename)}, line {line})" if filename else ""
+    return f"{type(error).__name__}: {' '.join(text.split())}{where}"
+
+
+# A reward's size beyond which it is refused: finite, but the value loss squares it and the advantages scale with it,
+# so it ends as a NaN/inf loss a few steps later, blamed on the learning rate. Rewards are usually within +-100.
+REWARD_BOUND = 1e6
 
 
 class RewardFunctionError(ValueError):
@@ -105,16 +126,24 @@ class CheckedRewardFunction:
                    else "training stopped before that update; the checkpoints already in output_dir are kept")
         try:
             values = self.function(prompts=prompts, completions=completions, **kwargs)
-            values = list(values)
+            returned = values
+            if not isinstance(values, (str, bytes, dict)):
+                values = list(values)
         except Exception as error:
             where = traceback.extract_tb(error.__traceback__)[-1]
             raise RewardFunctionError(
                 f"reward function {self.spec} raised {type(error).__name__}: {' '.join(str(error).split())} {at} "
                 f"({os.path.relpath(where.filename)}, line {where.lineno}); {stopped}") from error
+        if isinstance(values, (str, bytes, dict)):
+            shown = repr(returned) if len(repr(returned)) <= 80 else repr(returned)[:77] + "..."
+            raise RewardFunctionError(f"reward function {self.spec} returned a {type(returned).__name__}, {shown} "
+                                      f"{at}: expected a list of numbers, one per completion")
         if len(values) != len(completions):
             raise RewardFunctionError(f"reward function {self.spec} returned {len(values)} values for "
                                       f"{len(completions)} completions {at}")
         try:
+            if any(isinstance(v, (str, bytes, dict, list, tuple)) or v is None for v in values):
+                raise TypeError  # float("1.0") would pass: a string is a mistake
             values = [float(v) for v in values]
         except (TypeError, ValueError):
             raise RewardFunctionError(f"reward function {self.spec} returned {values[:3]}...: expected a number per "
@@ -125,6 +154,11 @@ class CheckedRewardFunction:
 
             raise NonFiniteError(f"reward function {self.spec} returned {bad[0]} {at.replace('update', 'step')}: "
                                  f"{stopped}")
+        huge = [v for v in values if abs(v) > REWARD_BOUND]
+        if huge:
+            raise RewardFunctionError(f"reward function {self.spec} returned {huge[0]:g} {at}: rewards beyond "
+                                      f"+-{REWARD_BOUND:g} overflow the value and policy losses (a NaN/inf loss a few "
+                                      f"steps later); scale it to a few units (e.g. -10 to 10); {stopped}")
         return values
 
 
