@@ -298,10 +298,16 @@ LENGTHS = {
 }
 
 
-def check_fits_model(stage: str, script_args, training_args, model_args) -> None:
-    """Before anything is loaded (configs only): the stage's lengths must fit the models' context (a sequence longer
-    than GPT-2's n_positions is an IndexError deep in training), and token-id settings (PPO's stop_token_id) must be
-    tokens of the vocabulary. Rotary models have no hard limit: a warning only."""
+def check_before_loading(stage: str, script_args, training_args, model_args) -> None:
+    """Right after the model kinds are checked, before anything is loaded (the models' configs only): the stage's
+    lengths must fit the models' context (a sequence longer than GPT-2's n_positions is an IndexError deep in
+    training; rotary models have no hard limit: a warning only), token-id settings (PPO's stop_token_id) must be
+    tokens of the vocabulary, and the recipe's reward functions must import (their module's own errors named with
+    file and line) and take prompts= and completions=."""
+    if getattr(script_args, "reward_functions", None):
+        from .rl import load_reward_functions
+
+        load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     if stage not in LENGTHS:
         return
     paths, length_fields = LENGTHS[stage]

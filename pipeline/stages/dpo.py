@@ -7,8 +7,8 @@ prompts, the reward model of `reward_model_path` (if given) scoring the answers.
 from trl import DPOTrainer, get_peft_config
 
 from .. import data, hub
-from ..models import (CAUSAL_LM, SCALAR_HEAD, check_fits_model, check_model_kind, load_causal_lm, load_reward_model,
-                      load_tokenizer)
+from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
+                      load_reward_model, load_tokenizer)
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 from .policy_eval import evaluate_against_sft, for_evaluation
 
@@ -32,7 +32,7 @@ def main(script_args, training_args, model_args):
     check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
     if script_args.reward_model_path:
         check_model_kind(script_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
-    check_fits_model("dpo", script_args, training_args, model_args)
+    check_before_loading("dpo", script_args, training_args, model_args)
     setup(training_args, "dpo")
     publication = hub.prepare("dpo", script_args, training_args, model_args)  # before the trainer
     peft_config = get_peft_config(model_args)

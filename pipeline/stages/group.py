@@ -8,7 +8,7 @@ PPO's is (pipeline.stages.policy_eval)."""
 from trl import get_peft_config
 
 from .. import hub, rl
-from ..models import (CAUSAL_LM, SCALAR_HEAD, check_fits_model, check_model_kind, load_causal_lm,
+from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
 from .common import finish, last_checkpoint, load_data, setup, train
 from .online import require_reward, tokenize_prompts
@@ -20,7 +20,7 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
     if script_args.reward_model_path:
         check_model_kind(script_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
-    check_fits_model(stage, script_args, training_args, model_args)
+    check_before_loading(stage, script_args, training_args, model_args)
     setup(training_args, stage)
     functions = rl.load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     trains_on_model = bool(script_args.reward_model_path) and script_args.reward_model_weight != 0

@@ -10,7 +10,7 @@ oracle's judgement on the embedded task). The value model is saved to `<output_d
 from trl import get_peft_config
 
 from .. import hub, rl
-from ..models import (CAUSAL_LM, SCALAR_HEAD, check_fits_model, check_model_kind, check_same_tokenizer,
+from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, check_same_tokenizer,
                       load_causal_lm, load_scalar_head_model, load_tokenizer)
 from ..trainers.ppo import PPOTrainer
 from .common import finish, last_checkpoint, load_data, setup, train
@@ -22,7 +22,7 @@ def main(script_args, training_args, model_args):
     require_reward("ppo", script_args, training_args.reward_model_path)
     check_model_kind(training_args.sft_model_path, CAUSAL_LM, "sft_model_path", model_args)
     check_model_kind(training_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
-    check_fits_model("ppo", script_args, training_args, model_args)
+    check_before_loading("ppo", script_args, training_args, model_args)
     setup(training_args, "ppo")
     publication = hub.prepare("ppo", script_args, training_args, model_args)  # before the trainer
     peft_config = get_peft_config(model_args)

@@ -3,7 +3,7 @@
 from trl import RewardTrainer, get_peft_config
 
 from .. import data, hub
-from ..models import check_fits_model, load_scalar_head_model, load_tokenizer
+from ..models import check_before_loading, load_scalar_head_model, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
@@ -19,7 +19,7 @@ def reward_peft_config(model_args):
 
 
 def main(script_args, training_args, model_args):
-    check_fits_model("reward", script_args, training_args, model_args)
+    check_before_loading("reward", script_args, training_args, model_args)
     setup(training_args, "reward")
     publication = hub.prepare("reward", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)

@@ -14,7 +14,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
 from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
-from ..models import CAUSAL_LM, check_fits_model, check_model_kind, load_causal_lm, load_tokenizer
+from ..models import CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
@@ -241,7 +241,7 @@ def main(script_args, training_args, model_args):
         raise ValueError(f"overlong_rows: drop needs packing: false or packing_strategy: bfd (packing_strategy "
                          f"{training_args.packing_strategy} splits long rows across sequences or cuts them)")
     check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
-    check_fits_model("sft", script_args, training_args, model_args)
+    check_before_loading("sft", script_args, training_args, model_args)
     setup(training_args, "sft")
     publication = hub.prepare("sft", script_args, training_args, model_args)  # before the trainer
     checkpoint = last_checkpoint(training_args)
