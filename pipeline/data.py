@@ -1,5 +1,12 @@
-"""Datasets: load (Hub id, local json/jsonl/parquet file or folder, or `embedded:<kind>`), normalise to TRL's
+"""Datasets: load (Hub id, local file or folder, a `save_to_disk` folder, or `embedded:<kind>`), normalise to TRL's
 standard/conversational formats, and validate every row before any training starts.
+
+Local files: .json, .jsonl, .ndjson, .csv, .tsv, .txt (one row per line, a `text` column), .parquet, .arrow, in any
+case (.JSONL), and the text formats compressed (.gz, .bz2, .xz; .zst and .lz4 with the zstandard/lz4 packages).
+A folder: its data files, split by name as `datasets` does (train*, test*, ...), all of one format.
+Conversations are lists of {"role", "content"} turns with the roles system, user and assistant (a fixed set, not
+read from the chat template: the stages render conversations with the tokenizer's template, and TRL's trainers
+split prompts from answers by these roles).
 
 Formats recognised, per use:
 - text:       {"text"}
@@ -16,14 +23,20 @@ import os
 import re
 
 import trl
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import extract_prompt
 
 from . import embedded
 
 USES = ("text", "sft", "preference", "prompt")
 EMBEDDED_PREFIX = "embedded:"
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# the data files `datasets` reads as rows, by extension (compared in lower case): (builder, its arguments)
+LOCAL_BUILDERS = {".json": ("json", {}), ".jsonl": ("json", {}), ".ndjson": ("json", {}), ".csv": ("csv", {}),
+                  ".tsv": ("csv", {"sep": "\t"}), ".txt": ("text", {}), ".parquet": ("parquet", {}),
+                  ".arrow": ("arrow", {})}
+TEXT_FORMATS = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".txt"}  # may be compressed
+COMPRESSIONS = {".gz": None, ".bz2": None, ".xz": None, ".zst": "zstandard", ".lz4": "lz4"}  # -> the module needed
+ROLES = ("system", "user", "assistant")  # the roles a conversation's turns may have
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 # Part of the fingerprint of normalise()'s cached map: datasets hashes a module-level function by its name, not
 # its code, so a cached result must be tied to this file's code (and TRL's extract_prompt) explicitly.
@@ -51,27 +64,109 @@ def _load_all(dataset_name: str | None, dataset_config: str | None, seed: int,
         raise DataError("no dataset given: set `dataset_name` in the recipe or with --dataset_name")
     if dataset_name.startswith(EMBEDDED_PREFIX):
         splits, label = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed, splits=only), dataset_name
-    elif os.path.splitext(dataset_name)[1] in LOCAL_BUILDERS or os.path.isdir(dataset_name):
+    elif _looks_local(dataset_name):
         splits, label = _load_local(dataset_name), dataset_name
     else:
         splits, label = load_dataset(dataset_name, dataset_config), dataset_name
     return splits, label
 
 
+def _extension(path: str) -> tuple[str, str]:
+    """(data extension, compression extension or ""), in lower case: "a.JSONL.gz" -> (".jsonl", ".gz")."""
+    stem, last = os.path.splitext(os.path.basename(path).lower())
+    if last in COMPRESSIONS:
+        return os.path.splitext(stem)[1], last
+    return last, ""
+
+
+def _looks_local(name: str) -> bool:
+    """A local file or folder (or one meant to be: a path, or a name with a data file's extension), not a Hub id."""
+    extension, compression = _extension(name)
+    return (os.path.exists(name) or extension in LOCAL_BUILDERS or bool(compression)
+            or name.startswith((".", "/", "~")) or name.count("/") > 1)
+
+
+def supported_extensions() -> str:
+    return f"{', '.join(LOCAL_BUILDERS)}, in any case; the text ones also as {', '.join(COMPRESSIONS)}"
+
+
+def _builder(path: str) -> tuple[str, dict] | None:
+    """The `datasets` builder and its arguments for a data file, or None if it is not one this loader reads.
+    Raises DataError for a compression whose package is not installed."""
+    extension, compression = _extension(path)
+    if extension not in LOCAL_BUILDERS or compression and extension not in TEXT_FORMATS:
+        return None
+    module = COMPRESSIONS.get(compression)
+    if module is not None:
+        try:
+            __import__(module)
+        except ImportError:
+            raise DataError(f"{path}: reading {compression} files needs the {module} package (pip install {module}), "
+                            f"or decompress the file first") from None
+    return LOCAL_BUILDERS[extension]
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json")))
+
+
+def _folder_files(path: str) -> dict[str, list[str]]:
+    """A folder's data files by split, the way `datasets` splits a folder by file names (train*, test*, ...; all
+    files are `train` when none is named for a split). Files that are not data (README.md, notes) are left out."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(path)
+        found = DataFilesDict.from_patterns(patterns, base_path=path)
+    except Exception:  # datasets' EmptyDatasetError and the like: no file at all
+        found = {}
+    files = {str(split): [f for f in names if _builder(f) is not None] for split, names in found.items()}
+    return {split: names for split, names in files.items() if names}
+
+
 def _load_local(path: str) -> DatasetDict:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        if _is_saved_dataset(path):
+            return _read(path, lambda: _as_dict(load_from_disk(path)))
+        files = _folder_files(path)
+        if not files:
+            raise DataError(f"{path}: the folder holds no data file (the extensions read: {supported_extensions()})")
+        kinds = {}  # (builder, its arguments) -> the files read with it
+        for name in (name for names in files.values() for name in names):
+            builder, options = _builder(name)
+            kinds.setdefault((builder, tuple(options.items())), []).append(os.path.relpath(name, path))
+        if len(kinds) > 1:  # datasets reads the most common format and leaves the other files out without a word
+            listed = "; ".join(f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for names in kinds.values())
+            raise DataError(f"{path}: the folder holds data files of {len(kinds)} formats ({listed}); a folder is read "
+                            "as one format: keep one, or give one file as dataset_name")
+        builder, options = _builder(next(iter(files.values()))[0])
+        return _read(path, lambda: load_dataset(builder, data_files=files, **options))
+    builder = _builder(path)
+    if builder is None:
+        raise DataError(f"{path}: not a data file this pipeline reads (the extensions read: {supported_extensions()})")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    builder, options = builder
+    return _read(path, lambda: load_dataset(builder, data_files={"train": path}, **options))
+
+
+def _as_dict(loaded) -> DatasetDict:
+    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+
+
+def _read(path: str, load) -> DatasetDict:
     try:
-        if os.path.isdir(path):
-            return load_dataset(path)
-        if os.path.getsize(path) == 0:
-            raise DataError(f"{path}: the file is empty")
-        return load_dataset(LOCAL_BUILDERS[os.path.splitext(path)[1]], data_files={"train": path})
+        return load()
     except DataError:
         raise
     except Exception as error:  # datasets wraps parser errors in long chains: keep the first line
         cause = error.__cause__ or error
-        raise DataError(f"{path}: could not be read ({type(cause).__name__}: {str(cause).splitlines()[0]})") from error
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        raise DataError(f"{path}: could not be read ({type(cause).__name__}: {first})") from error
 
 
 def parse_transcript(text: str) -> list[dict]:
