@@ -8,6 +8,7 @@ import argparse
 import difflib
 import enum
 import os
+import re
 import sys
 import textwrap
 import types
@@ -310,9 +311,25 @@ def check_recipe(stage_parser: TrlParser, path: str) -> None:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            renamed = _renamed(key, known)
+            hints.append(f"'{key}'" + (f" (the field is called '{renamed}')" if renamed else
+                                       f" (did you mean '{close[0]}'?)" if close else ""))
         raise ValueError(f"recipe '{path}': unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
     check_types(stage_parser, recipe, path)
+
+
+# Fields that transformers or TRL renamed (old name -> the candidates, the first this stage has wins): difflib would
+# suggest a look-alike (torch_dtype -> torch_compile)
+RENAMED = {"torch_dtype": ("dtype",), "evaluation_strategy": ("eval_strategy",), "max_seq_length": ("max_length",),
+           "no_cuda": ("use_cpu",), "push_to_hub_model_id": ("hub_model_id",), "push_to_hub_token": ("hub_token",),
+           "per_gpu_train_batch_size": ("per_device_train_batch_size",),
+           "per_gpu_eval_batch_size": ("per_device_eval_batch_size",),
+           "max_new_tokens": ("response_length", "max_completion_length", "eval_max_new_tokens"),
+           "init_kl_coef": ("kl_coef",), "ppo_epochs": ("num_ppo_epochs",), "use_lora": ("use_peft",)}
+
+
+def _renamed(key: str, known) -> str | None:
+    return next((name for name in RENAMED.get(key, ()) if name in known), None)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -517,4 +534,12 @@ def parse(stage: str, argv: list[str] | None = None):
     path = argv[argv.index("--config") + 1]
     check_recipe(stage_parser, path)
     stage_parser.checked_argv, stage_parser.checked_recipe = argv, path
-    return stage_parser.parse_args_and_config(argv)
+    try:
+        return stage_parser.parse_args_and_config(argv)
+    except ValueError as error:
+        known = {action.dest for action in stage_parser._actions}
+        hints = [f"for --{flag} use --{_renamed(flag, known)}" for flag in
+                 re.findall(r"'--([\w-]+)'", str(error).partition("HfArgumentParser:")[2]) if _renamed(flag, known)]
+        if "not used by the HfArgumentParser" in str(error) and hints:
+            raise ValueError(f"{error} ({'; '.join(hints)})") from None
+        raise
