@@ -178,6 +178,17 @@ def parse_transcript(text: str) -> list[dict]:
             for who, said in zip(parts[1::2], parts[2::2])]
 
 
+def _transcript(row: dict, field: str) -> list[dict]:
+    if row[field] is None:
+        raise ValueError(f"'{field}' is missing (None)")
+    if isinstance(row[field], str):
+        try:
+            return parse_transcript(row[field])
+        except ValueError:
+            pass
+    raise ValueError(f"'{field}' is not a \"\\n\\nHuman: ...\\n\\nAssistant: ...\" transcript (as the first row's is)")
+
+
 def _is_transcript(value) -> bool:
     return isinstance(value, str) and value.startswith("\n\nHuman:")
 
@@ -192,9 +203,15 @@ def _check_text(value, field: str) -> None:
     if isinstance(value, list):
         if not value:
             raise ValueError(f"'{field}' is an empty conversation")
-        for turn in value:
+        for number, turn in enumerate(value):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
                 raise ValueError(f"'{field}' has a turn that is not a {{'role', 'content'}} message")
+            if turn["role"] not in ROLES:
+                raise ValueError(f"'{field}' turn {number} has the role {turn['role']!r}; the roles accepted: "
+                                 f"{', '.join(ROLES)} (rename the role, or drop the turn)")
+            if isinstance(turn["content"], list):
+                raise ValueError(f"'{field}' has a {turn['role']} turn whose content is a list (of parts?), not "
+                                 "text: only text content is read")
             if not isinstance(turn["content"], str) or not turn["content"].strip():
                 raise ValueError(f"'{field}' has a {turn['role']} turn with empty or non-string content")
         return
@@ -236,6 +253,69 @@ def _format(columns: list[str], first: dict, use: str) -> str:
     raise ValueError(f"missing columns for {use} data: expected {expected}, found {sorted(has) or 'none'}")
 
 
+def _check_text_only(value, field: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"'{field}' is a {type(value).__name__}, expected a string")
+
+
+def _check_same_kind(row: dict, fields: list[str]) -> None:
+    """Every field a string, or every field a conversation (TRL renders them together)."""
+    kinds = {field: isinstance(row[field], list) for field in fields}
+    if len(set(kinds.values())) > 1:
+        lists = [f"'{f}'" for f, is_list in kinds.items() if is_list]
+        strings = [f"'{f}'" for f, is_list in kinds.items() if not is_list]
+        raise ValueError(f"{' and '.join(lists)} {'is a conversation' if len(lists) == 1 else 'are conversations'} "
+                         f"but {' and '.join(strings)} {'is a string' if len(strings) == 1 else 'are strings'}: "
+                         "give all of them as strings or all as lists of {'role', 'content'} turns")
+
+
+def _check_answer(conversation: list[dict], field: str) -> None:
+    """What follows a prompt: the assistant's turns (a continuation may have user turns between them)."""
+    if conversation[0]["role"] != "assistant" or conversation[-1]["role"] != "assistant":
+        end = "starts" if conversation[0]["role"] != "assistant" else "ends"
+        role = conversation[0 if end == "starts" else -1]["role"]
+        raise ValueError(f"'{field}' {end} with a {role} turn: after the prompt, '{field}' is the assistant's answer "
+                         "(it must start and end with an assistant turn)")
+
+
+def _check_prompt_before_answer(prompt, field: str = "prompt") -> None:
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        raise ValueError(f"'{field}' ends with an assistant turn: the answer that follows it must answer a user "
+                         "turn (move that assistant turn into the answer, or drop it)")
+
+
+def _check_shape(row: dict, fmt: str, use: str) -> None:
+    """The conversation's shape fits the use: an assistant turn to learn in SFT, answers that are assistant turns
+    after a prompt that does not end with one, strings and conversations not mixed."""
+    if use == "text":
+        return
+    if use == "sft" and fmt == "messages":
+        if not isinstance(row["messages"], list):
+            raise ValueError("'messages' is a string, expected a list of {'role', 'content'} turns (a CSV cell is "
+                             "text: write conversations as JSON Lines)")
+        if not any(turn["role"] == "assistant" for turn in row["messages"]):
+            raise ValueError("'messages' has no assistant turn: nothing for SFT to learn")
+    if use == "sft" and fmt == "prompt-completion":
+        _check_same_kind(row, ["prompt", "completion"])
+        if isinstance(row["completion"], list):
+            _check_prompt_before_answer(row["prompt"])
+            _check_answer(row["completion"], "completion")
+    if use == "preference":
+        fields = (["prompt"] if "prompt" in row else []) + ["chosen", "rejected"]
+        _check_same_kind(row, fields)
+        if isinstance(row["chosen"], list):
+            pair = row if "prompt" in row else extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+            if not pair["prompt"]:
+                raise ValueError("'chosen' and 'rejected' do not start with the same turns, so no prompt can be "
+                                 "taken from them: give a 'prompt' column, or start both with the same user turn")
+            for field in ("chosen", "rejected"):
+                if not pair[field]:
+                    raise ValueError(f"'{field}' has no turn after the prompt it shares with the other answer")
+            _check_prompt_before_answer(pair["prompt"])
+            for field in ("chosen", "rejected"):
+                _check_answer(pair[field], field)
+
+
 def _prompt_of(conversation: list[dict]) -> list[dict]:
     """The turns up to (not including) the last assistant turn."""
     last = max((i for i, t in enumerate(conversation) if t["role"] == "assistant"), default=len(conversation))
@@ -259,21 +339,26 @@ def _fields(fmt: str, use: str, columns) -> list[str]:
 def _normalise_row(row: dict, fmt: str, use: str) -> dict:
     fields = _fields(fmt, use, row)
     if use == "text":
+        _check_text_only(row["text"], "text")
         _check_text(row["text"], "text")
         return {"text": row["text"]}
     if fmt == "hh-transcript":
+        transcript = {field: _transcript(row, field) for field in ("chosen", "rejected") if field in row}
         if use == "preference":
-            pair = extract_prompt({"chosen": parse_transcript(row["chosen"]),
-                                   "rejected": parse_transcript(row["rejected"])})
+            pair = extract_prompt({"chosen": transcript["chosen"], "rejected": transcript["rejected"]})
             row, fmt = pair, "preference"
         elif use == "sft":  # learn the final assistant turn, given the conversation before it
-            conversation = parse_transcript(row["chosen"])
+            conversation = transcript["chosen"]
+            if not any(turn["role"] == "assistant" for turn in conversation):
+                raise ValueError("'chosen' has no Assistant turn: nothing for SFT to learn")
             prompt = _prompt_of(conversation)
             row, fmt = {"prompt": prompt, "completion": conversation[len(prompt):]}, "prompt-completion"
         else:
-            row, fmt = {"prompt": _prompt_of(parse_transcript(row["chosen"]))}, "prompt"
+            row, fmt = {"prompt": _prompt_of(transcript["chosen"])}, "prompt"
     if fmt == "chosen-conversation":  # TRL's conversational preference rows (trl-lib/ultrafeedback_binarized)
         _check_text(row["chosen"], "chosen")
+        if not isinstance(row["chosen"], list) or not any(turn["role"] == "assistant" for turn in row["chosen"]):
+            raise ValueError("'chosen' has no assistant turn: nothing for SFT to learn")
         conversation = (row["prompt"] if isinstance(row.get("prompt"), list) else []) + row["chosen"]
         prompt = _prompt_of(conversation)
         row, fmt = ({"prompt": prompt, "completion": conversation[len(prompt):]}, "prompt-completion") \
@@ -282,6 +367,7 @@ def _normalise_row(row: dict, fmt: str, use: str) -> dict:
         row, fmt = {"prompt": _prompt_of(row["messages"])}, "prompt"
     for field in fields:
         _check_text(row[field], field)
+    _check_shape(row, fmt, use)
     if use == "preference" and row["chosen"] == row["rejected"]:
         raise ValueError("'chosen' and 'rejected' are identical")
     if use == "prompt" and isinstance(row["prompt"], list) and row["prompt"][-1]["role"] != "user":

@@ -78,3 +78,65 @@ def test_local_folders_saved_datasets_and_bad_files_get_one_line(tmp_path):
         with pytest.raises(DataError, match=r"data.jsonl.zst: reading .zst files needs the zstandard package "
                                             r"\(pip install zstandard\), or decompress the file first$"):
             load_splits(str(tmp_path / "data.jsonl.zst"))
+
+
+USER = {"role": "user", "content": "Write a review of The Lost River."}
+SYSTEM = {"role": "system", "content": "You review films."}
+ANSWER = {"role": "assistant", "content": "A superb drama."}
+OTHER = {"role": "assistant", "content": "Dull."}
+TOOL = {"role": "tool", "content": "{\"rating\": 5}"}
+BOT = {"role": "bot", "content": "A superb drama."}
+ACCEPTED = r"; the roles accepted: system, user, assistant \(rename the role, or drop the turn\)$"
+
+
+@pytest.mark.parametrize("use, row, problem", [
+    # roles the stages' chat templates do not render: before, SFT/PPO/GRPO dropped the turn without a word
+    ("sft", {"messages": [USER, TOOL, ANSWER]}, r"'messages' turn 1 has the role 'tool'" + ACCEPTED),
+    ("sft", {"messages": [USER, BOT]}, r"'messages' turn 1 has the role 'bot'" + ACCEPTED),
+    ("prompt", {"prompt": [SYSTEM, {"role": "human", "content": "Hi"}]}, r"'prompt' turn 1 has the role 'human'"),
+    ("preference", {"prompt": [USER], "chosen": [BOT], "rejected": [OTHER]}, r"'chosen' turn 0 has the role 'bot'"),
+    ("preference", {"chosen": [USER, BOT], "rejected": [USER, OTHER]}, r"'chosen' turn 1 has the role 'bot'"),
+    ("sft", {"messages": [{"role": None, "content": "Hi"}, ANSWER]}, r"'messages' turn 0 has the role None"),
+    # shapes that do not fit the stage
+    ("sft", {"messages": [SYSTEM, USER]}, r"'messages' has no assistant turn: nothing for SFT to learn$"),
+    ("sft", {"messages": "Write a review."}, r"'messages' is a string, expected a list of \{'role', 'content'\} turns"),
+    ("sft", {"prompt": "Write a review.", "completion": [ANSWER]},
+     r"'completion' is a conversation but 'prompt' is a string: give all of them as strings or all as lists"),
+    ("sft", {"prompt": [USER], "completion": [USER, ANSWER]},
+     r"'completion' starts with a user turn: after the prompt, 'completion' is the assistant's answer"),
+    ("sft", {"prompt": [USER, ANSWER], "completion": [OTHER]}, r"'prompt' ends with an assistant turn"),
+    ("sft", {"chosen": [USER], "rejected": [USER, OTHER]}, r"'chosen' has no assistant turn: nothing for SFT to learn$"),
+    ("sft", {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi\n\nAssistant: No."},
+     r"'chosen' has no Assistant turn"),
+    ("preference", {"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.", "rejected": "Hi, no."},
+     r"'rejected' is not a .* transcript \(as the first row's is\)$"),
+    ("preference", {"prompt": [USER], "chosen": [USER], "rejected": [OTHER]}, r"'chosen' starts with a user turn"),
+    ("preference", {"prompt": [USER], "chosen": [ANSWER, USER], "rejected": [OTHER]}, r"'chosen' ends with a user turn"),
+    ("preference", {"prompt": "Q?", "chosen": [ANSWER], "rejected": " no"},
+     r"'chosen' is a conversation but 'prompt' and 'rejected' are strings"),
+    ("preference", {"chosen": [USER, ANSWER], "rejected": [SYSTEM, USER, OTHER]},
+     r"'chosen' and 'rejected' do not start with the same turns, so no prompt can be taken from them: give a "
+     r"'prompt' column"),
+    ("preference", {"prompt": [USER, ANSWER], "chosen": [ANSWER], "rejected": [OTHER]},
+     r"'prompt' ends with an assistant turn"),
+    # a list where a string goes, multimodal content parts
+    ("text", {"text": ["one", "two"]}, r"'text' is a list, expected a string$"),
+    ("sft", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]},
+     r"'messages' has a user turn whose content is a list \(of parts\?\), not text: only text content is read$"),
+])
+def test_conversations_with_roles_or_shapes_a_stage_cannot_use_are_refused(use, row, problem):
+    data = Dataset.from_list([row])
+    with pytest.raises(DataError, match=rf"^src: row 0: {problem}") as error:
+        normalise(data, use, "src")
+    assert "\n" not in str(error.value)
+
+
+def test_conversations_of_the_accepted_shapes_pass():
+    for use, row in [("sft", {"messages": [SYSTEM, USER, ANSWER, USER, OTHER]}),  # multi-turn, ends with assistant
+                     ("sft", {"messages": [USER, ANSWER, USER]}),  # the last user turn is context, not learned
+                     ("preference", {"chosen": [SYSTEM, USER, ANSWER], "rejected": [SYSTEM, USER, OTHER]}),
+                     ("preference", {"chosen": [USER, ANSWER, USER, ANSWER],  # differ before the last turn
+                                     "rejected": [USER, OTHER, USER, OTHER]}),
+                     ("prompt", {"prompt": [SYSTEM, USER]})]:
+        assert len(normalise(Dataset.from_list([row]), use, "src")) == 1
