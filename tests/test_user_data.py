@@ -140,3 +140,55 @@ def test_conversations_of_the_accepted_shapes_pass():
                                      "rejected": [USER, OTHER, USER, OTHER]}),
                      ("prompt", {"prompt": [SYSTEM, USER]})]:
         assert len(normalise(Dataset.from_list([row]), use, "src")) == 1
+
+
+def _sft_trainer(tokenizer, rows, tmp_path, **config):
+    from trl import SFTConfig
+
+    from pipeline.stages.sft import SFTStageTrainer
+    from test_any_model import micro_llama
+
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_length=64, report_to="none", use_cpu=True, bf16=False,
+                     **config)
+    return SFTStageTrainer(model=micro_llama(tokenizer), args=args, processing_class=tokenizer,
+                           train_dataset=normalise(Dataset.from_list(rows), "sft", "chat.jsonl"), source="chat.jsonl")
+
+
+def test_messages_sft_learns_only_the_assistant_turns_with_completion_only_loss(tmp_path):
+    """Before: TRL's completion_only_loss covers prompt/completion rows only, and `messages` rows were trained on
+    the system and user tokens too."""
+    from test_any_model import CHATML, word_tokenizer
+
+    chatml = word_tokenizer(CHATML, "<|endoftext|>", "<|pad|>", ("<|im_start|>", "<|im_end|>"))
+    system, user = {"role": "system", "content": "the film"}, {"role": "user", "content": "hi a review"}
+    first, second = {"role": "assistant", "content": "a film"}, {"role": "assistant", "content": "the review"}
+    messages = [system, user, first, user, second]
+    trainer = _sft_trainer(chatml, [{"messages": messages}], tmp_path, completion_only_loss=True)
+    row = trainer.train_dataset[0]
+    tokens = chatml.convert_ids_to_tokens(row["input_ids"])
+    learned = [token for token, label in zip(tokens, row["labels"]) if label != -100]
+    # each assistant turn's words and its turn end; not its header (<|im_start|> assistant), system or user tokens
+    assert learned == ["a", "film", "<|im_end|>", "the", "review", "<|im_end|>"]
+    assert all(label in (-100, token) for label, token in zip(row["labels"], row["input_ids"]))
+    everything = _sft_trainer(chatml, [{"messages": messages}], tmp_path, completion_only_loss=False).train_dataset[0]
+    assert everything["labels"] == everything["input_ids"] == row["input_ids"]  # every token learned
+
+
+def test_messages_sft_masks_for_the_pipelines_template_and_names_a_template_without_prefixes(tmp_path):
+    from pipeline.models import train_tokenizer
+    from pipeline.stages.sft import assistant_labels
+
+    tokenizer = train_tokenizer(["Write a review of The Lost River. A superb drama. Dull."] * 50, vocab_size=300)
+    ids, labels = assistant_labels(tokenizer, [SYSTEM, USER, ANSWER, USER, OTHER])
+    learned = tokenizer.decode([label for label in labels if label != -100])
+    assert learned == " A superb drama.<|endoftext|> Dull.<|endoftext|>"  # the answers and their EOS
+    # a template that renders an earlier turn differently once more turns follow (Qwen3 drops older thoughts)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+                               "{{ 'Assistant: (older)' + eos_token }}{% else %}{{ m['role'] + ': ' + m['content'] }}"
+                               "{% endif %}{% endfor %}")
+    from pipeline.stages.sft import assistant_only_labels
+    with pytest.raises(DataError, match=r"^chat.jsonl: row 0: the chat template renders the turns up to assistant "
+                                        r"turn 2 differently once more turns follow, so the assistant tokens of "
+                                        r"'messages' cannot be found .*; set completion_only_loss: false"):
+        assistant_only_labels(Dataset.from_list([{"messages": [SYSTEM, USER, ANSWER, USER, OTHER]}]), tokenizer,
+                              "chat.jsonl")

@@ -1,5 +1,6 @@
 """Stage 1, SFT: TRL's SFTTrainer on prompt/completion or conversational demonstrations."""
 
+import hashlib
 import logging
 import math
 from contextlib import nullcontext
@@ -69,6 +70,70 @@ def fit_to_max_length(dataset: Dataset, max_length: int, overlong_rows: str, sou
                              "are longer); raise max_length" + (" or set overlong_rows: truncate"
                                                                if overlong_rows == "drop" else ""))
     return fitted
+
+
+with open(__file__, "rb") as _source:  # keys the cached map of assistant_only_labels to this file's code
+    _CODE_VERSION = hashlib.sha256(_source.read()).hexdigest()[:16]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    if not messages and not generation_prompt:
+        return []
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)["input_ids"]
+    except Exception:  # a template that cannot render an empty conversation or a lone generation prompt
+        if messages:
+            raise
+        return []
+    return list(ids)
+
+
+def assistant_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]] | tuple[None, str]:
+    """(input_ids, labels) of a conversation rendered by the tokenizer's chat template, with the labels of every
+    token outside the assistant turns set to -100. An assistant turn's tokens are those that rendering the
+    conversation up to and including it adds to the rendering up to it (with the generation prompt, when that is
+    a prefix: the turn's header is then not learned); the turn's end token (EOS, <|im_end|>, ...) is learned with
+    it. This holds for any template whose rendering of the first turns is a prefix of the rendering of more
+    turns; where it is not (a template that renders earlier turns differently once later ones follow), returns
+    (None, why)."""
+    ids = _render(tokenizer, messages)
+    labels = [-100] * len(ids)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        through = _render(tokenizer, messages[:i + 1])
+        end = len(through)
+        starts = [_render(tokenizer, messages[:i], generation_prompt=True), _render(tokenizer, messages[:i])]
+        start = next((len(before) for before in starts if ids[:len(before)] == before and len(before) <= end), None)
+        if start is None or ids[:end] != through:
+            return None, (f"the chat template renders the turns up to assistant turn {i} differently once more "
+                          "turns follow")
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def _assistant_labels_batch(batch: dict, indices: list[int], tokenizer, source: str, code: str) -> dict:
+    """assistant_only_labels' map. (`code` only keys the cache: _CODE_VERSION.)"""
+    out = {"input_ids": [], "labels": []}
+    for index, messages in zip(indices, batch["messages"]):
+        ids, labels = assistant_labels(tokenizer, messages)
+        if ids is None:
+            raise data.DataError(
+                f"{source}: row {index}: {labels}, so the assistant tokens of 'messages' cannot be found by rendering "
+                "the conversation turn by turn; set completion_only_loss: false (the loss on every token), or give "
+                "the rows as prompt/completion (the loss on the completion)")
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out
+
+
+def assistant_only_labels(dataset: Dataset, tokenizer, source: str) -> Dataset:
+    """`messages` rows -> {"input_ids", "labels"} with the loss on the assistant turns only (see assistant_labels):
+    what `completion_only_loss: true` means for conversations, which TRL trains on every token otherwise."""
+    return dataset.map(_assistant_labels_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       fn_kwargs={"tokenizer": tokenizer, "source": source, "code": _CODE_VERSION},
+                       desc=f"Tokenizing {source} (loss on the assistant turns)")
 
 
 REAL_TOKENS = "pipeline_real_tokens"  # batch key: non-pad tokens of each packed row (popped before the model)
@@ -215,11 +280,17 @@ class SFTStageTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         max_length = args.max_length
+        tokenized = isinstance(dataset, Dataset) and "input_ids" in dataset.column_names  # given tokenized
+        if (isinstance(dataset, Dataset) and "messages" in dataset.column_names and not tokenized
+                and args.completion_only_loss and formatting_func is None):
+            # TRL's completion_only_loss covers prompt/completion rows only: for conversations, the loss on the
+            # assistant turns is computed here (labels), and TRL takes the tokenized rows as they are
+            with PartialState().main_process_first():
+                dataset = assistant_only_labels(dataset, processing_class, f"{self.source} [{dataset_name}]")
         # bfd packing keeps rows whole (it truncates overflow, as padding does): rows are fitted first, then packed.
         # bfd_split and wrapped cut rows across sequences by design: left to TRL.
         whole_rows = not packing or args.packing_strategy == "bfd"
-        if (max_length is None or not whole_rows or not isinstance(dataset, Dataset)
-                or "input_ids" in dataset.column_names):
+        if max_length is None or not whole_rows or not isinstance(dataset, Dataset) or tokenized:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         shuffle = args.shuffle_dataset
         args.max_length, args.shuffle_dataset = None, False  # TRL's tokenization without its truncation
