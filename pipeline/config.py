@@ -425,15 +425,6 @@ def check_settings(values: dict, argv: list[str], path: str | None) -> None:
         raise ValueError(f"{_named('stop_token_id', argv, path)} is set beside stop_token: {values['stop_token']}: "
                          "set one of them (stop_token_id ends responses at that token instead)")
     check_integrations(values, argv, path)
-    if values.get("push_to_hub"):
-        from .hub import check_repo_id
-
-        if values.get("hub_model_id"):
-            check_repo_id(values["hub_model_id"], _named("hub_model_id", argv, path))
-        elif values.get("output_dir"):  # the Trainer's default: the output folder's name
-            check_repo_id(os.path.basename(os.path.abspath(values["output_dir"])),
-                          f"the output folder's name (the repo id when hub_model_id is not set; output_dir "
-                          f"{values['output_dir']})")
 
 
 def _strategy(value) -> str:

@@ -184,22 +184,25 @@ def test_flash_attention_without_a_gpu_or_its_package_is_named(capsys, tmp_path,
 # ----------------------------------------------------------------------------------------------------- the Hub
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--hub_model_id", "my model"], "--hub_model_id 'my model' is not a valid Hub repo id: it has a space; an id "
+    (["--hub_model_id", "my model"], "hub_model_id 'my model' is not a valid Hub repo id: it has a space; an id "
                                      "takes only ASCII letters, digits, '-', '_' and '.' (e.g. my-name/tiny-ppo); "
                                      "nothing was trained or pushed"),
-    (["--hub_model_id", "me/tiny/ppo"], "--hub_model_id 'me/tiny/ppo' is not a valid Hub repo id: it has 2 slashes; "
+    (["--hub_model_id", "me/tiny/ppo"], "hub_model_id 'me/tiny/ppo' is not a valid Hub repo id: it has 2 slashes; "
                                         "an id is 'name' or 'namespace/name'"),
     (["--hub_model_id", "me/-ppo"], "'-ppo' starts or ends with '-' or '.'"),
     (["--hub_model_id", "me/" + "x" * 100], "is 100 characters long, more than 96"),
 ])
-def test_an_invalid_hub_repo_id_is_refused_naming_why_before_training(capsys, tmp_path, flags, expected):
-    assert expected in stage_failure(capsys, tmp_path, "sft", "--push_to_hub", "true", *flags)
+def test_an_invalid_hub_repo_id_is_refused_naming_why_before_training(capsys, tmp_path, micro, flags, expected):
+    """hub.prepare, at the top of every stage's main (before the data and the models)."""
+    assert expected in stage_failure(capsys, tmp_path, "sft", *_models("sft", micro), "--max_length", "32",
+                                     "--push_to_hub", "true", *flags)
 
 
-def test_an_output_folder_name_that_cannot_be_a_repo_id_is_named(capsys, tmp_path):
+def test_an_output_folder_name_that_cannot_be_a_repo_id_is_named(capsys, tmp_path, micro):
     """Without hub_model_id the repo is named after the output folder (the Trainer's default)."""
     out = tmp_path / "my run"
     line = failure(capsys, lambda: stages.run("sft", ["--config", str(TINY / "sft.yaml"), "--output_dir", str(out),
+                                                      *_models("sft", micro), "--max_length", "32",
                                                       "--push_to_hub", "true"]))
     assert (f"the output folder's name (the repo id when hub_model_id is not set; output_dir {out}) 'my run' is not "
             "a valid Hub repo id: it has a space") in line
@@ -224,8 +227,8 @@ BROKEN_MODULES = {
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("rf_syntax", r"^reward function 'rf_syntax:reward': importing rf_syntax failed: SyntaxError: .*\(\S*rf_syntax\.py, "
-                  r"line 2\)$"),
+    ("rf_syntax", r"^reward function 'rf_syntax:reward': importing rf_syntax failed: SyntaxError: "
+                  r".*\(\S*rf_syntax\.py, line 2\)$"),
     ("rf_name", r"^reward function 'rf_name:reward': importing rf_name failed: NameError: name 'undefined_scale' is "
                 r"not defined \(\S*rf_name\.py, line 3\)$"),
     ("rf_raises", r"^reward function 'rf_raises:reward': importing rf_raises failed: KeyError: 'sentiment' "
@@ -265,8 +268,8 @@ def fine(prompts, completions, **kwargs):
 
 
 @pytest.mark.parametrize("function, expected", [
-    ("a_dict", r"^reward function rf_returns:a_dict returned a dict, \{'score': \[1\.0, 1\.0\]\} on a trial call before "
-               r"training \(2 prompts of the dataset\): expected a list of numbers, one per completion$"),
+    ("a_dict", r"^reward function rf_returns:a_dict returned a dict, \{'score': \[1\.0, 1\.0\]\} on a trial call "
+               r"before training \(2 prompts of the dataset\): expected a list of numbers, one per completion$"),
     ("strings", r"^reward function rf_returns:strings returned \['1\.0', '1\.0'\]\.\.\.: expected a number per "
                 r"completion \(on a trial call"),
     ("huge", r"^reward function rf_returns:huge returned 1e\+30 on a trial call before training \(2 prompts of the "
