@@ -192,3 +192,88 @@ def test_messages_sft_masks_for_the_pipelines_template_and_names_a_template_with
                                         r"'messages' cannot be found .*; set completion_only_loss: false"):
         assistant_only_labels(Dataset.from_list([{"messages": [SYSTEM, USER, ANSWER, USER, OTHER]}]), tokenizer,
                               "chat.jsonl")
+
+
+def _dpo_trainer(tokenizer, pairs, tmp_path, max_length, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import DPOConfig
+
+    from pipeline.stages.dpo import DPOStageTrainer
+
+    def model():
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2,
+                                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=max_length, report_to="none", use_cpu=True,
+                     bf16=False, **config)
+    return DPOStageTrainer(model=model(), ref_model=model(), args=args, processing_class=tokenizer,
+                           train_dataset=normalise(Dataset.from_list(pairs), "preference", "pairs.jsonl"),
+                           source="pairs.jsonl")
+
+
+def test_dpo_pairs_longer_than_max_length_are_counted_and_none_left_is_one_line(tmp_path, caplog):
+    """Before: TRL dropped the pairs whose prompt alone fills max_length without a word, and with none left
+    training stopped on a sampler's "num_samples should be a positive integer value, but got num_samples=0"."""
+    from pipeline.models import train_tokenizer
+
+    tokenizer = train_tokenizer(["Write a review of The Lost River. A superb drama. Dull."] * 50, vocab_size=300)
+    long_prompt = {"role": "user", "content": "Write a review of The Lost River. " * 4}
+    pairs = [{"prompt": [USER], "chosen": [ANSWER], "rejected": [OTHER]},
+             {"prompt": [long_prompt], "chosen": [ANSWER], "rejected": [OTHER]}]
+    prompt_tokens = [len(tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"]) for pair in pairs]
+    max_length = prompt_tokens[0] + 2  # the short pair is cut, the long one has no room for an answer
+    with caplog.at_level("WARNING", logger="pipeline"):
+        trainer = _dpo_trainer(tokenizer, pairs, tmp_path, max_length)
+    assert len(trainer.train_dataset) == 1
+    assert (f"pairs.jsonl [train]: 1 of 2 pairs are longer than max_length={max_length} tokens (up to "
+            in caplog.text and "cut to it (the end of their answers, truncation_mode: keep_start); 1 pairs whose "
+            "prompt alone fills max_length: dropped; 1 pairs left" in caplog.text)
+    with pytest.raises(DataError, match=rf"^pairs.jsonl \[train\]: every pair's prompt alone fills max_length=8 tokens, "
+                                        rf"so no answer token is left to train on \(prompts of {prompt_tokens[0]} to "
+                                        rf"{prompt_tokens[1]} tokens; pairs of \d+ to \d+\); raise max_length "
+                                        rf"\(above {prompt_tokens[0]} keeps the shortest\), or set truncation_mode: "
+                                        r"keep_end \(which cuts the prompt's start instead\)$"):
+        _dpo_trainer(tokenizer, pairs, tmp_path, 8)
+    kept = _dpo_trainer(tokenizer, pairs, tmp_path, 8, truncation_mode="keep_end")  # the prompts' start is cut
+    assert len(kept.train_dataset) == 2
+
+
+def test_dpo_stage_with_every_pair_too_long_and_sft_with_a_tool_turn_fail_in_one_line(tmp_path):
+    """The two lines as a user meets them: a stage run, exit 2, one line, nothing written."""
+    import yaml
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import ROOT, run_python
+    from pipeline.models import train_tokenizer
+
+    tokenizer = train_tokenizer(["Write a review of The Lost River. A superb drama. Dull."] * 50, vocab_size=300)
+    model = tmp_path / "model"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=128,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    pairs = tmp_path / "pairs.jsonl.gz"
+    pairs.write_bytes(gzip.compress("".join(json.dumps({"prompt": [USER], "chosen": [ANSWER], "rejected": [OTHER]})
+                                            + "\n" for _ in range(4)).encode()))
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "dpo.yaml").read_text())
+    del recipe["reward_model_path"]
+    recipe.update(model_name_or_path=str(model), dataset_name=str(pairs), max_length=8, dataset_num_proc=None,
+                  output_dir=str(tmp_path / "dpo"), report_to="none", disable_tqdm=True, max_steps=1)
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_python("scripts/dpo.py", "--config", tmp_path / "dpo.yaml", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: dpo: {pairs} [train]: every pair's prompt alone fills max_length=8 tokens" in result.stderr
+    assert "Traceback" not in result.stderr and "num_samples" not in result.stderr
+    assert not (tmp_path / "dpo").exists() or not any((tmp_path / "dpo").iterdir())
+    chat = tmp_path / "chat.JSONL"
+    chat.write_text(json.dumps({"messages": [USER, ANSWER]}) + "\n" + json.dumps({"messages": [USER, TOOL, ANSWER]}))
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "sft.yaml").read_text())
+    recipe.update(model_name_or_path=str(model), dataset_name=str(chat), dataset_num_proc=None,
+                  output_dir=str(tmp_path / "sft"), report_to="none", disable_tqdm=True, max_steps=1)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_python("scripts/sft.py", "--config", tmp_path / "sft.yaml", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: sft: {chat} [train]: row 1: 'messages' turn 1 has the role 'tool'; the roles accepted: system, user, "
+        "assistant (rename the role, or drop the turn) (PIPELINE_DEBUG=1 shows the traceback)")
+    assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())

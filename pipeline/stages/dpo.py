@@ -4,6 +4,10 @@ No reward model is trained against and nothing is sampled during training. Then 
 against the SFT policy exactly as PPO's is (pipeline.stages.policy_eval), on `eval_dataset_name`'s held-out
 prompts, the reward model of `reward_model_path` (if given) scoring the answers."""
 
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset
+from accelerate import PartialState
 from trl import DPOTrainer, get_peft_config
 
 from .. import data, hub
@@ -11,6 +15,61 @@ from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_
                       load_reward_model, load_tokenizer)
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 from .policy_eval import evaluate_against_sft, for_evaluation
+
+
+def _lengths(dataset: Dataset, column: str) -> np.ndarray:
+    """The token count of each row's `column`, from the Arrow column (follows select/shuffle)."""
+    if not len(dataset):
+        return np.zeros(0, dtype=np.int64)
+    table = dataset.select_columns([column]).with_format("arrow")[:]
+    return pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+
+
+def fit_pairs(dataset: Dataset, max_length: int, truncation_mode: str, source: str) -> Dataset:
+    """Tokenized pairs ({"prompt_ids", "chosen_ids", "rejected_ids"}) -> the pairs DPO can train on, with what
+    max_length does to them counted and said: TRL cuts a pair longer than max_length (the end of its answers, with
+    truncation_mode keep_start) and, with keep_start, drops a pair whose prompt alone fills max_length (nothing of
+    its answers would be left). Raises DataError when no pair is left (TRL would stop on an empty sampler)."""
+    prompt = _lengths(dataset, "prompt_ids")
+    longest = prompt + np.maximum(_lengths(dataset, "chosen_ids"), _lengths(dataset, "rejected_ids"))
+    no_answer = prompt >= max_length if truncation_mode == "keep_start" else np.zeros(len(prompt), dtype=bool)
+    if len(dataset) and no_answer.all():
+        raise data.DataError(
+            f"{source}: every pair's prompt alone fills max_length={max_length} tokens, so no answer token is left to "
+            f"train on (prompts of {prompt.min()} to {prompt.max()} tokens; pairs of {longest.min()} to "
+            f"{longest.max()}); raise max_length (above {prompt.min()} keeps the shortest), or set "
+            "truncation_mode: keep_end (which cuts the prompt's start instead)")
+    cut = int(((longest > max_length) & ~no_answer).sum())
+    if cut or no_answer.any():
+        what = "the end of their answers" if truncation_mode == "keep_start" else "the start of their prompts"
+        message = (f"{source}: {cut} of {len(dataset)} pairs are longer than max_length={max_length} tokens (up to "
+                   f"{longest.max()}): cut to it ({what}, truncation_mode: {truncation_mode})")
+        if no_answer.any():
+            message += (f"; {int(no_answer.sum())} pairs whose prompt alone fills max_length: dropped; "
+                        f"{int((~no_answer).sum())} pairs left")
+        logger.warning(message)
+    return dataset.select(np.flatnonzero(~no_answer)) if no_answer.any() else dataset
+
+
+class DPOStageTrainer(DPOTrainer):
+    """TRL's DPOTrainer, with pairs longer than max_length counted and said (fit_pairs) instead of dropped or cut
+    without a word, and one line instead of a sampler's "num_samples=0" when no pair is left."""
+
+    def __init__(self, *args, source: str = "dataset", **kwargs):
+        self.source = source  # read by _prepare_dataset, in super().__init__
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        max_length = args.max_length
+        if max_length is None or not isinstance(dataset, Dataset):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        args.max_length = None  # TRL's tokenization without its filter of prompts that fill max_length
+        try:
+            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        finally:
+            args.max_length = max_length
+        with PartialState().main_process_first():  # its select is cached: the others load it
+            return fit_pairs(prepared, max_length, args.truncation_mode, f"{self.source} [{dataset_name}]")
 
 
 def eval_prompts(script_args, test_pairs):
@@ -48,7 +107,8 @@ def main(script_args, training_args, model_args):
     policy = load_causal_lm(policy_path, tokenizer, model_args)
     reference = None if peft_config else load_causal_lm(policy_path, tokenizer, model_args)
 
-    trainer = DPOTrainer(
+    trainer = DPOStageTrainer(
+        source=source,
         model=policy,
         ref_model=reference,
         args=training_args,
@@ -56,10 +116,6 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    dropped = len(pairs) - len(trainer.train_dataset)
-    if dropped:
-        logger.warning(f"{source}: dropped {dropped} of {len(pairs)} training pairs longer than "
-                       f"max_length={training_args.max_length} tokens")
     train_result = train(trainer, checkpoint, "dpo")
 
     metrics = {"train_loss": train_result.training_loss}
