@@ -432,6 +432,40 @@ def _invalid(row: dict, index: int, fmt: str, use: str) -> str | None:
     return None
 
 
+def first_rows_with_roles(dataset: Dataset, roles) -> dict[str, tuple[int, str]]:
+    """role -> (the first row with a turn of that role, its field), over the dataset's conversation columns;
+    computed on the Arrow columns (no row is turned into Python objects)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = {}
+    table = dataset.with_format("arrow")[:]
+    for name in table.column_names:
+        column = table.column(name)
+        if not (pa.types.is_list(column.type) and pa.types.is_struct(column.type.value_type)
+                and column.type.value_type.get_field_index("role") >= 0):
+            continue
+        column = column.combine_chunks()
+        turn_roles = pc.struct_field(pc.list_flatten(column), "role")
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        for role in roles:
+            hits = pc.equal(turn_roles, role).to_numpy(zero_copy_only=False)
+            if hits.any() and (role not in found or parents[hits.argmax()] < found[role][0]):
+                found[role] = (int(parents[hits.argmax()]), name)
+    return found
+
+
+def check_roles_rendered(dataset: Dataset | None, source: str, not_rendered: dict[str, str], template: str) -> None:
+    """Refuse a dataset with turns of a role the chat template does not render (models.roles_not_rendered): they
+    would be left out of what the model sees, without a word (or stop the tokenization with a traceback)."""
+    if dataset is None or not not_rendered:
+        return
+    for role, (row, field) in sorted(first_rows_with_roles(dataset, not_rendered).items(), key=lambda kv: kv[1]):
+        raise DataError(f"{source}: row {row}: '{field}' has a {role} turn, and {template} does not render {role} "
+                        f"turns ({not_rendered[role]}): drop those turns or merge them into the user turn, or use a "
+                        "chat template that renders them")
+
+
 def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
     """Load and normalise the train (and test, if any) split named by a stage's script arguments."""
     train, test, source = load_splits(script_args.dataset_name, script_args.dataset_config,

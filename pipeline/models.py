@@ -606,3 +606,27 @@ def first_tokenizer_difference(tokenizer, other) -> str | None:
     check_same_tokenizer compares), or None when they are the same."""
     mine, theirs = _fingerprint(tokenizer), _fingerprint(other)
     return next((key for key in mine if mine[key] != theirs[key]), None)
+
+
+def roles_not_rendered(tokenizer, roles=("system", "user", "assistant")) -> dict[str, str]:
+    """The roles whose turns the tokenizer's chat template does not render, found by rendering a probe
+    conversation (a system, a user and an assistant turn, each with a text of its own) and looking for each turn's
+    text in the output: role -> why (its text is not in the output, or the template raises on it). A template that
+    raises on the probe is tried again without the system turn (Gemma's, Mistral's refuse one)."""
+    texts = {role: f"probe{index}text" for index, role in enumerate(roles)}
+    probe = [{"role": role, "content": texts[role]} for role in roles]
+    missing = {}
+    while probe:
+        try:
+            rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception as error:  # jinja2's TemplateError from the template's raise_exception, or any other
+            said = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if probe[0]["role"] == "system" and len(probe) > 1:
+                missing["system"] = f"the chat template raises on it: {said}"
+                probe = probe[1:]
+                continue
+            return {**missing, **{turn["role"]: f"the chat template raises: {said}" for turn in probe}}
+        missing.update({turn["role"]: "the chat template leaves its text out" for turn in probe
+                        if turn["content"] not in rendered})
+        return missing
+    return missing

@@ -277,3 +277,38 @@ def test_dpo_stage_with_every_pair_too_long_and_sft_with_a_tool_turn_fail_in_one
         f"error: sft: {chat} [train]: row 1: 'messages' turn 1 has the role 'tool'; the roles accepted: system, user, "
         "assistant (rename the role, or drop the turn) (PIPELINE_DEBUG=1 shows the traceback)")
     assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
+
+
+def test_turns_of_a_role_the_chat_template_does_not_render_are_refused():
+    """system/user/assistant are accepted by the data check; whether the model's chat template renders each is
+    probed (SFT and DPO, before the model loads): one that leaves system turns out, or raises on them (Gemma 2,
+    Mistral), refuses data that has them."""
+    from pipeline.data import check_roles_rendered
+    from pipeline.models import CHAT_TEMPLATE, roles_not_rendered
+    from test_any_model import CHATML, word_tokenizer
+
+    tokenizer = word_tokenizer(CHATML, "<|endoftext|>", "<|pad|>", ("<|im_start|>", "<|im_end|>"))
+    assert roles_not_rendered(tokenizer) == {}
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert roles_not_rendered(tokenizer) == {}
+    drops = CHAT_TEMPLATE.replace("{% if message['role'] == 'system' %}{{ message['content'] }}",
+                                  "{% if message['role'] == 'system' %}")
+    tokenizer.chat_template = drops
+    conversation = [SYSTEM, USER, ANSWER]
+    assert SYSTEM["content"] not in tokenizer.apply_chat_template(conversation, tokenize=False)  # dropped silently
+    assert roles_not_rendered(tokenizer) == {"system": "the chat template leaves its text out"}
+    rows = normalise(Dataset.from_list([{"messages": [USER, ANSWER]}, {"messages": conversation}]), "sft", "chat")
+    with pytest.raises(DataError, match=r"^chat \[train\]: row 1: 'messages' has a system turn, and the chat template "
+                                        r"of m does not render system turns \(the chat template leaves its text out\): "
+                                        r"drop those turns or merge them into the user turn"):
+        check_roles_rendered(rows, "chat [train]", roles_not_rendered(tokenizer), "the chat template of m")
+    check_roles_rendered(rows.select([0]), "chat [train]", roles_not_rendered(tokenizer), "the chat template of m")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+                               "{% endfor %}")
+    assert roles_not_rendered(tokenizer) == {"system": "the chat template raises on it: System role not supported"}
+    pairs = normalise(Dataset.from_list([{"prompt": [SYSTEM, USER], "chosen": [ANSWER], "rejected": [OTHER]}]),
+                      "preference", "pairs")
+    with pytest.raises(DataError, match=r"^pairs: row 0: 'prompt' has a system turn, .*\(the chat template raises on "
+                                        r"it: System role not supported\)"):
+        check_roles_rendered(pairs, "pairs", roles_not_rendered(tokenizer), "the chat template of m")

@@ -320,6 +320,11 @@ def main(script_args, training_args, model_args):
     train_dataset, eval_dataset, source = load_data("sft", script_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
+    not_rendered = roles_not_rendered(tokenizer)
+    for dataset, split in ((train_dataset, script_args.dataset_train_split),
+                           (eval_dataset, script_args.dataset_test_split)):
+        data.check_roles_rendered(dataset, f"{source} [{split}]", not_rendered,
+                                  f"the chat template of {model_args.model_name_or_path}")
     model = load_causal_lm(model_args.model_name_or_path, tokenizer, model_args)
     unpack_if_leaking(model, training_args)
 
