@@ -181,6 +181,22 @@ def test_flash_attention_without_a_gpu_or_its_package_is_named(capsys, tmp_path,
             "flash-attn --no-build-isolation (or use attn_implementation: sdpa)") in line
 
 
+def test_4bit_loading_without_a_gpu_or_bitsandbytes_is_refused_when_the_recipe_is_parsed(capsys, tmp_path,
+                                                                                         monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = stage_failure(capsys, tmp_path, "sft", "--use_peft", "true", "--load_in_4bit", "true")
+    assert ("--load_in_4bit: 4-bit loading needs a CUDA GPU and bitsandbytes; this machine has no CUDA GPU (leave "
+            "load_in_4bit out)") in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = config.installed
+    monkeypatch.setattr(config, "installed", lambda module: module != "bitsandbytes" and real(module))
+    line = stage_failure(capsys, tmp_path, "sft", "--use_peft", "true", "--load_in_8bit", "true")
+    assert ("--load_in_8bit: 8-bit loading needs the bitsandbytes package, which is not installed: pip install "
+            "bitsandbytes") in line
+
+
 # ----------------------------------------------------------------------------------------------------- the Hub
 
 @pytest.mark.parametrize("flags, expected", [
