@@ -466,6 +466,26 @@ def check_roles_rendered(dataset: Dataset | None, source: str, not_rendered: dic
                         "chat template that renders them")
 
 
+def template_refusal(error: Exception, dataset: Dataset, tokenizer, source: str) -> DataError:
+    """One line for a chat template that raised while a trainer tokenized the dataset (Mistral's and Llama 2's
+    "Conversation roles must alternate user/assistant/...", Gemma's "System role not supported"): the first row
+    the template refuses, found by rendering the rows again one by one (only after the error)."""
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for index, row in enumerate(dataset):
+        prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
+        for field in ("messages", "prompt", "completion", "chosen", "rejected"):
+            if not isinstance(row.get(field), list):
+                continue
+            conversation = row[field] if field in ("messages", "prompt") else prompt + row[field]
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=field == "prompt")
+            except Exception as refused:  # the template's own raise_exception, or any error of its code
+                said = str(refused).splitlines()[0] if str(refused) else type(refused).__name__
+                return DataError(f"{source}: row {index}: the chat template cannot render '{field}' "
+                                 f"({', '.join(turn['role'] for turn in conversation)}): {said}")
+    return DataError(f"{source}: the chat template cannot render a conversation of the dataset: {said}")
+
+
 def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
     """Load and normalise the train (and test, if any) split named by a stage's script arguments."""
     train, test, source = load_splits(script_args.dataset_name, script_args.dataset_config,

@@ -312,3 +312,25 @@ def test_turns_of_a_role_the_chat_template_does_not_render_are_refused():
     with pytest.raises(DataError, match=r"^pairs: row 0: 'prompt' has a system turn, .*\(the chat template raises on "
                                         r"it: System role not supported\)"):
         check_roles_rendered(pairs, "pairs", roles_not_rendered(tokenizer), "the chat template of m")
+
+
+def test_a_chat_template_that_raises_on_a_row_names_the_row(tmp_path):
+    """Before: Mistral's and Llama 2's templates raise jinja2's TemplateError (not a ValueError) inside TRL's
+    tokenization on turns that do not alternate user/assistant: a traceback."""
+    from test_any_model import word_tokenizer
+
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}{{ m['role'] + ' ' + m['content'] + ' <|endoftext|> ' }}{% endfor %}")
+    tokenizer = word_tokenizer(alternating, "<|endoftext|>", "<|pad|>")
+    rows = [{"messages": [USER, ANSWER]}, {"messages": [USER, USER, ANSWER]}]
+    for completion_only_loss in (True, False):  # the pipeline's labels, or TRL's tokenization
+        with pytest.raises(DataError, match=r"^chat.jsonl \[train\]: row 1: the chat template cannot render "
+                                            r"'messages' \(user, user, assistant\): Conversation roles must alternate "
+                                            r"user/assistant/user/assistant/...$"):
+            _sft_trainer(tokenizer, rows, tmp_path, completion_only_loss=completion_only_loss)
+    pairs = [{"prompt": [USER], "chosen": [ANSWER], "rejected": [OTHER]},
+             {"prompt": [USER, USER], "chosen": [ANSWER], "rejected": [OTHER]}]
+    with pytest.raises(DataError, match=r"^pairs.jsonl \[train\]: row 1: the chat template cannot render 'prompt' "
+                                        r"\(user, user\): Conversation roles must alternate"):
+        _dpo_trainer(tokenizer, pairs, tmp_path, 64)

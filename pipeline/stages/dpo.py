@@ -7,6 +7,7 @@ prompts, the reward model of `reward_model_path` (if given) scoring the answers.
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
+from jinja2 import TemplateError
 from accelerate import PartialState
 from trl import DPOTrainer, get_peft_config
 
@@ -61,13 +62,17 @@ class DPOStageTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         max_length = args.max_length
-        if max_length is None or not isinstance(dataset, Dataset):
+        if not isinstance(dataset, Dataset):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         args.max_length = None  # TRL's tokenization without its filter of prompts that fill max_length
         try:
             prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        except TemplateError as error:  # not a ValueError: a traceback otherwise
+            raise data.template_refusal(error, dataset, processing_class, f"{self.source} [{dataset_name}]") from error
         finally:
             args.max_length = max_length
+        if max_length is None:
+            return prepared
         with PartialState().main_process_first():  # its select is cached: the others load it
             return fit_pairs(prepared, max_length, args.truncation_mode, f"{self.source} [{dataset_name}]")
 

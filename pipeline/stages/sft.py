@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from jinja2 import TemplateError
 from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -279,6 +280,12 @@ class SFTStageTrainer(SFTTrainer):
         return result
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        try:
+            return self._fit_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        except TemplateError as error:  # not a ValueError: a traceback otherwise
+            raise data.template_refusal(error, dataset, processing_class, f"{self.source} [{dataset_name}]") from error
+
+    def _fit_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         max_length = args.max_length
         tokenized = isinstance(dataset, Dataset) and "input_ids" in dataset.column_names  # given tokenized
         if (isinstance(dataset, Dataset) and "messages" in dataset.column_names and not tokenized
