@@ -298,6 +298,32 @@ LENGTHS = {
 }
 
 
+def _setting(name: str, *args):
+    return next((getattr(a, name) for a in args if getattr(a, name, None) is not None), None)
+
+
+def check_gradient_checkpointing(stage: str, script_args, training_args, model_args) -> None:
+    """`gradient_checkpointing: true` (TRL's default) on a model class that cannot do it (OpenAI GPT, CTRL, XLNet,
+    ...): transformers would refuse when training starts, without naming the field."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    causal, scalar = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    trained = {"reward": [("model_name_or_path", scalar)],  # the models the stage trains, and as what
+               "ppo": [("sft_model_path", causal), ("reward_model_path", scalar)]}.get(
+        stage, [("model_name_or_path", causal)])
+    for field, mapping in trained:
+        path = _setting(field, script_args, training_args, model_args)
+        config = _text_config(path, model_args) if path else None
+        name = mapping.get(getattr(config, "model_type", None))
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        model_class = getattr(transformers, name, None) if name else None
+        if model_class is not None and not getattr(model_class, "supports_gradient_checkpointing", True):
+            raise ValueError(f"gradient_checkpointing is true, but {model_class.__name__} ({field} '{path}') does not "
+                             "support it: set gradient_checkpointing: false")
+
+
 def check_before_loading(stage: str, script_args, training_args, model_args) -> None:
     """Right after the model kinds are checked, before anything is loaded (the models' configs only): the stage's
     lengths must fit the models' context (a sequence longer than GPT-2's n_positions is an IndexError deep in
@@ -308,6 +334,8 @@ def check_before_loading(stage: str, script_args, training_args, model_args) -> 
         from .rl import load_reward_functions
 
         load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
+    if getattr(training_args, "gradient_checkpointing", False):
+        check_gradient_checkpointing(stage, script_args, training_args, model_args)
     if stage not in LENGTHS:
         return
     paths, length_fields = LENGTHS[stage]

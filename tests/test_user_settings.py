@@ -100,6 +100,20 @@ def test_rotary_positions_beyond_the_trained_context_are_a_warning(tmp_path, cap
         "(max_position_embeddings 32) was trained on: its rotary positions run on")
 
 
+@pytest.mark.parametrize("stage, architecture", [("sft", "OpenAIGPTLMHeadModel"),
+                                                 ("reward", "OpenAIGPTForSequenceClassification")])
+def test_gradient_checkpointing_on_a_model_that_cannot_is_refused_naming_the_field(capsys, tmp_path, stage,
+                                                                                   architecture):
+    from transformers import OpenAIGPTConfig
+
+    OpenAIGPTConfig(vocab_size=300, n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                    architectures=["OpenAIGPTLMHeadModel"]).save_pretrained(tmp_path / "gpt1")
+    line = stage_failure(capsys, tmp_path, stage, "--model_name_or_path", tmp_path / "gpt1",
+                         "--gradient_checkpointing", "true")
+    assert (f"gradient_checkpointing is true, but {architecture} (model_name_or_path '{tmp_path / 'gpt1'}') does not "
+            "support it: set gradient_checkpointing: false") in line
+
+
 # ------------------------------------------------------------------------------------------------ token ids
 
 def test_a_stop_token_id_outside_the_vocabulary_is_refused_before_loading(capsys, tmp_path, micro):
