@@ -250,7 +250,12 @@ def _format(columns: list[str], first: dict, use: str) -> str:
                 "preference": "'chosen'+'rejected' (optionally 'prompt')",
                 "prompt": "'prompt', 'messages' or a preference 'chosen' (an hh-rlhf transcript or a "
                           "conversation)"}[use]
-    raise ValueError(f"missing columns for {use} data: expected {expected}, found {sorted(has) or 'none'}")
+    hint = ""
+    if len(has) == 1 and isinstance(first.get(next(iter(has))), list) and first[next(iter(has))] and all(
+            isinstance(item, dict) and "role" not in item for item in first[next(iter(has))]):
+        hint = (f" (its '{next(iter(has))}' holds {len(first[next(iter(has))])} records: is the file one JSON object "
+                "with the rows inside? give the rows as a JSON list, or one per line as JSON Lines)")
+    raise ValueError(f"missing columns for {use} data: expected {expected}, found {sorted(has) or 'none'}{hint}")
 
 
 def _check_text_only(value, field: str) -> None:

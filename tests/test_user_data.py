@@ -334,3 +334,16 @@ def test_a_chat_template_that_raises_on_a_row_names_the_row(tmp_path):
     with pytest.raises(DataError, match=r"^pairs.jsonl \[train\]: row 1: the chat template cannot render 'prompt' "
                                         r"\(user, user\): Conversation roles must alternate"):
         _dpo_trainer(tokenizer, pairs, tmp_path, 64)
+
+
+def test_a_json_file_of_one_object_holding_the_rows_is_named(tmp_path):
+    """Before: "found ['data']" without a word of why; a file of one row object is one row, as before."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": ROWS}))
+    train, _, source = load_splits(str(path))
+    with pytest.raises(DataError, match=r"found \['data'\] \(its 'data' holds 2 records: is the file one JSON object "
+                                        r"with the rows inside\? give the rows as a JSON list, or one per line as JSON "
+                                        r"Lines\)$"):
+        normalise(train, "sft", source)
+    path.write_text(json.dumps(ROWS[0]))
+    assert normalise(load_splits(str(path))[0], "sft", source).to_list() == ROWS[:1]
