@@ -425,6 +425,28 @@ def check_settings(values: dict, argv: list[str], path: str | None) -> None:
         raise ValueError(f"{_named('stop_token_id', argv, path)} is set beside stop_token: {values['stop_token']}: "
                          "set one of them (stop_token_id ends responses at that token instead)")
     check_integrations(values, argv, path)
+    check_precision(values, argv, path)
+
+
+def check_precision(values: dict, argv: list[str], path: str | None) -> None:
+    """bf16 (TRL's default when unset) where there is no GPU with bfloat16 and use_cpu is false: transformers says
+    "Your setup doesn't support bf16/gpu", naming neither the recipe nor the fields to set."""
+    if "bf16" not in values or values.get("use_cpu"):
+        return
+    bf16, by_default = values.get("bf16"), False
+    if bf16 is None:  # TRL's configs (and the PPO config): on unless fp16
+        bf16, by_default = not values.get("fp16"), True
+    if not (bf16 or values.get("bf16_full_eval")):
+        return
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_cuda_available, is_torch_xla_available
+
+    if is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return
+    named = "bf16 (TRL's default when the recipe leaves it out)" if by_default else _named("bf16", argv, path)
+    gpu = ("this GPU has no bfloat16 (Ampere or newer): set bf16: false and fp16: true" if is_torch_cuda_available()
+           else "this machine has no GPU with bfloat16: set use_cpu: true to train on the CPU (bfloat16 there runs "
+                "through autocast; bf16: false for float32)")
+    raise ValueError(f"{named} is true, but {gpu}")
 
 
 def _strategy(value) -> str:

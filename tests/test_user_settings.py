@@ -149,6 +149,26 @@ def test_step_settings_that_mean_something_else_and_renamed_fields(capsys, tmp_p
     assert expected in stage_failure(capsys, tmp_path, stage, *flags)
 
 
+def test_bf16_without_a_gpu_names_the_recipe_and_use_cpu(capsys, tmp_path, monkeypatch):
+    """transformers' own line, "Your setup doesn't support bf16/gpu. You need to assign use_cpu ...", names no file."""
+    import transformers.utils
+
+    for name in ("is_torch_bf16_gpu_available", "is_torch_cuda_available", "is_torch_xla_available"):
+        monkeypatch.setattr(transformers.utils, name, lambda: False)
+    recipe = yaml.safe_load((TINY / "sft.yaml").read_text())
+    recipe.update(bf16=True, use_cpu=False)  # as a GPU recipe (recipes/gpt2-hh) has them
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert (f"recipe '{path}': 'bf16' is true, but this machine has no GPU with bfloat16: set use_cpu: true to train "
+            "on the CPU (bfloat16 there runs through autocast; bf16: false for float32)") in stage_failure(
+        capsys, tmp_path, "sft", recipe=path)
+    recipe.pop("bf16")  # TRL's configs turn it on when the recipe leaves it out
+    path.write_text(yaml.safe_dump(recipe))
+    assert "bf16 (TRL's default when the recipe leaves it out) is true, but" in stage_failure(
+        capsys, tmp_path, "sft", recipe=path)
+    assert config.parse("sft", ["--config", str(path), "--use_cpu", "true"])[1].bf16  # what the line says to do
+
+
 def test_a_renamed_key_in_a_recipe_names_the_field_not_a_look_alike(capsys, tmp_path):
     recipe = yaml.safe_load((TINY / "sft.yaml").read_text())
     recipe["torch_dtype"] = "bfloat16"  # difflib's closest known field would be torch_compile
