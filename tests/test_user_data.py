@@ -182,7 +182,18 @@ def test_messages_sft_masks_for_the_pipelines_template_and_names_a_template_with
     ids, labels = assistant_labels(tokenizer, [SYSTEM, USER, ANSWER, USER, OTHER])
     learned = tokenizer.decode([label for label in labels if label != -100])
     assert learned == " A superb drama.<|endoftext|> Dull.<|endoftext|>"  # the answers and their EOS
-    # a template that renders an earlier turn differently once more turns follow (Qwen3 drops older thoughts)
+    # Phi-3's template ends a conversation (not a turn) with EOS: learned after the last answer only
+    from families import PHI3_TEMPLATE
+    from test_any_model import word_tokenizer
+
+    phi3 = word_tokenizer(PHI3_TEMPLATE, "<|endoftext|>", "<|pad|>", ("<|system|>", "<|user|>", "<|assistant|>",
+                                                                      "<|end|>"))
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a film"},
+                    {"role": "user", "content": "a review"}, {"role": "assistant", "content": "the review"}]
+    ids, labels = assistant_labels(phi3, conversation)
+    assert phi3.convert_ids_to_tokens([label for label in labels if label != -100]) == [
+        "a", "film", "<|end|>", "the", "review", "<|end|>", "<|endoftext|>"]
+    # a template that renders an earlier turn differently once more turns follow (drops older answers' reasoning)
     tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
                                "{{ 'Assistant: (older)' + eos_token }}{% else %}{{ m['role'] + ': ' + m['content'] }}"
                                "{% endif %}{% endfor %}")

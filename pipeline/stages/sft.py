@@ -96,18 +96,19 @@ def assistant_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     conversation up to and including it adds to the rendering up to it (with the generation prompt, when that is
     a prefix: the turn's header is then not learned); the turn's end token (EOS, <|im_end|>, ...) is learned with
     it. This holds for any template whose rendering of the first turns is a prefix of the rendering of more
-    turns; where it is not (a template that renders earlier turns differently once later ones follow), returns
-    (None, why)."""
+    turns, but for what it writes at the conversation's end only (Phi-3's EOS: learned with the last turn); where
+    it is not (a template that renders earlier turns differently once later ones follow), returns (None, why)."""
     ids = _render(tokenizer, messages)
     labels = [-100] * len(ids)
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
         through = _render(tokenizer, messages[:i + 1])
-        end = len(through)
+        end = next((n for n, (a, b) in enumerate(zip(through, ids)) if a != b), min(len(through), len(ids)))
+        ending = through[end:]  # what the template adds only at the conversation's end (Phi-3's EOS): none else
         starts = [_render(tokenizer, messages[:i], generation_prompt=True), _render(tokenizer, messages[:i])]
-        start = next((len(before) for before in starts if ids[:len(before)] == before and len(before) <= end), None)
-        if start is None or ids[:end] != through:
+        start = next((len(before) for before in starts if ids[:len(before)] == before and len(before) < end), None)
+        if start is None or ending and ids[len(ids) - len(ending):] != ending:
             return None, (f"the chat template renders the turns up to assistant turn {i} differently once more "
                           "turns follow")
         labels[start:end] = ids[start:end]
