@@ -336,6 +336,17 @@ def check_before_loading(stage: str, script_args, training_args, model_args) -> 
         load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     if getattr(training_args, "gradient_checkpointing", False):
         check_gradient_checkpointing(stage, script_args, training_args, model_args)
+    tokens = {name: getattr(training_args, name) for name in ("pad_token", "eos_token")
+              if isinstance(getattr(training_args, name, None), str)}  # TRL's SFT, reward and DPO fields
+    if tokens and getattr(model_args, "model_name_or_path", None):
+        path = model_args.model_name_or_path
+        tokenizer = load_tokenizer(path, model_args)  # as the stage loads it: with the pipeline's <|pad|>
+        for name, token in tokens.items():
+            if token not in tokenizer.get_vocab():
+                shown = ", ".join(repr(t) for t in tokenizer.all_special_tokens[:6])
+                raise ValueError(f"{name} {token!r} is not a token of the tokenizer of model_name_or_path '{path}' "
+                                 f"(its special tokens: {shown}): name one of its tokens, or leave {name} out (the "
+                                 "pipeline gives the tokenizer a pad token of its own and keeps its EOS)")
     if stage not in LENGTHS:
         return
     paths, length_fields = LENGTHS[stage]

@@ -131,6 +131,19 @@ def test_a_stop_token_id_outside_the_vocabulary_is_refused_before_loading(capsys
     assert "--stop_token_id is set beside stop_token: eos: set one of them" in line
 
 
+@pytest.mark.parametrize("stage, field", [("reward", "pad_token"), ("sft", "eos_token")])
+def test_a_pad_or_eos_token_that_the_tokenizer_lacks_is_refused_before_loading(capsys, tmp_path, stage, field):
+    """TRL's fields (SFT, reward, DPO): TRL itself would say so after the data and the model are loaded."""
+    from pipeline.models import train_tokenizer
+
+    train_tokenizer(["a good film", "a bad film", "the film was fine"] * 20, 300).save_pretrained(tmp_path / "m")
+    GPT2Config(vocab_size=300, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+               architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "m")
+    line = stage_failure(capsys, tmp_path, stage, "--model_name_or_path", tmp_path / "m", f"--{field}", "<|nope|>")
+    assert (f"{field} '<|nope|>' is not a token of the tokenizer of model_name_or_path '{tmp_path / 'm'}' (its special "
+            f"tokens: '<|endoftext|>', '<|pad|>'): name one of its tokens, or leave {field} out") in line
+
+
 # ------------------------------------------------------------------------------------- steps and renamed fields
 
 @pytest.mark.parametrize("stage, flags, expected", [
