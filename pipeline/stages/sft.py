@@ -130,11 +130,11 @@ def _assistant_labels_batch(batch: dict, indices: list[int], tokenizer, source: 
     return out
 
 
-def assistant_only_labels(dataset: Dataset, tokenizer, source: str) -> Dataset:
+def assistant_only_labels(dataset: Dataset, tokenizer, source: str, num_proc: int | None = None) -> Dataset:
     """`messages` rows -> {"input_ids", "labels"} with the loss on the assistant turns only (see assistant_labels):
     what `completion_only_loss: true` means for conversations, which TRL trains on every token otherwise."""
     return dataset.map(_assistant_labels_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                       fn_kwargs={"tokenizer": tokenizer, "source": source, "code": _CODE_VERSION},
+                       fn_kwargs={"tokenizer": tokenizer, "source": source, "code": _CODE_VERSION}, num_proc=num_proc,
                        desc=f"Tokenizing {source} (loss on the assistant turns)")
 
 
@@ -294,7 +294,8 @@ class SFTStageTrainer(SFTTrainer):
             # TRL's completion_only_loss covers prompt/completion rows only: for conversations, the loss on the
             # assistant turns is computed here (labels), and TRL takes the tokenized rows as they are
             with PartialState().main_process_first():
-                dataset = assistant_only_labels(dataset, processing_class, f"{self.source} [{dataset_name}]")
+                dataset = assistant_only_labels(dataset, processing_class, f"{self.source} [{dataset_name}]",
+                                                args.dataset_num_proc if len(dataset) > 1 else None)
         # bfd packing keeps rows whole (it truncates overflow, as padding does): rows are fitted first, then packed.
         # bfd_split and wrapped cut rows across sequences by design: left to TRL.
         whole_rows = not packing or args.packing_strategy == "bfd"
