@@ -16,7 +16,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
 from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
-from ..models import CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer
+from ..models import (CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer,
+                      roles_not_rendered)
 from .common import finish, last_checkpoint, load_data, logger, setup, train
 
 
