@@ -397,21 +397,36 @@ def normalise(dataset: Dataset, use: str, source: str, invalid_rows: str = "erro
     # A datasets map, so that data read from files or the Hub (Arrow on disk) is checked once: the result is
     # cached, and so are TRL's tokenization maps after it (a rerun, a resumed run, and the other processes of a
     # multi-process run, which TRL lets the main process prepare first, load them instead of redoing them).
+    # every row in the first row's kind (strings, or conversations): a JSON Lines file may mix them, and TRL
+    # formats every row as it found the first
+    column = {"messages": "messages", "prompt-completion": "prompt", "text": "text", "prompt": "prompt",
+              "preference": "prompt" if "prompt" in dataset.column_names else "chosen"}.get(fmt)
+    kind = None if column is None or dataset[0][column] is None else isinstance(dataset[0][column], list)
     checked = dataset.map(_normalise_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
                           fn_kwargs={"fmt": fmt, "use": use, "fields": _fields(fmt, use, dataset.column_names),
-                                     "source": source, "drop": invalid_rows == "drop", "code": _CODE_VERSION},
+                                     "source": source, "drop": invalid_rows == "drop", "code": _CODE_VERSION,
+                                     "kind": (column, kind)},
                           desc=f"Checking {source}")
     dropped = len(dataset) - len(checked)
     if dropped:
-        first = next(reason for reason in (_invalid(row, i, fmt, use) for i, row in enumerate(dataset)) if reason)
+        first = next(reason for reason in (_invalid(row, i, fmt, use, (column, kind)) for i, row in enumerate(dataset))
+                     if reason)
         print(f"[data] {source}: dropped {dropped} of {len(dataset)} rows (first: {first})")
     if len(checked) == 0:
         raise DataError(f"{source}: no valid rows left")
     return checked
 
 
+def _check_kind(row: dict, kind: tuple[str | None, bool | None]) -> None:
+    column, conversation = kind
+    if conversation is not None and row[column] is not None and isinstance(row[column], list) != conversation:
+        said = ("a conversation", "a string")
+        raise ValueError(f"'{column}' is {said[conversation]} but row 0's is {said[not conversation]}: every row must "
+                         "be of one format (all strings, or all lists of {'role', 'content'} turns)")
+
+
 def _normalise_batch(batch: dict, indices: list[int], fmt: str, use: str, fields: list[str], source: str,
-                     drop: bool, code: str) -> dict:
+                     drop: bool, code: str, kind: tuple = (None, None)) -> dict:
     """normalise()'s map: the valid rows of a batch, normalised; an invalid row stops it or is left out.
     (`code` only keys the cache: _CODE_VERSION.)"""
     out = {field: [] for field in fields}
@@ -419,6 +434,7 @@ def _normalise_batch(batch: dict, indices: list[int], fmt: str, use: str, fields
         row = {column: values[position] for column, values in batch.items()}
         try:
             normalised = _normalise_row(row, fmt, use)
+            _check_kind(row, kind)
         except ValueError as error:
             if not drop:
                 raise DataError(f"{source}: row {index}: {error}") from None
@@ -428,10 +444,11 @@ def _normalise_batch(batch: dict, indices: list[int], fmt: str, use: str, fields
     return out
 
 
-def _invalid(row: dict, index: int, fmt: str, use: str) -> str | None:
+def _invalid(row: dict, index: int, fmt: str, use: str, kind: tuple = (None, None)) -> str | None:
     """Why a row is invalid ("row <index>: <problem>"), or None."""
     try:
         _normalise_row(row, fmt, use)
+        _check_kind(row, kind)
     except ValueError as error:
         return f"row {index}: {error}"
     return None

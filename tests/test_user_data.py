@@ -358,3 +358,14 @@ def test_a_json_file_of_one_object_holding_the_rows_is_named(tmp_path):
         normalise(train, "sft", source)
     path.write_text(json.dumps(ROWS[0]))
     assert normalise(load_splits(str(path))[0], "sft", source).to_list() == ROWS[:1]
+
+
+def test_rows_mixing_strings_and_conversations_are_refused(tmp_path):
+    """Before: a JSON Lines file with a string row and a conversation row loaded as one column of both, and TRL
+    formatted every row as it found the first."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": [USER], "completion": [ANSWER]}) + "\n")
+    train, _, source = load_splits(str(path))
+    with pytest.raises(DataError, match=r"mixed.jsonl: row 1: 'prompt' is a conversation but row 0's is a string: "
+                                        r"every row must be of one format \(all strings, or all lists of"):
+        normalise(train, "sft", source)
