@@ -35,7 +35,8 @@ CARD_FILE = "README.md"
 # Not pushed: intermediate checkpoints, tensorboard logs, the pickled TrainingArguments, VCS/cache folders,
 # the stage file.
 EXCLUDED_DIRS = ("checkpoint-*", "runs", ".git", ".cache", "__pycache__")
-EXCLUDED_FILES = ("training_args.bin", "pipeline_stage.json")  # the second: which stage wrote the folder, local
+EXCLUDED_FILES = ("training_args.bin", "pipeline_stage.json",  # the second: which stage wrote the folder, local
+                  ".pipeline.lock")  # held by the run writing the folder (pipeline.stages.lock)
 # Credential fields are never written to recipe.yaml (eos_token, pad_token, stop_token are settings, not secrets).
 SECRET_FIELD = re.compile(r"(^|_)(hub|hf|auth|access|api)_token$|secret|password|api_key|credential")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")

@@ -8,9 +8,11 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,19 +130,25 @@ RESUME_SHORTER = {"ppo": ["--total_episodes", "96"],  # 6 updates of 2 optimizer
                   "grpo": ["--max_steps", "12"], "dpo": ["--max_steps", "12"]}
 
 
-@pytest.mark.parametrize("stage, zero", [("ppo", 2), ("ppo", 3), ("grpo", 3), ("dpo", 3)])
-def test_stage_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, stage, zero):
+@pytest.mark.parametrize("stage, zero, how", [("ppo", 2, "KILL"), ("ppo", 3, "TERM"), ("grpo", 3, "KILL"),
+                                             ("dpo", 3, "USR1")])
+def test_stage_killed_under_deepspeed_resumes_like_an_uninterrupted_run(tiny_run, tmp_path, stage, zero, how):
     """PPO's own checkpointing, TRL's GRPO (a generation batch per step) and DPO (a reference model, prepared
-    for DeepSpeed beside the policy): each killed after a checkpoint, then resumed from DeepSpeed's engine files,
-    logs what an uninterrupted run logs."""
-    from test_resume import STAGES, command, kill_after_a_checkpoint, logged, saved_steps
+    for DeepSpeed beside the policy): each killed after a checkpoint (SIGKILL), or preempted (SIGTERM, SIGUSR1 to
+    both processes: they agree on a step and write their shards there), then resumed from DeepSpeed's engine
+    files, logs what an uninterrupted run logs."""
+    from test_resume import STAGES, command, kill_after_a_checkpoint, logged, preempt_after_a_checkpoint, saved_steps
 
     launch = [sys.executable, *map(str, launcher(zero))]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     shorter = RESUME_SHORTER[stage]
     run_python(*launch[1:], *command(tiny_run, stage, uninterrupted, shorter), env=ENV)
-    kill_after_a_checkpoint(command(tiny_run, stage, interrupted, shorter), interrupted, random.Random(zero),
-                            launcher=launch, env=ENV)
+    if how == "KILL":
+        kill_after_a_checkpoint(command(tiny_run, stage, interrupted, shorter), interrupted, random.Random(zero),
+                                launcher=launch, env=ENV)
+    else:
+        preempt_after_a_checkpoint(command(tiny_run, stage, interrupted, shorter), interrupted, random.Random(zero),
+                                   how, launcher=launch, env=ENV)
     saved = saved_steps(interrupted)
     checkpoint = interrupted / f"checkpoint-{saved[-1]}"
     assert (checkpoint / f"global_step{saved[-1]}").is_dir()  # DeepSpeed's own engine checkpoint
@@ -160,17 +168,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ppo_as_two_machines_on_loopback_through_the_slurm_script(tiny_run, tmp_path):
-    """scripts/slurm/launch.slurm with stand-ins for Slurm's srun (one task per node, SLURM_NODEID set) and
-    scontrol (the node list: 127.0.0.1): two `accelerate launch --num_machines 2 --machine_rank 0|1` commands,
-    1 process each, form one gloo job that trains PPO, evaluates it and saves it."""
+def test_ppo_as_two_machines_on_loopback_through_the_slurm_script_is_preempted_requeued_and_resumed(tiny_run, tmp_path):
+    """scripts/slurm/launch.slurm with stand-ins for Slurm's srun (one task per node, SLURM_NODEID set, signals passed
+    on to the tasks, as srun does) and scontrol (the node list: 127.0.0.1; requeue: recorded): two `accelerate
+    launch --num_machines 2 --machine_rank 0|1` commands, 1 process each, form one gloo job that trains PPO. Slurm's
+    early warning (SIGUSR1 to the batch script) reaches both processes, which write a checkpoint at the same step
+    and stop; the script requeues the job; the requeued job (the same command) resumes from that checkpoint,
+    evaluates and saves."""
+    from test_resume import saved_steps
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
         "#!/bin/bash\nshift\npids=()\nfor node in $(seq 0 $((SLURM_NNODES - 1))); do\n"
-        "  SLURM_NODEID=$node \"$@\" & pids+=($!)\ndone\nrc=0\nfor p in \"${pids[@]}\"; do wait $p || rc=1; done\n"
-        "exit $rc\n")
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+        "  SLURM_NODEID=$node \"$@\" & pids+=($!)\ndone\n"
+        "trap 'kill -USR1 \"${pids[@]}\"' USR1\ntrap 'kill -TERM \"${pids[@]}\"' TERM\nrc=0\n"
+        "for p in \"${pids[@]}\"; do\n  while wait $p; s=$?; kill -0 $p 2>/dev/null; do :; done\n"
+        "  [ $s -eq 0 ] || rc=1\ndone\nexit $rc\n")
+    requeued = tmp_path / "requeued"
+    (bin_dir / "scontrol").write_text(
+        f"#!/bin/bash\nif [ \"$1\" = requeue ]; then echo \"$@\" >> {requeued}; else echo 127.0.0.1; fi\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     config = tmp_path / "one_process_per_machine.yaml"
@@ -178,12 +195,32 @@ def test_ppo_as_two_machines_on_loopback_through_the_slurm_script(tiny_run, tmp_
                       "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nsame_network: true\nuse_cpu: false\n")
     output = tmp_path / "ppo"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "PYTHON": sys.executable,
-           "MAIN_PORT": str(free_port())}
-    extra = [str(a) for a in stage_args(tiny_run, "ppo", output)[3:]]  # the flags after --config <recipe>
-    result = subprocess.run(["bash", "scripts/slurm/launch.slurm", "ppo", str(tiny_run["recipes"] / "ppo.yaml"),
-                             str(config), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "4242",
+           "PYTHON": sys.executable, "MAIN_PORT": str(free_port())}
+    # 6 updates of 2 optimizer steps, a checkpoint every 3 steps (the flags after --config <recipe>)
+    extra = [str(a) for a in stage_args(tiny_run, "ppo", output)[3:]] + [
+        "--total_episodes", "96", "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1"]
+    job = ["bash", "scripts/slurm/launch.slurm", "ppo", str(tiny_run["recipes"] / "ppo.yaml"), str(config), *extra]
+    first = subprocess.Popen(job, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while first.poll() is None and not saved_steps(output, at_least=3) and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    first.send_signal(signal.SIGUSR1)
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    step = saved_steps(output)[-1]
+    assert f"ppo: stopped by SIGUSR1 after step {step}: {output / f'checkpoint-{step}'} is written" in stderr
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (output / f"checkpoint-{step}").iterdir()}
+    assert not (output / "results.json").exists()
+
+    result = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {output / f'checkpoint-{step}'}" in result.stdout + result.stderr
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    logged = [row["step"] for row in history if "objective/scores" in row]
+    assert logged == list(range(1, 13))  # every optimizer step once
     results = json.loads((output / "results.json").read_text())
     assert (results["num_processes"], results["distributed_type"]) == (2, "MULTI_CPU")
     assert results["eval_prompts"] == 8

@@ -1,4 +1,5 @@
-"""Every stage survives SIGKILL: killed at a random moment after a checkpoint, started again with the same
+"""Every stage survives SIGKILL and preemption: killed at a random moment after a checkpoint, or sent SIGTERM,
+SIGUSR1 or Ctrl-C (which write a checkpoint at the end of the step in flight), started again with the same
 command, it resumes from its last complete checkpoint and ends where an uninterrupted run ends."""
 
 import json
@@ -35,6 +36,9 @@ STAGES = {
                 "num_iterations": 1, "logging_steps": 1}, ["loss", "reward", "kl"]) for stage in ("grpo", "rloo")},
     "dpo": ({"max_steps": 40, "logging_steps": 1}, ["loss", "rewards/margins"]),
 }
+# how each stage's run is interrupted: SIGKILL (a dead machine), or a preemption signal; PPO both, mid-update
+INTERRUPTIONS = {"pretrain": ["KILL"], "sft": ["TERM"], "reward": ["USR1"], "ppo": ["KILL", "TERM"], "grpo": ["TERM"],
+                 "rloo": ["KILL"], "dpo": ["INT"]}
 TOLERANCE = 1e-4  # relative; CPU runs resume bit-exactly in practice, this leaves room for kernel reordering
 
 
@@ -89,6 +93,42 @@ def kill_after_a_checkpoint(args, output_dir: Path, rng: random.Random, launcher
     return target
 
 
+def preempt_after_a_checkpoint(args, output_dir: Path, rng: random.Random, how: str, launcher=(), env=None) -> int:
+    """Start the stage, wait for a randomly chosen early checkpoint, wait a random extra moment, send SIG<how> to
+    the stage's process: it must write a checkpoint at the end of the step in flight, say so in one line and exit
+    with 128 + the signal's number. Returns the step of that checkpoint."""
+    signum = getattr(signal, f"SIG{how}")
+    target = rng.choice([SAVE_STEPS, 2 * SAVE_STEPS])
+    process = subprocess.Popen([*launcher, *args] if launcher else [sys.executable, *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 600
+    while process.poll() is None and not saved_steps(output_dir, at_least=target) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.2))
+    assert process.poll() is None, f"the stage ended before the signal:\n{process.stderr.read()[-3000:]}"
+    if launcher:  # the stage's processes, the launcher's children (as scripts/slurm/node.sh sends it)
+        for worker in psutil.Process(process.pid).children():
+            worker.send_signal(signum)
+    else:
+        process.send_signal(signum)
+    stderr = process.communicate(timeout=600)[1]
+    if launcher:  # torch's launcher reports the workers' exit code as a failure of its own
+        assert process.returncode != 0, stderr[-3000:]
+        line = next(line for line in stderr.splitlines() if ": stopped by " in line)
+    else:
+        assert process.returncode == 128 + signum, stderr[-3000:]
+        assert "Traceback" not in stderr
+        line = stderr.strip().splitlines()[-1]
+    name = "Ctrl-C" if how == "INT" else f"SIG{how}"
+    prefix = f"{args[0].split('/')[-1][:-3]}: stopped by {name} after step "
+    assert line.startswith(prefix), line
+    step = int(line[len(prefix):].split(":")[0])
+    assert line.endswith(f"{output_dir / f'checkpoint-{step}'} is written; the same command resumes from it"), line
+    assert step >= target and saved_steps(output_dir)[-1] == step  # the step it reached, not the last periodic save
+    assert not (output_dir / "results.json").exists() and not (output_dir / "config.json").exists()
+    return step
+
+
 def logged(output_dir: Path, keys) -> dict[int, dict]:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     steps = [row["step"] for row in history if any(k in row for k in keys)]
@@ -99,31 +139,37 @@ def logged(output_dir: Path, keys) -> dict[int, dict]:
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage):
     rng = random.Random(f"{stage}-{os.getpid()}")
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    uninterrupted = tmp_path / "uninterrupted"
     run_python(*command(tiny_run, stage, uninterrupted))
-
-    target = kill_after_a_checkpoint(command(tiny_run, stage, interrupted), interrupted, rng)
-    saved = saved_steps(interrupted)
-    assert saved and saved[-1] >= target
-    resumed = run_python(*command(tiny_run, stage, interrupted))
-    log = resumed.stdout + resumed.stderr
-    assert f"resuming from {interrupted / f'checkpoint-{saved[-1]}'}" in log
-
-    keys = STAGES[stage][1]
-    expected, got = logged(uninterrupted, keys), logged(interrupted, keys)
-    assert list(got) == list(expected)  # every step once: none lost, none repeated
-    assert max(got) > saved[-1]  # and the resumed run did train past the checkpoint
-    for step, values in expected.items():
-        for key, value in values.items():
-            assert got[step][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), (stage, step, key)
     final = json.loads((uninterrupted / "results.json").read_text())
-    final_resumed = json.loads((interrupted / "results.json").read_text())
-    for key, value in final.items():
-        # timings differ; TRL's token counter (num_tokens) is not part of transformers' checkpoint, so it restarts;
-        # transformers' train_loss is the mean over the steps this process ran (the per-step losses are compared)
-        if isinstance(value, float) and key != "train_loss" and not key.endswith(
-                ("runtime", "wall_seconds", "per_second", "num_tokens")):
-            assert final_resumed[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), key
+    keys = STAGES[stage][1]
+    expected = logged(uninterrupted, keys)
+    for how in INTERRUPTIONS[stage]:
+        interrupted = tmp_path / f"interrupted-{how}"
+        if how == "KILL":
+            target = kill_after_a_checkpoint(command(tiny_run, stage, interrupted), interrupted, rng)
+        else:
+            target = preempt_after_a_checkpoint(command(tiny_run, stage, interrupted), interrupted, rng, how)
+        saved = saved_steps(interrupted)
+        assert saved and saved[-1] >= target
+        resumed = run_python(*command(tiny_run, stage, interrupted))
+        log = resumed.stdout + resumed.stderr
+        assert f"resuming from {interrupted / f'checkpoint-{saved[-1]}'}" in log
+
+        got = logged(interrupted, keys)
+        assert list(got) == list(expected), how  # every step once: none lost, none repeated
+        assert max(got) > saved[-1]  # and the resumed run did train past the checkpoint
+        for step, values in expected.items():
+            for key, value in values.items():
+                assert got[step][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), (stage, how, step, key)
+        final_resumed = json.loads((interrupted / "results.json").read_text())
+        for key, value in final.items():
+            # timings differ; TRL's token counter (num_tokens) is not part of transformers' checkpoint, so it
+            # restarts; transformers' train_loss is the mean over the steps this process ran (the per-step losses
+            # are compared)
+            if isinstance(value, float) and key != "train_loss" and not key.endswith(
+                    ("runtime", "wall_seconds", "per_second", "num_tokens")):
+                assert final_resumed[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), (how, key)
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tiny_run, tmp_path):

@@ -8,7 +8,10 @@ import resource
 import sys
 import tempfile
 
-from ..config import STAGES, parse, parser, short_help
+from ..config import STAGES, load_recipe, parse, parser, short_help
+from . import preemption
+from .lock import OutputDirLock
+from .preemption import Preempted
 
 # errno -> the cause, for a write that failed (OSError, or safetensors' "os error N", or torch.save)
 WRITE_ERRORS = {
@@ -91,12 +94,21 @@ def run(stage: str, argv: list[str] | None = None) -> None:
         print(short_help(stage, os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else f"scripts/{stage}.py"))
         sys.exit(0)
     output_dir = None
+    lock = None
+    preemption.install(stage)
     try:
         module = importlib.import_module(f"{__name__}.{stage}")
         parsed = parse(stage, argv)
         output_dir = parsed[1].output_dir
+        require_output_dir(argv)
         check_writable(output_dir)
+        if os.environ.get("RANK", "0") == "0":  # one process per run holds it (rank 0 of machine 0)
+            lock = OutputDirLock(output_dir).acquire()
         module.main(*parsed)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{stage}: {preempted_line(stop, output_dir)}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -104,12 +116,36 @@ def run(stage: str, argv: list[str] | None = None) -> None:
               "kept and the same command resumes from the last one", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
+        if lock is not None:
+            lock.release(wrote_nothing=True)
+            lock = None
         message = describe_write_error(error, output_dir)
         if debug or (message is None and not isinstance(error, (ValueError, OSError))):
             raise
         message = message or " ".join(str(error).split())
         print(f"error: {stage}: {message} (PIPELINE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def require_output_dir(argv: list[str]) -> None:
+    """transformers writes to ./trainer_output when no output_dir is given: a run must say where it writes."""
+    if any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        return
+    path = argv[argv.index("--config") + 1]
+    if not (load_recipe(path) or {}).get("output_dir"):
+        raise ValueError(f"recipe '{path}' has no output_dir: set output_dir in the recipe or with --output_dir "
+                         "(transformers would write to ./trainer_output)")
+
+
+def preempted_line(stop: Preempted, output_dir: str | None) -> str:
+    if stop.checkpoint is not None:
+        return (f"stopped by {stop.name} after step {stop.step}: {stop.checkpoint} is written; the same command "
+                "resumes from it")
+    return (f"stopped by {stop.name} before the next step began (nothing was training); the checkpoints and models "
+            f"already in {output_dir or 'output_dir'} are kept and the same command resumes from the last checkpoint")
 
 
 __all__ = ["STAGES", "run"]

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 
 import datasets
 import torch
@@ -16,6 +17,8 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .. import data
+from . import preemption
+from .preemption import Preempted, StopOnSignal
 
 logger = logging.getLogger("pipeline")
 
@@ -46,6 +49,7 @@ def setup(training_args, stage: str) -> None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     claim_output_dir(training_args.output_dir, stage)
+    asked_checkpoint(training_args)  # a resume_from_checkpoint that cannot be used: said before anything loads
 
 
 def output_dir_stage(output_dir: str) -> str | None:
@@ -131,11 +135,67 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [path for path in paths if os.path.isdir(path) and is_complete(path)]
 
 
+def broken_file(checkpoint: str) -> str | None:
+    """Why a checkpoint's files cannot load (a file cut short by a full disk or a killed copy), or None. Reads
+    only headers: a safetensors file must be as long as its header says, a torch.save file (a zip) must end with
+    its zip directory, a JSON file must parse."""
+    for folder, _, names in os.walk(checkpoint):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, checkpoint)
+            try:
+                size = os.path.getsize(path)
+                with open(path, "rb") as f:
+                    if name.endswith(".safetensors"):
+                        length = int.from_bytes(f.read(8), "little")
+                        header = json.loads(f.read(length)) if 8 + length <= size else None
+                        if header is None:
+                            return f"{relative} is cut short ({size} bytes, shorter than its own header)"
+                        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                        if 8 + length + end > size:
+                            return f"{relative} is cut short ({size} of {8 + length + end} bytes)"
+                    elif name.endswith((".pt", ".pth", ".bin")) and f.read(4) == b"PK\x03\x04":
+                        if not zipfile.is_zipfile(path):
+                            return f"{relative} is cut short ({size} bytes, no zip directory at its end)"
+                    elif name.endswith(".json"):
+                        json.load(f)
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+                return f"{relative} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
+def asked_checkpoint(training_args) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names (None when it is unset, or `true`/`latest`: the newest), after
+    checking that it exists, is complete and its files load; else a one-line error."""
+    asked = training_args.resume_from_checkpoint
+    if asked in (None, "") or str(asked).lower() in ("true", "latest", "last"):
+        return None
+    if not os.path.isdir(asked):
+        what = "is a file, not a checkpoint folder" if os.path.exists(asked) else "does not exist"
+        found = complete_checkpoints(training_args.output_dir)
+        raise ValueError(f"resume_from_checkpoint {asked} {what}"
+                         + (f" (output_dir's newest checkpoint is {found[-1]})" if found else "")
+                         + "; nothing was trained")
+    if not is_complete(asked):
+        raise ValueError(f"resume_from_checkpoint {asked} is not a complete checkpoint (no readable "
+                         "trainer_state.json: the run that wrote it stopped while saving it); nothing was trained")
+    if (broken := broken_file(asked)) is not None:
+        raise ValueError(f"resume_from_checkpoint {asked}: {broken}; resume from another checkpoint; nothing was "
+                         "trained")
+    return asked
+
+
 def last_checkpoint(training_args) -> str | None:
-    """The newest complete `checkpoint-N` in output_dir, to resume from (None for a fresh run). Checkpoints
-    that were being written when the run died are removed first (on the main process), so that neither this
-    run nor transformers' rotation ever picks them up."""
+    """The checkpoint to resume from: `resume_from_checkpoint` if the recipe or command line names one (it must
+    exist and load), else the newest complete `checkpoint-N` in output_dir whose files load (None for a fresh
+    run). Checkpoints that were being written when the run died are removed first (on the main process), so that
+    neither this run nor transformers' rotation ever picks them up; a complete one with a file cut short is renamed
+    `broken-checkpoint-N` (kept, never resumed from or rotated) and the one before it is used."""
     output_dir = training_args.output_dir
+    asked = asked_checkpoint(training_args)
+    if asked is not None:
+        logger.info(f"resuming from {asked} (resume_from_checkpoint)")
+        return asked
     if not os.path.isdir(output_dir):
         return None
     if training_args.should_save:
@@ -144,10 +204,16 @@ def last_checkpoint(training_args) -> str | None:
             if _CHECKPOINT.match(name) and os.path.isdir(path) and not is_complete(path):
                 logger.warning(f"removing {path}: the run was stopped while writing it (no complete trainer_state.json)")
                 shutil.rmtree(path)
-    checkpoints = complete_checkpoints(output_dir)
-    if checkpoints:
-        logger.info(f"resuming from {checkpoints[-1]}")
-        return checkpoints[-1]
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        if (broken := broken_file(checkpoint)) is None:
+            logger.info(f"resuming from {checkpoint}")
+            return checkpoint
+        kept, number = os.path.join(output_dir, f"broken-{os.path.basename(checkpoint)}"), 1
+        while os.path.exists(kept):
+            kept, number = os.path.join(output_dir, f"broken-{os.path.basename(checkpoint)}.{number}"), number + 1
+        logger.warning(f"not resuming from {checkpoint}: {broken}; it is kept as {kept}")
+        if training_args.should_save:
+            os.replace(checkpoint, kept)
     return None
 
 
@@ -216,17 +282,44 @@ class TiedWeightsFilter(logging.Filter):
 
 
 def train(trainer, checkpoint: str | None, stage: str):
-    """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check; output_dir marked as
-    `stage`'s first."""
+    """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check and the stop on a preemption
+    signal (pipeline.stages.preemption); output_dir marked as `stage`'s first. The final model is saved as soon as
+    training ends, before the evaluation, the card or the push can fail (`save_final`). A signal raises
+    `Preempted` once transformers has written the checkpoint of the step in flight."""
     mark_output_dir(trainer.args, stage)
     trainer.add_callback(FiniteGradients())
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
     quiet = TiedWeightsFilter(trainer.model)
     trainer_logger = logging.getLogger("transformers.trainer")
     trainer_logger.addFilter(quiet)
     try:
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer_logger.removeFilter(quiet)
+    if stopper.stopped_at is not None:
+        trainer.accelerator.wait_for_everyone()
+        raise Preempted(preemption.received(), os.path.join(trainer.args.output_dir,
+                                                            f"checkpoint-{stopper.stopped_at}"), stopper.stopped_at)
+    save_final(trainer, trainer.args)
+    if preemption.received():  # after the last step: the model is written, the evaluation is not run
+        raise Preempted(preemption.received())
+    return result
+
+
+def save_final(trainer, training_args) -> None:
+    """The trained model (+ tokenizer, generation config; LoRA: the adapter in output_dir/adapter and the merged
+    model in output_dir) and the log history (losses, rewards, KL per step, for the run report, even when no
+    checkpoint was saved)."""
+    from ..models import peft_model, save_lora
+
+    lora = peft_model(trainer)
+    if lora is not None:
+        save_lora(trainer, lora, training_args.output_dir)
+    else:
+        trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
 
 
 def write_results(output_dir: str, results: dict) -> None:
@@ -236,21 +329,16 @@ def write_results(output_dir: str, results: dict) -> None:
 
 
 def finish(trainer, training_args, dataset_name: str, metrics: dict, tags: list[str], publication) -> None:
-    """Save the final model (+ tokenizer, generation config), write results, recipe.yaml and the model card,
-    then push the output folder if the recipe asked for it (`publication`, from `hub.prepare`; a failed
-    push exits with code 3 and keeps everything on disk)."""
-    from ..models import parameter_counts, peft_model, save_lora
+    """After the evaluation (the model is already saved, by `train`): write results, recipe.yaml and the model
+    card, then push the output folder if the recipe asked for it (`publication`, from `hub.prepare`; a failed push
+    exits with code 3 and keeps everything on disk)."""
+    from ..models import parameter_counts
 
     metrics = {**metrics, **parameter_counts(trainer), "num_processes": trainer.accelerator.num_processes,
                "distributed_type": trainer.accelerator.distributed_type.value}
-    lora = peft_model(trainer)
-    if lora is not None:  # LoRA: the adapter in output_dir/adapter, the merged model in output_dir
-        save_lora(trainer, lora, training_args.output_dir)
-    else:
-        trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
-        # the log history (losses, rewards, KL per step) for the run report, even when no checkpoint was saved
+        # again, with the evaluation's entries
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
         publication.write_files(metrics, dataset_name, tags)
     trainer.accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
 from .common import finish, last_checkpoint, load_data, setup, train
-from .online import require_reward, tokenize_prompts
+from .online import evaluation_prompts, require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft, for_evaluation
 
 
@@ -55,15 +55,17 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
         reward_processing_classes=processing,
         peft_config=peft_config,
     )
+    held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
     train(trainer, last_checkpoint(training_args), stage)
 
     # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
     # against, made ready the same way
     scorer = trainer.reward_funcs[0] if trains_on_model else for_evaluation(reward_model, trainer)
     metrics = evaluate_against_sft(
-        trainer, stage, script_args, model_args, tokenizer, eval_prompts if eval_prompts is not None else prompts,
+        trainer, stage, script_args, model_args, tokenizer, held_out,
         sft_model_path=policy_path, reward_model=scorer, max_new_tokens=training_args.max_completion_length,
         temperature=training_args.temperature, reference=trainer.ref_model)
+    metrics["eval_held_out"] = eval_prompts is not None
     if trainer.accelerator.is_main_process:
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
     finish(trainer, training_args, source, metrics, tags=["pipeline", stage, "rlhf"], publication=publication)

@@ -33,3 +33,14 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length: int, source: str, ke
     return kept.remove_columns("input_ids") if keep_prompts else kept
 
 
+
+
+def evaluation_prompts(prompts, eval_prompts, tokenizer, max_prompt_length: int, source: str):
+    """The prompts the policy is evaluated on after training: the test split's, filtered as training filters its
+    own (a prompt longer than max_prompt_length would not fit the model with its answer). Without a test split
+    the training prompts stand in, and the results say so (`eval_held_out: false`)."""
+    if eval_prompts is None:
+        logger.warning(f"{source} has no test split: the evaluation after training uses training prompts, which are "
+                       "not held out (results.json: eval_held_out false)")
+    return tokenize_prompts(eval_prompts if eval_prompts is not None else prompts, tokenizer, max_prompt_length,
+                            f"{source} [evaluation]", keep_prompts=True)

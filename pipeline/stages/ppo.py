@@ -14,7 +14,7 @@ from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_
                       load_causal_lm, load_scalar_head_model, load_tokenizer)
 from ..trainers.ppo import PPOTrainer
 from .common import finish, last_checkpoint, load_data, setup, train
-from .online import require_reward, tokenize_prompts
+from .online import evaluation_prompts, require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft
 
 
@@ -52,6 +52,7 @@ def main(script_args, training_args, model_args):
     train_dataset = tokenize_prompts(prompts, tokenizer, script_args.max_prompt_length, source)
     eval_dataset = tokenize_prompts(eval_prompts if eval_prompts is not None else prompts, tokenizer,
                                     script_args.max_prompt_length, source)
+    held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
 
     trainer = PPOTrainer(
         args=training_args,
@@ -72,10 +73,11 @@ def main(script_args, training_args, model_args):
     train(trainer, last_checkpoint(training_args), "ppo")
 
     metrics = evaluate_against_sft(
-        trainer, "ppo", script_args, model_args, tokenizer, eval_prompts if eval_prompts is not None else prompts,
+        trainer, "ppo", script_args, model_args, tokenizer, held_out,
         sft_model_path=training_args.sft_model_path, reward_model=trainer.reward_model,
         max_new_tokens=training_args.response_length, temperature=training_args.temperature,
         reference=trainer.ref_model, policy_of=lambda model: model.policy)
+    metrics["eval_held_out"] = eval_prompts is not None
     if trainer.accelerator.is_main_process:
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
     finish(trainer, training_args, source, metrics, tags=["pipeline", "ppo", "rlhf"], publication=publication)
