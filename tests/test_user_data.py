@@ -369,3 +369,36 @@ def test_rows_mixing_strings_and_conversations_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"mixed.jsonl: row 1: 'prompt' is a conversation but row 0's is a string: "
                                         r"every row must be of one format \(all strings, or all lists of"):
         normalise(train, "sft", source)
+
+
+def test_sft_stage_refuses_turns_its_template_drops_before_loading_the_model(tmp_path, capsys):
+    """The template probe as the SFT stage runs it (in process): one line, exit 2, nothing written."""
+    import yaml
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import ROOT
+    from pipeline.models import CHAT_TEMPLATE, train_tokenizer
+    from pipeline.stages import run
+
+    tokenizer = train_tokenizer(["Write a review of The Lost River. A superb drama. Dull."] * 50, vocab_size=300)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{% if message['role'] == 'system' %}{{ message['content'] }}",
+                                                    "{% if message['role'] == 'system' %}")  # drops system turns
+    model = tmp_path / "model"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=128,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [USER, ANSWER]}) + "\n" + json.dumps({"messages": [SYSTEM, USER, ANSWER]}))
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "sft.yaml").read_text())
+    recipe.update(model_name_or_path=str(model), dataset_name=str(chat), dataset_num_proc=None,
+                  output_dir=str(tmp_path / "sft"), report_to="none", disable_tqdm=True, max_steps=1)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit) as exit_code:
+        run("sft", ["--config", str(tmp_path / "sft.yaml")])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: sft: {chat} [train]: row 1: 'messages' has a system turn, and the chat template of {model} does not "
+        "render system turns (the chat template leaves its text out): drop those turns or merge them into the user "
+        "turn, or use a chat template that renders them (PIPELINE_DEBUG=1 shows the traceback)")
+    assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
