@@ -534,11 +534,11 @@ def _load(args, path: str, kind: str = "lm", padding_side: str = "left", field: 
     """(model in eval mode, tokenizer); the checkpoint must be a causal LM (kind "lm") or a reward model."""
     from trl import ModelConfig
 
-    from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind, load_causal_lm, load_scalar_head_model, load_tokenizer
+    from .models import CAUSAL_LM, SCALAR_HEAD, load_causal_lm, load_scalar_head_model, load_tokenizer
 
     model_args = ModelConfig(model_name_or_path=path, dtype=getattr(args, "dtype", None))
     # before the tokenizer: a checkpoint of another kind may have none, and the kind is the message to give
-    check_model_kind(path, CAUSAL_LM if kind == "lm" else SCALAR_HEAD, field, model_args)
+    _check_kind(path, CAUSAL_LM if kind == "lm" else SCALAR_HEAD, field, model_args)
     tokenizer = load_tokenizer(path, model_args, padding_side=padding_side)
     if kind == "lm":
         return load_causal_lm(path, tokenizer, model_args, field).eval(), tokenizer
@@ -591,7 +591,7 @@ def _evaluate_policies(args, oracle) -> dict:
     """`eval policy` and `eval compare`: every setting, every model's kind and every tokenizer checked before any
     model's weights are loaded; the lengths checked against each model's context before anything is generated."""
     from . import evaluate
-    from .models import CAUSAL_LM, SCALAR_HEAD, check_model_kind, first_tokenizer_difference, load_tokenizer
+    from .models import CAUSAL_LM, SCALAR_HEAD, first_tokenizer_difference, load_tokenizer
 
     _check_at_least(args, 1, "max_prompts", "samples_per_prompt", "max_new_tokens")
     if not args.temperature > 0:
@@ -603,7 +603,7 @@ def _evaluate_policies(args, oracle) -> dict:
         if path]
     for path, need, field in models:  # every model's kind before any is loaded
         _check_model_path(path, field)
-        check_model_kind(path, need, field)
+        _check_kind(path, need, field)
     from trl import ModelConfig
 
     tokenizers = {field: load_tokenizer(path, ModelConfig(model_name_or_path=path)) for path, _, field in models}
@@ -815,6 +815,21 @@ def _check_recipe_dir(path: str, command: str) -> None:
     script = f"scripts/{script_of(stem)}.py" if stem in (*STAGES, CEILING) else "scripts/<stage>.py"
     raise ValueError(f"'{path}' is a recipe file; {command} takes the recipe folder ('{name.parent}'); to run this "
                      f"one recipe alone: python {script} --config {path}")
+
+
+def _check_kind(path: str, need: str, field: str, model_args=None) -> None:
+    """models.check_model_kind, with the field named where a path that is not a local folder cannot be fetched
+    from the Hub either (transformers' message names neither)."""
+    from .models import check_model_kind
+
+    try:
+        check_model_kind(path, need, field, model_args)
+    except OSError as error:
+        if str(error).startswith(field):
+            raise
+        cause = " ".join(str(error).split()).split(". ")[0]
+        raise OSError(f"{field} '{path}' is not a local folder, and as a Hub id it could not be loaded ({cause}): "
+                      "check the path (a stage's output_dir) or the Hub id and the connection") from None
 
 
 def _check_file_arg(path: str | None, flag: str, example: str) -> None:

@@ -27,20 +27,27 @@ def _recipe(recipe_dir: str, stage: str, variant: str | None) -> str:
 
 
 def _resolved(recipe_dir: str, overrides: list[str], variant: str | None = None) -> dict:
-    """The parsed recipes of the stages whose model exists (a partial run evaluates what it has)."""
+    """The parsed recipes of the stages whose model exists (a partial run evaluates what it has); none is an error
+    (an empty result would read as an evaluation that found nothing)."""
     stages = {stage: parse(stage, ["--config", _recipe(recipe_dir, stage, variant), *overrides])
               for stage in STAGES
               if os.path.isfile(_recipe(recipe_dir, stage, variant))}
-    return {stage: args for stage, args in stages.items()
-            if os.path.isfile(os.path.join(args[1].output_dir, "config.json"))}
+    if not stages:
+        raise FileNotFoundError(f"no stage recipe in '{recipe_dir}': eval suite evaluates the models a recipe folder's "
+                                "stages wrote (e.g. recipes/tiny)")
+    found = {stage: args for stage, args in stages.items()
+             if os.path.isfile(os.path.join(args[1].output_dir, "config.json"))}
+    if not found:
+        raise FileNotFoundError(f"no model of '{recipe_dir}' exists yet (none in "
+                                f"{', '.join(args[1].output_dir for args in stages.values())}): run "
+                                f"`python -m pipeline run {recipe_dir}` first")
+    return found
 
 
 def evaluate_run(recipe_dir: str, overrides: list[str] = (), max_texts: int = 500, fewshot_examples: int = 100,
                  variant: str | None = None) -> dict:
     stages = _resolved(recipe_dir, list(overrides), variant)
     results = {}
-    if not stages:
-        return results
     on_embedded = all(args[0].dataset_name.startswith(data.EMBEDDED_PREFIX) for args in stages.values())
 
     if "reward" in stages:

@@ -211,3 +211,28 @@ def test_figures_older_than_a_stage_rerun_upstream_are_marked_stale(capsys, tmp_
         (outputs / stage / "results.json").write_text(json.dumps(figures[stage]))
     results = cli.run(str(recipes), ["sft"], evaluate=False, jobs=1)  # sft: finished, skipped
     assert "stale" not in results and "(stale)" not in (outputs / "report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ a new user's tries
+
+def test_eval_suite_with_no_model_or_no_recipe_says_so(capsys, tmp_path):
+    recipes = write_recipes(tmp_path / "mine", tmp_path / "outputs", {"sft": TINY_OVERRIDES["sft"]})
+    line = failure(capsys, ["eval", "--output", tmp_path / "eval.json", "suite", recipes])
+    assert line == (f"error: no model of '{recipes}' exists yet (none in {tmp_path / 'outputs' / 'sft'}): run "
+                    f"`python -m pipeline run {recipes}` first")
+    (tmp_path / "empty").mkdir()
+    line = failure(capsys, ["eval", "suite", tmp_path / "empty"])
+    assert f"no stage recipe in '{tmp_path / 'empty'}'" in line
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_model_that_is_neither_a_local_folder_nor_on_the_hub_is_named(capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as without a connection, without waiting for one
+    for argv, field in ((["generate", "nobody/no-such-model", "Hi"], "MODEL"),
+                        (["eval", "policy", "nobody/no-such-model"], "MODEL")):
+        line = failure(capsys, argv)
+        assert line.startswith(f"error: {field} 'nobody/no-such-model' is not a local folder, and as a Hub id it "
+                               "could not be loaded (")
+        assert line.endswith("check the path (a stage's output_dir) or the Hub id and the connection")
