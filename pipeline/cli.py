@@ -308,6 +308,14 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
                     f"set it in that stage's recipe, or run the stage alone: scripts/<stage>.py --config ...)"
                     if unused else "")) from None
     output_dirs = {s: args[1].output_dir for s, args in parsed.items()}
+    writers = {}
+    for s, folder in output_dirs.items():  # two stages in one folder: the second would refuse it, or resume the first
+        first = writers.setdefault(os.path.abspath(folder), s)
+        if first != s:
+            raise ValueError(f"stages {first} and {s} would both write to {folder}" + (
+                " (flags after `--` go to every stage: set output_dir in each stage's recipe instead)"
+                if any(o.split("=")[0] in ("--output_dir", "--output-dir") for o in overrides)
+                else ": give each stage its own output_dir in its recipe") + "; nothing was run")
     fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
     results_path = Path(results_path or run_folder(list(output_dirs.values())) / "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -236,3 +236,12 @@ def test_a_model_that_is_neither_a_local_folder_nor_on_the_hub_is_named(capsys, 
         assert line.startswith(f"error: {field} 'nobody/no-such-model' is not a local folder, and as a Hub id it "
                                "could not be loaded (")
         assert line.endswith("check the path (a stage's output_dir) or the Hub id and the connection")
+
+
+def test_an_output_dir_after_the_double_dash_that_every_stage_would_share_is_refused(capsys, tmp_path):
+    recipes = write_recipes(tmp_path / "mine", tmp_path / "outputs", {s: TINY_OVERRIDES[s] for s in ("pretrain",
+                                                                                                    "sft")})
+    line = failure(capsys, ["run", recipes, "--", "--output_dir", tmp_path / "mine-out"])
+    assert line == (f"error: stages pretrain and sft would both write to {tmp_path / 'mine-out'} (flags after `--` go "
+                    "to every stage: set output_dir in each stage's recipe instead); nothing was run")
+    assert not (tmp_path / "mine-out").exists() and not (tmp_path / "outputs").exists()
