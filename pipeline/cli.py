@@ -833,7 +833,7 @@ def _check_kind(path: str, need: str, field: str, model_args=None) -> None:
     try:
         check_model_kind(path, need, field, model_args)
     except OSError as error:
-        if str(error).startswith(field):
+        if str(error).startswith(field) or os.path.exists(path):
             raise
         cause = " ".join(str(error).split()).split(". ")[0]
         raise OSError(f"{field} '{path}' is not a local folder, and as a Hub id it could not be loaded ({cause}): "

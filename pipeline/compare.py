@@ -242,7 +242,8 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGO
     started = time.time()
     print(f"\n=== compare: the SFT policy and reward model of {recipe_dir}", flush=True)
     # the chain as its recipes have it: the overrides are for the algorithms' runs
-    run_stages(str(recipe_dir), ["pretrain", "sft", "reward"], accelerate_config, [], evaluate=False)
+    run_stages(str(recipe_dir), [s for s in ("pretrain", "sft", "reward") if recipe_file(recipe_dir, s).is_file()],
+               accelerate_config, [], evaluate=False)  # a folder without pretrain.yaml starts from a Hub model
 
     rows = []
     for algorithm in algorithms:
