@@ -197,20 +197,24 @@ def fingerprint(parsed) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, force: bool) -> tuple[str, str]:
+def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, force: bool,
+               stale: bool = False) -> tuple[str, str]:
     """("skip" | "run", why): a stage is skipped when it finished with the same recipe and the same
-    recipes before it; a stage whose recipe or inputs changed runs again, its old output moved aside."""
+    recipes before it, after the models it reads were written (`stale`: one was written after it finished, e.g.
+    by a --force rerun of a stage before it); otherwise it runs again, its old output moved aside."""
     done = state.get(stage)
     inputs = {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}
     finished = os.path.isfile(os.path.join(output_dir, "results.json"))
-    if done and finished and not force and done["fingerprint"] == fingerprints[stage] and done["upstream"] == inputs:
+    if (done and finished and not force and not stale and done["fingerprint"] == fingerprints[stage]
+            and done["upstream"] == inputs):
         return "skip", "finished with this recipe and these inputs (--force reruns it)"
     if done and os.path.isdir(output_dir):
         aside = f"{output_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(output_dir, aside)
         del state[stage]  # no longer finished: if this run is interrupted, the next one resumes it
         why = "forced" if force else ("its recipe changed" if done["fingerprint"] != fingerprints[stage]
-                                      else "a stage before it changed")
+                                      else "a stage before it changed" if done["upstream"] != inputs
+                                      else "a model it reads was written after it finished")
         return "run", f"{why}; the previous output was moved to {aside}"
     checkpoints = sorted(Path(output_dir).glob("checkpoint-*")) if os.path.isdir(output_dir) else []
     if checkpoints:
@@ -327,7 +331,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
     for wave in waves(plan, jobs):
         todo = []
         for stage in wave:
-            action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force)
+            stale = bool(stale_stages({stage: model_inputs(parsed[stage])}, output_dirs))
+            action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force, stale)
             state_path.parent.mkdir(parents=True, exist_ok=True)
             state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
             print(f"\n=== [{numbers[stage]}/{len(plan)}] {stage}: {recipe_file(recipe_dir, stage, variant)} -> "

@@ -174,27 +174,29 @@ def test_the_rerun_hint_repeats_every_option_given(capsys, tmp_path):
 
 def test_figures_older_than_a_stage_rerun_upstream_are_marked_stale(capsys, tmp_path, monkeypatch):
     """`cp -r recipes/tiny mine`, then `run mine --stages sft`: the reward and PPO figures of the earlier run stay in
-    results.json, and the summary and the report must say that they describe models of the old SFT policy. The
-    stage itself is faked (it writes its model and results), the runner is real."""
+    results.json, and the summary and the report must say that they describe models of the old SFT policy; the
+    command they give reruns them. The stages are faked (each writes its model and results), the runner is real."""
     outputs = tmp_path / "outputs"
     recipes = write_recipes(tmp_path / "mine", outputs, {s: TINY_OVERRIDES[s] for s in ("sft", "reward", "ppo")})
-    earlier = time.time() - 3600
     figures = {"sft": {"eval_perplexity": 9.0}, "reward": {"eval_accuracy": 0.8}, "ppo": {"gold_score_ppo": 1.5}}
-    for stage in figures:  # an earlier run of the whole chain
-        (outputs / stage).mkdir(parents=True)
-        for name, content in (("config.json", "{}"), ("results.json", json.dumps(figures[stage]))):
-            (outputs / stage / name).write_text(content)
-            os.utime(outputs / stage / name, (earlier, earlier))
-    (outputs / "results.json").write_text(json.dumps(figures))
 
-    def fake_stage(command, in_process=None, log=None, threads=None):  # the sft stage, trained again
-        (outputs / "sft" / "config.json").write_text("{}")
-        (outputs / "sft" / "results.json").write_text(json.dumps({"eval_perplexity": 7.0}))
+    def fake_stage(command, in_process=None, log=None, threads=None):
+        stage = os.path.basename(command[command.index("--config") + 1]).removesuffix(".yaml")
+        (outputs / stage).mkdir(parents=True, exist_ok=True)
+        (outputs / stage / "config.json").write_text("{}")
+        (outputs / stage / "results.json").write_text(json.dumps(figures[stage]))
         return cli.Child(process=subprocess.Popen(["true"]))
 
     monkeypatch.setattr(cli, "start", fake_stage)
     monkeypatch.setattr(cli, "_stage_in_process", lambda *args: None)
-    results = cli.run(str(recipes), ["sft"], evaluate=False, jobs=1)
+    cli.run(str(recipes), ["sft", "reward", "ppo"], evaluate=False, jobs=1)  # the earlier run of the whole chain
+    earlier = time.time() - 3600
+    for stage in figures:
+        for name in ("config.json", "results.json"):
+            os.utime(outputs / stage / name, (earlier, earlier))
+    capsys.readouterr()
+    figures["sft"] = {"eval_perplexity": 7.0}
+    results = cli.run(str(recipes), ["sft"], evaluate=False, jobs=1, force=True)  # same recipe: only --force reruns
     out = capsys.readouterr().out
     assert "sft.eval_perplexity   7.000\n" in out and "reward.eval_accuracy  0.800 (stale)" in out
     assert "ppo.gold_score_ppo    1.500 (stale)" in out
@@ -205,12 +207,13 @@ def test_figures_older_than_a_stage_rerun_upstream_are_marked_stale(capsys, tmp_
     assert f"rerun it: python -m pipeline run {recipes} --stages reward,ppo" in out
     report = (outputs / "report" / "report.md").read_text()
     assert "| reward | eval_accuracy | 0.800 (stale) |" in report and "| sft | eval_perplexity | 7.000 |" in report
-    assert f"- reward: its figures are from a run of" in report and "model_name_or_path" in report
-    # once the stages after sft have run again (their results written after its model), no mark is left behind
-    for stage in ("reward", "ppo"):
-        (outputs / stage / "results.json").write_text(json.dumps(figures[stage]))
-    results = cli.run(str(recipes), ["sft"], evaluate=False, jobs=1)  # sft: finished, skipped
-    assert "stale" not in results and "(stale)" not in (outputs / "report" / "report.md").read_text()
+    assert "- reward: its figures are from a run of" in report and "model_name_or_path" in report
+    # the command given reruns them (their recipes and the fingerprints before them are unchanged), and then no
+    # mark is left behind
+    results = cli.run(str(recipes), ["reward", "ppo"], evaluate=False, jobs=1)
+    out = capsys.readouterr().out
+    assert out.count("run: a model it reads was written after it finished") == 2
+    assert "stale" not in results and "(stale)" not in out + (outputs / "report" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ a new user's tries
