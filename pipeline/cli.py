@@ -612,8 +612,8 @@ def _evaluate_policies(args, oracle) -> dict:
                          "for nearly greedy answers use a small value such as 0.01)")
     models = [(path, need, field) for path, need, field in (
         (args.model, CAUSAL_LM, "MODEL"), (getattr(args, "other", None), CAUSAL_LM, "OTHER"),
-        (getattr(args, "reference", None), CAUSAL_LM, "--reference"), (args.reward_model, SCALAR_HEAD, "--reward_model"))
-        if path]
+        (getattr(args, "reference", None), CAUSAL_LM, "--reference"),
+        (args.reward_model, SCALAR_HEAD, "--reward_model")) if path]
     for path, need, field in models:  # every model's kind before any is loaded
         _check_model_path(path, field)
         _check_kind(path, need, field)

@@ -15,11 +15,9 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from conftest import ROOT, TINY_OVERRIDES, write_recipes
+from conftest import TINY_OVERRIDES, write_recipes
 from pipeline import cli
 from pipeline.models import fit_to_tokenizer, train_tokenizer
-
-TINY = ROOT / "recipes" / "tiny"
 
 
 @pytest.fixture(scope="module")
