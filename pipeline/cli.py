@@ -143,10 +143,57 @@ def _exit_code(child: Child, block: bool) -> int | None:
     return os.waitstatus_to_exitcode(status) if pid else None
 
 
+class Stopped(BaseException):
+    """The runner was sent SIGTERM, SIGUSR1 or Ctrl-C: its running stages wrote a checkpoint and stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _signal_stage(child: Child, signum: int) -> None:
+    """Send a stage the signal: a forked child itself; under `accelerate launch`, the stage's processes (the
+    launcher's children: torch's launcher, signalled itself, kills its workers 30 s later)."""
+    import psutil
+
+    try:
+        if child.pid is not None:
+            os.kill(child.pid, signum)
+        elif "accelerate.commands.launch" in map(str, child.process.args):
+            for worker in psutil.Process(child.process.pid).children():
+                worker.send_signal(signum)
+        else:
+            child.process.send_signal(signum)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
+
+
 def wait(children: list[Child]):
-    """Yield (child, exit code) as each child ends. On Ctrl-C (which reaches the children too), give them a
-    moment to say how to resume, then stop those still running, and raise."""
+    """Yield (child, exit code) as each child ends. A first SIGTERM or SIGUSR1 is passed on to the running stages
+    (Ctrl-C reaches them from the terminal already), which write a checkpoint at the end of the step in flight and
+    stop; once they have, `Stopped` is raised. A second signal stops them at once: they get a moment to say how to
+    resume, then those still running are stopped, and KeyboardInterrupt is raised."""
     running = list(children)
+    received = []
+
+    def forward(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\npipeline run: {name} received: the running stage(s) write a checkpoint at the end of the step in "
+              "flight, then stop (send it again to stop at once)", file=sys.stderr, flush=True)
+        if signum != signal.SIGINT:
+            for child in running:
+                _signal_stage(child, signum)
+
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, forward) for signum in PREEMPTION_SIGNALS} if main_thread else {}
     try:
         while running:
             for child in list(running):
@@ -164,11 +211,16 @@ def wait(children: list[Child]):
             os.kill(child.pid if child.pid is not None else child.process.pid, signal.SIGKILL)
             _exit_code(child, block=True)
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise Stopped(received[0])
 
 
 def call(command: list[str], in_process=None) -> int:
     """Run one stage (or the evaluation) as `start` does, in the terminal; its exit code."""
-    return next(wait([start(command, in_process)]))[1]
+    return [code for _, code in wait([start(command, in_process)])][0]
 
 
 def _stage_in_process(stage: str, recipe: Path, overrides: list[str]):
@@ -922,6 +974,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{folder.name:<{width}}  {' '.join(sorted(f.name for f in folder.glob('*.yaml')))}")
         else:
             copy_recipe(args.name, args.dest)
+    except Stopped as stop:
+        name = "Ctrl-C" if stop.signum == signal.SIGINT else signal.Signals(stop.signum).name
+        print(f"\n{args.command}: stopped by {name}; what was written is kept (the stages that were running wrote a "
+              "checkpoint at the step they reached) and the same command resumes", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except KeyboardInterrupt:
         if os.environ.get("PIPELINE_DEBUG", "") not in ("", "0"):
             raise

@@ -149,3 +149,37 @@ def test_evaluation_without_a_test_split_says_it_is_not_held_out_and_fits_max_pr
     results = json.loads((output / "results.json").read_text())
     assert results["eval_held_out"] is False and results["eval_prompts"] == 12
     assert json.loads((tiny_run["outputs"] / "grpo" / "results.json").read_text())["eval_held_out"] is True
+
+
+def test_the_runner_passes_sigterm_on_to_its_running_stages_and_waits_for_their_checkpoints(tmp_path):
+    """`pipeline run` sent SIGTERM (Kubernetes signals the container's first process; `kill` on a plain machine)
+    passes it on to the stages running (here two forked stand-ins, as --jobs 2 runs them), waits while they write
+    their checkpoint, then stops with Stopped (exit 143 in `main`) instead of dying and leaving them orphaned."""
+    import signal
+    import threading
+    import time
+
+    from pipeline import cli
+
+    def stand_in(marker: Path):
+        def body():
+            got = []
+            signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+            deadline = time.time() + 30
+            while not got and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # "writing the checkpoint": the runner must wait for it
+            marker.write_text(json.dumps(got))
+            sys.exit(128 + got[0] if got else 0)
+        return body
+
+    markers = [tmp_path / "a", tmp_path / "b"]
+    children = [cli.start(["true"], stand_in(marker)) for marker in markers]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    codes = []
+    with pytest.raises(cli.Stopped) as stopped:
+        for _, code in cli.wait(children):
+            codes.append(code)
+    assert stopped.value.signum == signal.SIGTERM and codes == [143, 143]
+    assert [json.loads(marker.read_text()) for marker in markers] == [[signal.SIGTERM]] * 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner's handler is gone after the wait

@@ -95,7 +95,7 @@ def run(stage: str, argv: list[str] | None = None) -> None:
         sys.exit(0)
     output_dir = None
     lock = None
-    preemption.install(stage)
+    handlers = preemption.install(stage)
     try:
         module = importlib.import_module(f"{__name__}.{stage}")
         parsed = parse(stage, argv)
@@ -128,6 +128,7 @@ def run(stage: str, argv: list[str] | None = None) -> None:
     finally:
         if lock is not None:
             lock.release()
+        preemption.restore(handlers)
 
 
 def require_output_dir(argv: list[str]) -> None:

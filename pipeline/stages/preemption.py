@@ -59,11 +59,15 @@ def _handler(signum, frame):
     raise Preempted(_State.received)
 
 
-def install(stage: str) -> None:
-    """Catch the preemption signals for the rest of this process (main thread only)."""
+def install(stage: str) -> dict:
+    """Catch the preemption signals (main thread only); returns the handlers they had, for `restore`."""
     _State.stage, _State.received, _State.training = stage, None, False
-    for signum in SIGNALS:
-        signal.signal(signum, _handler)
+    return {signum: signal.signal(signum, _handler) for signum in SIGNALS}
+
+
+def restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def received() -> int | None:
