@@ -1,5 +1,5 @@
 """The commands (`python -m pipeline run | eval | generate | chat | merge ...`) given what a user gets wrong
-(docs/errors.md, rows 120 on): one `error:` line naming the flag or path, the value and what to do, exit code 2,
+(docs/errors.md, rows 111 to 124): one `error:` line naming the flag or path, the value and what to do, exit code 2,
 nothing written; and a run that says only what is true (the rerun hint, stale figures). The command line is called
 in-process (`pipeline.cli.main`) on micro GPT-2 models built here; every check happens before a model's weights
 are loaded, except the context check, which needs the model's prompts."""
