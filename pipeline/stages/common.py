@@ -232,6 +232,16 @@ def load_data(use: str, script_args, loader=data.load_for):
             state.wait_for_everyone()
 
 
+def check_template_roles(tokenizer, model_path: str, source: str, *splits) -> None:
+    """Before the model loads: every conversation turn of the (dataset, split name) pairs must be of a role the
+    tokenizer's chat template renders (models.roles_not_rendered), or one line names the first row that is not."""
+    from ..models import roles_not_rendered
+
+    not_rendered = roles_not_rendered(tokenizer)
+    for dataset, split in splits:
+        data.check_roles_rendered(dataset, f"{source} [{split}]", not_rendered, f"the chat template of {model_path}")
+
+
 def check_finite(value, what: str, step: int) -> None:
     """Stop with a one-line NonFiniteError if `value` (a float or tensor) is NaN or infinite."""
     value = float(value)

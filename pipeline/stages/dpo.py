@@ -13,8 +13,8 @@ from trl import DPOTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
-                      load_reward_model, load_tokenizer, roles_not_rendered)
-from .common import finish, last_checkpoint, load_data, logger, setup, train
+                      load_reward_model, load_tokenizer)
+from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
 from .policy_eval import evaluate_against_sft, for_evaluation
 
 
@@ -107,8 +107,7 @@ def main(script_args, training_args, model_args):
 
     policy_path = model_args.model_name_or_path
     tokenizer = load_tokenizer(policy_path, model_args)
-    data.check_roles_rendered(pairs, f"{source} [{script_args.dataset_train_split}]", roles_not_rendered(tokenizer),
-                              f"the chat template of {policy_path}")
+    check_template_roles(tokenizer, policy_path, source, (pairs, script_args.dataset_train_split))
     reward_model = (load_reward_model(script_args.reward_model_path, tokenizer, model_args)[0]
                     if script_args.reward_model_path else None)
     policy = load_causal_lm(policy_path, tokenizer, model_args)

@@ -10,7 +10,7 @@ from trl import get_peft_config
 from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
-from .common import finish, last_checkpoint, load_data, setup, train
+from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
 from .online import evaluation_prompts, require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft, for_evaluation
 
@@ -37,6 +37,8 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     prompts, eval_prompts, source = load_data("prompt", script_args)
     policy_path = model_args.model_name_or_path
     tokenizer = load_tokenizer(policy_path, model_args, padding_side="left")
+    check_template_roles(tokenizer, policy_path, source, (prompts, script_args.dataset_train_split),
+                         (eval_prompts, script_args.dataset_test_split))
     rl.trial_call(functions, tokenizer, prompts)
     reward_model, reward_tokenizer = (load_reward_model(script_args.reward_model_path, tokenizer, model_args)
                                       if script_args.reward_model_path else (None, None))

@@ -13,7 +13,7 @@ from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, check_same_tokenizer,
                       load_causal_lm, load_scalar_head_model, load_tokenizer)
 from ..trainers.ppo import PPOTrainer
-from .common import finish, last_checkpoint, load_data, setup, train
+from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
 from .online import evaluation_prompts, require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft
 
@@ -30,6 +30,8 @@ def main(script_args, training_args, model_args):
     prompts, eval_prompts, source = load_data("prompt", script_args)
 
     tokenizer = load_tokenizer(training_args.sft_model_path, model_args, padding_side="left")
+    check_template_roles(tokenizer, training_args.sft_model_path, source, (prompts, script_args.dataset_train_split),
+                         (eval_prompts, script_args.dataset_test_split))
     check_same_tokenizer({
         "policy": tokenizer,
         "reward": load_tokenizer(training_args.reward_model_path, model_args),

@@ -4,7 +4,7 @@ from trl import RewardTrainer, get_peft_config
 
 from .. import data, hub
 from ..models import check_before_loading, load_scalar_head_model, load_tokenizer
-from .common import finish, last_checkpoint, load_data, logger, setup, train
+from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
 
 
 def reward_peft_config(model_args):
@@ -30,6 +30,9 @@ def main(script_args, training_args, model_args):
     extra_tests = load_data("preference", script_args, data.load_extra_tests) if eval_dataset is not None else {}
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
+    check_template_roles(tokenizer, model_args.model_name_or_path, source,
+                         (train_dataset, script_args.dataset_train_split), (eval_dataset, script_args.dataset_test_split),
+                         *((split, name) for name, split in extra_tests.items()))
     model = load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args)
 
     trainer = RewardTrainer(

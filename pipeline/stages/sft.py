@@ -16,9 +16,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
 from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
-from ..models import (CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer,
-                      roles_not_rendered)
-from .common import finish, last_checkpoint, load_data, logger, setup, train
+from ..models import CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer
+from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
 
 
 def _row_lengths_and_targets(dataset: Dataset, max_length: int, truncation_mode: str, rows_per_part: int = 50_000):
@@ -330,11 +329,8 @@ def main(script_args, training_args, model_args):
     train_dataset, eval_dataset, source = load_data("sft", script_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args)
-    not_rendered = roles_not_rendered(tokenizer)
-    for dataset, split in ((train_dataset, script_args.dataset_train_split),
-                           (eval_dataset, script_args.dataset_test_split)):
-        data.check_roles_rendered(dataset, f"{source} [{split}]", not_rendered,
-                                  f"the chat template of {model_args.model_name_or_path}")
+    check_template_roles(tokenizer, model_args.model_name_or_path, source,
+                         (train_dataset, script_args.dataset_train_split), (eval_dataset, script_args.dataset_test_split))
     model = load_causal_lm(model_args.model_name_or_path, tokenizer, model_args)
     unpack_if_leaking(model, training_args)
 
