@@ -300,6 +300,11 @@ def check_types(stage_parser: TrlParser, recipe: dict, path: str) -> None:
 
 def check_recipe(stage_parser: TrlParser, path: str) -> None:
     """Fail on a missing recipe or an unknown key with the key's name and the closest known field."""
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        raise ValueError(f"recipe '{path}' is a folder, not a recipe file: give one of its recipes"
+                         + (f" ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else "")
+                         + f" (python -m pipeline run {path} runs a folder's recipes in order)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe '{path}' does not exist")
     recipe = load_recipe(path)

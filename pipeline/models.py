@@ -57,7 +57,10 @@ class TokenizerMismatchError(ValueError):
 
 
 def require_local_or_hub(path: str, what: str = "model path") -> None:
-    """Fail clearly on a local path that does not exist, instead of a Hub lookup error."""
+    """Fail clearly on a local path that does not exist, or is a file, instead of a Hub lookup error."""
+    if os.path.isfile(path):
+        raise ValueError(f"{what} '{path}' is a file, not a model folder: give the folder that holds the model's "
+                         "config.json (a stage's output_dir) or a Hub model id")
     if os.path.exists(path):
         return
     head = path.split("/")[0]

@@ -183,3 +183,17 @@ def test_the_runner_passes_sigterm_on_to_its_running_stages_and_waits_for_their_
     assert stopped.value.signum == signal.SIGTERM and codes == [143, 143]
     assert [json.loads(marker.read_text()) for marker in markers] == [[signal.SIGTERM]] * 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the runner's handler is gone after the wait
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
+    """A stage given a folder where its recipe file goes (`--config recipes/tiny`: it said "does not exist"), or a
+    file where a model folder goes (it said "the config file at 'README.md' is not a valid JSON file")."""
+    from pipeline.config import parse
+    from pipeline.models import check_model_kind
+
+    with pytest.raises(ValueError, match=r"^recipe '.*recipes/tiny' is a folder, not a recipe file: give one of its "
+                                         r"recipes \(dpo-lora.yaml, dpo.yaml, .*\) \(python -m pipeline run .*recipes/tiny"):
+        parse("sft", ["--config", str(ROOT / "recipes" / "tiny")])
+    with pytest.raises(ValueError, match=r"^model_name_or_path 'README.md' is a file, not a model folder: give the "
+                                         r"folder that holds the model's config.json"):
+        check_model_kind("README.md", "causal-lm", "model_name_or_path")
