@@ -58,15 +58,15 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # PPO, GRPO, RLOO, DPO and oracle-reward PPO from the demo's SFT policy and reward model, 3 seeds each:
-# COMPARISON.md, COMPARISON.json and docs/comparison/*.png
+# bench/results/comparison.md and .json, and docs/comparison/*.png
 compare: setup
 	$(PY) -m pipeline compare
 
-# The stages against bare TRL scripts, side by side: BENCHMARKS.md and .json; then PPO against TRL 1.12's
-# PPOTrainer (its own venv, bench/.venv-trl112, made on the first run), 3 seeds each: BENCHMARKS_PPO.md and .json;
-# then the command line's start-up time: BENCHMARKS_STARTUP.md and .json; then TRL's tiled LM head against the
-# whole logits in the tiny pretraining stage: BENCHMARKS_LM_HEAD.md and .json; then ppo and ppo-oracle one
-# after the other against side by side, from the demo's models (made first if missing): BENCHMARKS_JOBS.md
+# Every result goes to bench/results/ (a .md and a .json each). The stages against bare TRL scripts, side by
+# side: stages.md; then PPO against TRL 1.12's PPOTrainer (its own venv, bench/.venv-trl112, made on the first
+# run), 3 seeds each: ppo.md; then the command line's start-up time: startup.md; then TRL's tiled LM head against
+# the whole logits in the tiny pretraining stage: lm_head.md; then ppo and ppo-oracle one after the other against
+# side by side, from the demo's models (made first if missing): jobs.md
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py

@@ -5,7 +5,7 @@ min-max wall time of the runner (`wall_seconds_total`: its own start, both stage
 medians (measured side by side in one run), and each stage's gold score: the same work either way (the scores
 can differ in the last digits: a thread's float sums are grouped differently from two threads').
 
-    python bench/jobs.py [--run outputs/tiny] [--runs 2] [--md BENCHMARKS_JOBS.md] [--json BENCHMARKS_JOBS.json]
+    python bench/jobs.py [--run outputs/tiny] [--runs 2] [--md bench/results/jobs.md] [--json bench/results/jobs.json]
 """
 
 import argparse
@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--run", default="outputs/tiny", help="a finished run's folder, with sft/ and reward/")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: one run each of a few short updates")
-    parser.add_argument("--md", default=str(ROOT / "BENCHMARKS_JOBS.md"))
-    parser.add_argument("--json", default=str(ROOT / "BENCHMARKS_JOBS.json"))
+    parser.add_argument("--md", default=str(ROOT / "bench" / "results" / "jobs.md"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "jobs.json"))
     args = parser.parse_args()
     run = Path(args.run)
     missing = [part for part in ("sft", "reward") if not (ROOT / run / part / "config.json").exists()]

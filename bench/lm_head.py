@@ -4,7 +4,7 @@ interleaved, `--runs` times each. The table gives the median and min-max trainin
 the medians (measured side by side in one run), and the training and held-out losses: the two compute the same
 loss to float rounding, and the rounding differences grow over the steps into small differences of the losses.
 
-    python bench/lm_head.py [--runs 3] [--steps 400] [--md BENCHMARKS_LM_HEAD.md] [--json BENCHMARKS_LM_HEAD.json]
+    python bench/lm_head.py [--runs 3] [--steps 400] [--md bench/results/lm_head.md] [--json bench/results/lm_head.json]
 """
 
 import argparse
@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="a smoke run: one run of 5 steps each "
                         "(tests/test_bench.py)")
-    parser.add_argument("--md", default=str(ROOT / "BENCHMARKS_LM_HEAD.md"))
-    parser.add_argument("--json", default=str(ROOT / "BENCHMARKS_LM_HEAD.json"))
+    parser.add_argument("--md", default=str(ROOT / "bench" / "results" / "lm_head.md"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "lm_head.json"))
     args = parser.parse_args()
     runs, steps = (1, 5) if args.quick else (args.runs, args.steps)
     out = measure(runs, steps)

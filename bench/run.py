@@ -3,9 +3,9 @@
     python bench/run.py            # the full benchmark (about 10 minutes on 2 CPU cores)
     python bench/run.py --quick    # a smoke run: tiny steps, 1 repeat (well under a minute)
 
-Writes BENCHMARKS.md and BENCHMARKS.json at the repository root (--md / --json to choose). Sections: SFT (ours vs
+Writes bench/results/stages.md and stages.json (--md / --json to choose). Sections: SFT (ours vs
 bare TRL, and packing), reward (ours vs bare TRL), data preparation on a rerun. PPO is benchmarked by
-bench/ppo_vs_trl112.py instead (our PPOTrainer against TRL 1.12's, the last TRL with one: BENCHMARKS_PPO.md).
+bench/ppo_vs_trl112.py instead (our PPOTrainer against TRL 1.12's, the last TRL with one: bench/results/ppo.md).
 
 Method: every measured run is its own child process (forked from a server that has imported torch,
 transformers, trl, datasets and accelerate once); the compared configurations get the same model, the same
@@ -299,8 +299,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, help="repeats per configuration (default 3; 1 with --quick)")
     parser.add_argument("--fresh-models", action="store_true",
                         help="do not use outputs/tiny: create an untrained tiny GPT-2 and tokenizer")
-    parser.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    parser.add_argument("--json", default=os.path.join(ROOT, "BENCHMARKS.json"))
+    parser.add_argument("--md", default=os.path.join(ROOT, "bench", "results", "stages.md"))
+    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "stages.json"))
     parser.add_argument("--workdir", help="keep the runs' recipes, logs and outputs here (default: a temp folder, "
                                           "removed at the end)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run before it is killed")

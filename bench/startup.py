@@ -3,7 +3,7 @@ stage's `--help` (which imports them), and a bare `import torch, transformers, t
 Each command runs in a fresh process, the commands interleaved, `--runs` times; the table gives the median and
 the min-max of the wall time, and each command's ratio to the baseline measured in the same run.
 
-    python bench/startup.py [--runs 7] [--md BENCHMARKS_STARTUP.md] [--json BENCHMARKS_STARTUP.json]
+    python bench/startup.py [--runs 7] [--md bench/results/startup.md] [--json bench/results/startup.json]
 """
 
 import argparse
@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a smoke run: one run of the two fast commands, no "
                         "warm-up (tests/test_bench.py)")
-    parser.add_argument("--md", default=str(ROOT / "BENCHMARKS_STARTUP.md"))
-    parser.add_argument("--json", default=str(ROOT / "BENCHMARKS_STARTUP.json"))
+    parser.add_argument("--md", default=str(ROOT / "bench" / "results" / "startup.md"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "startup.json"))
     args = parser.parse_args()
     commands = {k: v for k, v in COMMANDS.items() if k.startswith("python -m pipeline")} if args.quick else COMMANDS
     runs = 1 if args.quick else args.runs

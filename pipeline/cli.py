@@ -9,7 +9,7 @@
         (ppo and ppo-oracle) run two at a time, a thread each on 2 cores (--jobs 1: one at a time)
   compare [--recipes DIR] [--seeds 0,1,2] [--algorithms ...]
         PPO, GRPO, RLOO, DPO and oracle-reward PPO from one SFT policy and reward model, over seeds:
-        COMPARISON.md, COMPARISON.json and plots (see docs/alignment.md)
+        bench/results/comparison.md and .json, and plots (see docs/alignment.md)
   eval suite DIR | policy MODEL | compare A B | reward MODEL | perplexity MODEL | fewshot MODEL
         evaluate any checkpoint (a local folder or a Hub id); prints JSON (--output FILE writes it)
   generate MODEL PROMPT...   answer prompts (greedy, sampling or beam search)
@@ -744,17 +744,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import ALGORITHMS, SEEDS
 
     compare_parser = commands.add_parser("compare", help="PPO, GRPO, RLOO, DPO and oracle-reward PPO over seeds: "
-                                         "COMPARISON.md, COMPARISON.json, plots")
+                                         "bench/results/comparison.md and .json, plots")
     compare_parser.add_argument("--recipes", default="recipes/tiny", help="the recipe folder (default recipes/tiny)")
     compare_parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
     compare_parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of "
                                 + ", ".join(ALGORITHMS))
     compare_parser.add_argument("--output_dir", default="outputs/compare", help="where the runs go")
-    compare_parser.add_argument("--markdown", default="COMPARISON.md", help="the table (and .json beside it)")
+    compare_parser.add_argument("--markdown", default="bench/results/comparison.md",
+                                help="the table (and .json beside it; default bench/results/comparison.md)")
     compare_parser.add_argument("--plots_dir", default="docs/comparison", help="where the two plots go")
     compare_parser.add_argument("--accelerate_config", help="launch each run with `accelerate launch --config_file`")
     compare_parser.add_argument("--force", action="store_true", help="rerun the runs that already finished")
-    compare_parser.add_argument("--note", help="a sentence for COMPARISON.md on how it was measured (e.g. a shared "
+    compare_parser.add_argument("--note", help="a sentence for comparison.md on how it was measured (e.g. a shared "
                                 "machine)")
 
     eval_parser = commands.add_parser("eval", help="evaluate checkpoints (local folders or Hub ids)")

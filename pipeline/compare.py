@@ -11,8 +11,9 @@ seeds, judged on ground truth by the embedded task's oracle.
 3. Every run ends with the same evaluation against the SFT policy (pipeline.stages.policy_eval), so the results
    compare key for key. The stage's wall time and its peak RSS (the process tree's high-water mark, from
    `wait4`) are measured around it; episodes (or pairs) per second over `train()`'s own runtime.
-4. COMPARISON.md and COMPARISON.json: per algorithm, mean and spread (min-max) over the seeds of every figure;
-   the gold score in its parts; two plots (gold score against KL to the SFT policy, and against training time).
+4. bench/results/comparison.md and comparison.json: per algorithm, mean and spread (min-max) over the seeds of
+   every figure; the gold score in its parts; two plots (gold score against KL to the SFT policy, and against
+   training time).
 """
 
 import json
@@ -35,7 +36,7 @@ ALGORITHMS = {
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ppo-oracle": "PPO, oracle reward (ceiling)"}
 COLORS = {"ppo": "tab:green", "grpo": "tab:blue", "rloo": "tab:purple", "dpo": "tab:red", "ppo-oracle": "tab:gray"}
 SEEDS = (42, 43, 44)
-# How the shipped tiny recipes were set: said in COMPARISON.md when they are the ones compared
+# How the shipped tiny recipes were set: said in comparison.md when they are the ones compared
 TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared setting. GRPO and RLOO take ppo.yaml's "
                "values (learning rate, answers, length, temperature, KL coefficient 0.05, 64 answers per "
                "optimizer step, 2 passes) as they are; DPO takes the reward model's data budget, its 16000 pairs for 1.25 epochs, at "
@@ -148,7 +149,7 @@ def plot(rows: list[dict], summary: dict, x_key: str, x_label: str, path: Path) 
 
 
 def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], markdown_path: Path) -> str:
-    """COMPARISON.md: how it was run, the figures per algorithm (mean and min-max over seeds), the gold terms."""
+    """comparison.md: how it was run, the figures per algorithm (mean and min-max over seeds), the gold terms."""
     algorithms = [a for a in ALGORITHMS if a in summary]
     names = {"gold_score": "gold score", "gold_win_rate_vs_sft": "gold win rate vs SFT",
              "title_only_rate": "names the asked title alone", "rm_score": "reward-model score",
@@ -224,9 +225,9 @@ def budget_lines(recipe_dir: Path, algorithms: list[str], overrides: list[str]) 
 
 
 def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGORITHMS),
-            output_dir: str = "outputs/compare", markdown: str = "COMPARISON.md", plots_dir: str = "docs/comparison",
-            overrides: list[str] = (), accelerate_config: str | None = None, force: bool = False,
-            note: str | None = None) -> dict:
+            output_dir: str = "outputs/compare", markdown: str = "bench/results/comparison.md",
+            plots_dir: str = "docs/comparison", overrides: list[str] = (), accelerate_config: str | None = None,
+            force: bool = False, note: str | None = None) -> dict:
     from .cli import ROOT, stage_command
     from .cli import run as run_stages
 
@@ -281,6 +282,7 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGO
         "runs_wall_seconds": round(sum(r["wall_seconds"] or 0 for r in rows), 1),
         "note": note,
     }
+    markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render(config, rows, summary, plots, markdown))
     data = {"config": config, "summary": summary, "runs": rows}
     markdown.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -4,7 +4,7 @@ TRL's SFTTrainer patches the model with `trl.trainer.utils.add_fused_lm_head`: t
 log-probabilities computed in tiles, and the backward recomputes the logits, so that a large vocabulary never has
 its whole `(batch, seq_len, vocab)` logits in memory. On a GPU that is a Triton kernel. On the CPU it is a loop of
 torch ops, and for a small vocabulary the recomputation is pure cost: the tiny demo's pretraining step (a
-1024-token vocabulary, 4 rows of 128) is measured side by side in BENCHMARKS_LM_HEAD.md (`bench/lm_head.py`).
+1024-token vocabulary, 4 rows of 128) is measured side by side in bench/results/lm_head.md (`bench/lm_head.py`).
 
 `materialise_small_logits` wraps the patched forward: a `fused_lm_head=True` call on the CPU whose logits take at
 most `max_logits_bytes` (in float32; the log-softmax, its gradient and the entropy's temporaries come to a few

@@ -1,6 +1,6 @@
 """`make bench` in its smoke mode (`bench/run.py --quick`): every configuration runs, ours and bare TRL train the
-same thing, and BENCHMARKS-style Markdown and JSON are written with the expected rows. The figures of a quick run
-mean nothing; the real benchmark is `make bench`, not a test. (PPO is not in bench/run.py: TRL 1.16 has no
+same thing, and Markdown and JSON like bench/results/stages.* are written with the expected rows. The figures of
+a quick run mean nothing; the real benchmark is `make bench`, not a test. (PPO is not in bench/run.py: TRL 1.16 has no
 PPOTrainer; bench/ppo_vs_trl112.py compares ours with TRL 1.12's in its own environment.)"""
 
 import json
@@ -9,7 +9,7 @@ from conftest import run_python
 
 
 def test_quick_bench_writes_the_table_and_json(tmp_path):
-    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "BENCHMARKS.json"
+    md, js = tmp_path / "stages.md", tmp_path / "stages.json"
     run_python("bench/run.py", "--quick", "--fresh-models", "--md", md, "--json", js, timeout=600)
     summary = json.loads(js.read_text())
     text = md.read_text()
@@ -50,7 +50,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path):
     assert len(targets) == 7 and not any("ppo" in t for t in targets)
     assert [t for t in targets if "variable-length data" in t]
     for heading in ("## Machine and software", "## Targets", "## SFT", "## Reward model",
-                    "## PPO: against TRL 1.12, in BENCHMARKS_PPO.md", "## GPU rows: not measured"):
+                    "## PPO: against TRL 1.12, in ppo.md", "## GPU rows: not measured"):
         assert heading in text
 
 

@@ -2,8 +2,8 @@
 SFT, reward model, PPO, and PPO on the oracle itself as the ceiling) judged by the gold oracle. Every figure is
 the oracle's judgement of sampled answers to held-out prompts (pipeline.embedded); the thresholds are the
 targets of issue 14. This is the slowest test (the whole demo, about five minutes on 2 cores). GRPO's, RLOO's
-and DPO's learning figures come from `make compare` (COMPARISON.md, 3 seeds each); tests/test_stage3.py runs
-them on tiny settings."""
+and DPO's learning figures come from `make compare` (bench/results/comparison.md, 3 seeds each);
+tests/test_stage3.py runs them on tiny settings."""
 
 import json
 

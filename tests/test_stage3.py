@@ -153,7 +153,7 @@ def test_compare_summarises_seeds_and_writes_the_table_and_plots(tiny_run, tmp_p
     recipes.mkdir()
     for name in ("pretrain", "sft", "reward", "grpo", "dpo"):
         (recipes / f"{name}.yaml").write_text((tiny_run["recipes"] / f"{name}.yaml").read_text())
-    markdown = tmp_path / "COMPARISON.md"
+    markdown = tmp_path / "comparison.md"
     result = run_python("-m", "pipeline", "compare", "--recipes", recipes, "--seeds", "1,2", "--algorithms",
                         "grpo,dpo", "--output_dir", tmp_path / "runs", "--markdown", markdown, "--plots_dir",
                         tmp_path / "plots", "--", "--max_steps", "2")
