@@ -59,10 +59,11 @@ def local_files(folder: Path) -> dict[str, bytes]:
 
 
 def pushable(folder: Path) -> dict[str, bytes]:
-    """What must arrive: every file except checkpoint-*/, runs/, training_args.bin and the stage file."""
+    """What must arrive: every file except checkpoint-*/, runs/, training_args.bin, the stage file and the run's
+    lock file."""
     return {path: content for path, content in local_files(folder).items()
             if not path.startswith(("checkpoint-", "runs/"))
-            and not path.endswith(("training_args.bin", "pipeline_stage.json"))}
+            and not path.endswith(("training_args.bin", "pipeline_stage.json", ".pipeline.lock"))}
 
 
 def metadata(readme: bytes | Path) -> dict:
