@@ -350,6 +350,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
                                 f"in '{recipe_dir}'")
 
     from .config import parse
+    from .stages import require_output_dir
 
     # Parse every recipe before training anything: a typo in the last recipe should not cost the first stages.
     parsed = {}
@@ -357,6 +358,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         if recipe_file(recipe_dir, s, variant).exists():
             try:
                 parsed[s] = parse(script_of(s), ["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
+                require_output_dir(["--config", str(recipe_file(recipe_dir, s, variant)), *overrides])
             except ValueError as error:
                 unused = "not used by the HfArgumentParser" in str(error)
                 raise ValueError(f"{s} stage: {error}" + (
@@ -551,7 +553,9 @@ def print_summary(results: dict, results_path: Path) -> None:
         print(f"(stale) {stage}: {why}")
     for stage in [s for s in STAGE3 if s in results][:1]:  # a few answers of the first stage-3 policy
         for sample in results[stage].get("samples", [])[:3]:
-            print(f"\nprompt: {sample['prompt']}\n  sft: {sample['sft'].strip()}\n  {stage}: {sample[stage].strip()}")
+            print(f"\nprompt: {sample['prompt']}\n  sft: {sample['sft'].strip()}\n  {stage}: {sample[stage].strip()}"
+                  + (f"\n  (stale: {stage}'s answers are from before a stage it reads was run again)"
+                     if stage in stale else ""))
     print(f"\nresults written to {results_path}")
 
 

@@ -391,8 +391,11 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
         samples = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
         if samples:
             name = stage.upper()
-            lines += [f"## Samples: SFT and {name}", "", f"Answers of the SFT and {name} policies to the same "
-                      "held-out prompt.", "", f"| prompt | SFT answer | {name} answer |", "|---|---|---|"]
+            stale = stage in results.get("stale", {}) if isinstance(results.get("stale"), dict) else False
+            lines += [f"## Samples: SFT and {name}" + (" (stale)" if stale else ""), "",
+                      f"Answers of the SFT and {name} policies to the same held-out prompt"
+                      + (" (stale: from a run before a stage it reads was run again)." if stale else "."), "",
+                      f"| prompt | SFT answer | {name} answer |", "|---|---|---|"]
             lines += [f"| {md_cell(s.get('prompt', ''))} | {md_cell(s.get('sft', ''))} | {md_cell(s.get(stage, ''))} |"
                       for s in samples]
             lines.append("")

@@ -126,15 +126,18 @@ class CheckedRewardFunction:
                    else "training stopped before that update; the checkpoints already in output_dir are kept")
         try:
             values = self.function(prompts=prompts, completions=completions, **kwargs)
-            returned = values
-            if not isinstance(values, (str, bytes, dict)):
-                values = list(values)
         except Exception as error:
             where = traceback.extract_tb(error.__traceback__)[-1]
             raise RewardFunctionError(
                 f"reward function {self.spec} raised {type(error).__name__}: {' '.join(str(error).split())} {at} "
                 f"({os.path.relpath(where.filename)}, line {where.lineno}); {stopped}") from error
-        if isinstance(values, (str, bytes, dict)):
+        returned = values
+        if not isinstance(values, (str, bytes, dict)):
+            try:
+                values = list(values)
+            except TypeError:  # None (a function without a return), a number: one line naming what came back
+                values = returned
+        if isinstance(values, (str, bytes, dict)) or not isinstance(values, list):
             shown = repr(returned) if len(repr(returned)) <= 80 else repr(returned)[:77] + "..."
             raise RewardFunctionError(f"reward function {self.spec} returned a {type(returned).__name__}, {shown} "
                                       f"{at}: expected a list of numbers, one per completion")

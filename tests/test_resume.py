@@ -172,7 +172,7 @@ def test_stage_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_ru
                 assert final_resumed[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), (how, key)
 
 
-def test_a_half_written_checkpoint_is_never_resumed_from(tiny_run, tmp_path):
+def test_a_half_written_checkpoint_is_never_resumed_from_and_a_finished_one_trains_no_more(tiny_run, tmp_path):
     output = tmp_path / "sft"
     run_python(*command(tiny_run, "sft", output, ["--max_steps", "6"]))
     # simulate a kill while checkpoint-9 was being written: weights there, trainer_state.json cut short
@@ -186,6 +186,16 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tiny_run, tmp_path):
     assert f"removing {half}" in log and f"resuming from {output / 'checkpoint-6'}" in log
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 12
+    # rerun once finished (as after an evaluation that failed): nothing left to train, the same model (transformers
+    # alone trains a 13th step); fewer steps than the checkpoint has: refused
+    weights = (output / "model.safetensors").read_bytes()
+    again = run_python(*command(tiny_run, "sft", output, ["--max_steps", "12"]))
+    assert f"{output / 'checkpoint-12'} is at the last step (12): nothing left to train" in again.stdout + again.stderr
+    assert (output / "model.safetensors").read_bytes() == weights
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 12
+    fewer = run_python(*command(tiny_run, "sft", output, ["--max_steps", "9"]), check=False)
+    assert fewer.returncode == 2 and fewer.stderr.strip().splitlines()[-1].startswith(
+        f"error: sft: {output / 'checkpoint-12'} is at step 12, beyond this run's 9 steps: raise max_steps")
 
 
 def test_ppo_rollout_sampler_repeats_each_batch_and_replays_any_epoch():

@@ -122,6 +122,12 @@ def test_a_recipe_without_output_dir_is_refused(tiny_run, tmp_path):
         f"error: sft: recipe '{tmp_path / 'sft.yaml'}' has no output_dir: set output_dir in the recipe or with "
         "--output_dir (transformers would write to ./trainer_output) (PIPELINE_DEBUG=1 shows the traceback)")
     assert os.listdir(tmp_path) == ["sft.yaml"]
+    (tmp_path / "chain").mkdir()  # the runner says the same before running anything, and writes nothing
+    os.replace(tmp_path / "sft.yaml", tmp_path / "chain" / "sft.yaml")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", tmp_path / "chain"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and "has no output_dir: set output_dir in the recipe" in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["chain", "sft.yaml"]
 
 
 def test_evaluation_without_a_test_split_says_it_is_not_held_out_and_fits_max_prompt_length(tiny_run, tmp_path):
@@ -197,3 +203,56 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"^model_name_or_path 'README.md' is a file, not a model folder: give the "
                                          r"folder that holds the model's config.json"):
         check_model_kind("README.md", "causal-lm", "model_name_or_path")
+
+
+def test_a_folder_no_stage_wrote_is_not_taken_as_output_dir(tmp_path):
+    """A user's folder with files of its own (they would be overwritten: config.json, README.md)."""
+    from pipeline.stages.common import STAGE_FILE, StageOutputError, claim_output_dir
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    claim_output_dir(str(folder), "sft")  # empty: fine
+    (folder / "README.md").write_text("my notes")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(StageOutputError, match=r"holds files that no stage of the pipeline wrote \(README.md, "
+                                               r"config.json\), which the stage would overwrite: give it a new or "
+                                               r"empty folder \(nothing was written\)$"):
+        claim_output_dir(str(folder), "sft")
+    (folder / STAGE_FILE).write_text(json.dumps({"stage": "sft"}))
+    claim_output_dir(str(folder), "sft")  # the stage's own folder, rerun
+    assert (folder / "README.md").read_text() == "my notes"
+
+
+def test_resume_from_another_stages_checkpoint_is_refused(tmp_path):
+    from pipeline.stages.common import STAGE_FILE
+
+    sft = tmp_path / "sft"
+    checkpoint = fake_checkpoint(sft, 4)
+    (sft / STAGE_FILE).write_text(json.dumps({"stage": "sft"}))
+    assert asked_checkpoint(args(tmp_path / "more-sft", str(checkpoint)), "sft") == str(checkpoint)
+    with pytest.raises(ValueError, match=rf"^resume_from_checkpoint {checkpoint} is a checkpoint of the sft stage, "
+                                         r"not dpo: resume dpo from one of its own checkpoints"):
+        asked_checkpoint(args(tmp_path / "dpo", str(checkpoint)), "dpo")
+
+
+def test_a_signal_to_a_worker_the_stage_forked_ends_the_worker_quietly():
+    """datasets' map with num_proc forks workers that inherit the stage's handler: a SIGTERM reaching them (Slurm
+    and `pkill -f` signal every process) ends them with 143 and no traceback of their own, and the stage decides;
+    a data loader's worker, forked while training, ignores it and serves batches to the step boundary."""
+    import signal
+
+    from pipeline.stages import preemption
+
+    previous = preemption.install("sft")
+    try:
+        for training, expected in ((False, 143), (True, 0)):
+            preemption._State.training = training
+            pid = os.fork()
+            if pid == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os._exit(0)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == expected
+        assert preemption.received() is None  # the stage's own process was not signalled
+    finally:
+        preemption._State.training = False
+        preemption.restore(previous)

@@ -176,7 +176,8 @@ def test_figures_older_than_a_stage_rerun_upstream_are_marked_stale(capsys, tmp_
     command they give reruns them. The stages are faked (each writes its model and results), the runner is real."""
     outputs = tmp_path / "outputs"
     recipes = write_recipes(tmp_path / "mine", outputs, {s: TINY_OVERRIDES[s] for s in ("sft", "reward", "ppo")})
-    figures = {"sft": {"eval_perplexity": 9.0}, "reward": {"eval_accuracy": 0.8}, "ppo": {"gold_score_ppo": 1.5}}
+    figures = {"sft": {"eval_perplexity": 9.0}, "reward": {"eval_accuracy": 0.8},
+               "ppo": {"gold_score_ppo": 1.5, "samples": [{"prompt": "Review Dust.", "sft": "Dull.", "ppo": "Grand."}]}}
 
     def fake_stage(command, in_process=None, log=None, threads=None):
         stage = os.path.basename(command[command.index("--config") + 1]).removesuffix(".yaml")
@@ -206,6 +207,8 @@ def test_figures_older_than_a_stage_rerun_upstream_are_marked_stale(capsys, tmp_
     report = (outputs / "report" / "report.md").read_text()
     assert "| reward | eval_accuracy | 0.800 (stale) |" in report and "| sft | eval_perplexity | 7.000 |" in report
     assert "- reward: its figures are from a run of" in report and "model_name_or_path" in report
+    assert "## Samples: SFT and PPO (stale)" in report  # the answers too, in the report and the summary
+    assert "  ppo: Grand.\n  (stale: ppo's answers are from before a stage it reads was run again)" in out
     # the command given reruns them (their recipes and the fingerprints before them are unchanged), and then no
     # mark is left behind
     results = cli.run(str(recipes), ["reward", "ppo"], evaluate=False, jobs=1)

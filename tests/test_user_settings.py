@@ -327,6 +327,9 @@ def huge(prompts, completions, **kwargs):
 
 def fine(prompts, completions, **kwargs):
     return [-1e6, 3.0][:len(completions)]
+
+def no_return(prompts, completions, **kwargs):
+    scores = [1.0] * len(completions)
 '''
 
 
@@ -335,6 +338,8 @@ def fine(prompts, completions, **kwargs):
                r"before training \(2 prompts of the dataset\): expected a list of numbers, one per completion$"),
     ("strings", r"^reward function rf_returns:strings returned \['1\.0', '1\.0'\]\.\.\.: expected a number per "
                 r"completion \(on a trial call"),
+    ("no_return", r"^reward function rf_returns:no_return returned a NoneType, None on a trial call before training "
+                  r"\(2 prompts of the dataset\): expected a list of numbers, one per completion$"),
     ("huge", r"^reward function rf_returns:huge returned 1e\+30 on a trial call before training \(2 prompts of the "
              r"dataset\): rewards beyond \+-1e\+06 overflow the value and policy losses \(a NaN/inf loss a few steps "
              r"later\); scale it to a few units \(e\.g\. -10 to 10\); nothing was trained$"),

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from .. import data
 from . import preemption
+from .lock import LOCK_FILE
 from .preemption import Preempted, StopOnSignal
 
 logger = logging.getLogger("pipeline")
@@ -49,7 +50,7 @@ def setup(training_args, stage: str) -> None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     claim_output_dir(training_args.output_dir, stage)
-    asked_checkpoint(training_args)  # a resume_from_checkpoint that cannot be used: said before anything loads
+    asked_checkpoint(training_args, stage)  # a resume_from_checkpoint that cannot be used: said before anything loads
 
 
 def output_dir_stage(output_dir: str) -> str | None:
@@ -87,6 +88,15 @@ def claim_output_dir(output_dir: str, stage: str) -> None:
     """Refuse an output_dir that holds another stage's checkpoints (resuming from them would load the wrong
     kind of model, and training would write over them). Writes nothing: `mark_output_dir` records the stage
     when training starts."""
+    if os.path.isdir(output_dir) and not os.path.isfile(os.path.join(output_dir, STAGE_FILE)) and \
+            not any(_CHECKPOINT.match(name) for name in os.listdir(output_dir)):
+        # a folder that no stage wrote: its files would be overwritten (config.json, README.md, ...)
+        others = sorted(name for name in os.listdir(output_dir) if name != LOCK_FILE)
+        if others:
+            raise StageOutputError(
+                f"output_dir {output_dir} holds files that no stage of the pipeline wrote ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}), which the stage would overwrite: give it a new or empty "
+                "folder (nothing was written)")
     if os.path.isdir(output_dir) and holds_output(output_dir):
         found = output_dir_stage(output_dir)
         same = found is None or found == stage or {found, stage} == {"sft", "pretrain"} and not os.path.isfile(
@@ -164,9 +174,10 @@ def broken_file(checkpoint: str) -> str | None:
     return None
 
 
-def asked_checkpoint(training_args) -> str | None:
+def asked_checkpoint(training_args, stage: str | None = None) -> str | None:
     """The checkpoint `resume_from_checkpoint` names (None when it is unset, or `true`/`latest`: the newest), after
-    checking that it exists, is complete and its files load; else a one-line error."""
+    checking that it exists, is complete, its files load and (given `stage`) that stage wrote it; else a one-line
+    error."""
     asked = training_args.resume_from_checkpoint
     if asked in (None, "") or str(asked).lower() in ("true", "latest", "last"):
         return None
@@ -182,6 +193,11 @@ def asked_checkpoint(training_args) -> str | None:
     if (broken := broken_file(asked)) is not None:
         raise ValueError(f"resume_from_checkpoint {asked}: {broken}; resume from another checkpoint; nothing was "
                          "trained")
+    written_by = output_dir_stage(os.path.dirname(os.path.abspath(asked)))
+    if stage is not None and written_by is not None and written_by != stage:
+        raise ValueError(f"resume_from_checkpoint {asked} is a checkpoint of the {written_by} stage, not {stage}: "
+                         f"resume {stage} from one of its own checkpoints (to start {stage} from that model, give it "
+                         "as the model path instead); nothing was trained")
     return asked
 
 
@@ -291,6 +307,28 @@ class TiedWeightsFilter(logging.Filter):
         return not missing <= self.tied
 
 
+class _Trained(Exception):
+    """Raised by NothingLeftToTrain: the checkpoint resumed from is at the last step."""
+
+
+class NothingLeftToTrain(TrainerCallback):
+    """Resumed from a checkpoint at max_steps (a stage rerun after it finished training, e.g. after its evaluation
+    failed or a signal stopped it), transformers 5.25 trains one step more than max_steps: stop it before that step
+    (the checkpoint's weights are loaded by then). A checkpoint beyond max_steps is refused."""
+
+    def __init__(self, checkpoint: str | None):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.checkpoint is None or state.max_steps <= 0 or state.global_step < state.max_steps:
+            return
+        if state.global_step > state.max_steps:
+            raise ValueError(f"{self.checkpoint} is at step {state.global_step}, beyond this run's {state.max_steps} "
+                             "steps: raise max_steps (or total_episodes, num_train_epochs), resume from an earlier "
+                             "checkpoint, or use a new output_dir; nothing was trained")
+        raise _Trained()
+
+
 def train(trainer, checkpoint: str | None, stage: str):
     """`trainer.train`, resuming from `checkpoint`, with the finite-gradient check and the stop on a preemption
     signal (pipeline.stages.preemption); output_dir marked as `stage`'s first. The final model is saved as soon as
@@ -303,8 +341,15 @@ def train(trainer, checkpoint: str | None, stage: str):
     quiet = TiedWeightsFilter(trainer.model)
     trainer_logger = logging.getLogger("transformers.trainer")
     trainer_logger.addFilter(quiet)
+    trainer.add_callback(NothingLeftToTrain(checkpoint))
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    except _Trained:
+        logger.info(f"{checkpoint} is at the last step ({trainer.state.global_step}): nothing left to train")
+        # no step ran: transformers' train_loss (the mean over the steps this process ran) is the logged losses' mean
+        losses = [entry["loss"] for entry in trainer.state.log_history if isinstance(entry.get("loss"), (int, float))]
+        result = transformers.trainer_utils.TrainOutput(trainer.state.global_step,
+                                                        sum(losses) / len(losses) if losses else None, {})
     finally:
         trainer_logger.removeFilter(quiet)
     if stopper.stopped_at is not None:

@@ -52,9 +52,8 @@ def main(script_args, training_args, model_args):
                           seed=training_args.seed + training_args.process_index)  # other blocks per process
 
     train_dataset = tokenize_prompts(prompts, tokenizer, script_args.max_prompt_length, source)
-    eval_dataset = tokenize_prompts(eval_prompts if eval_prompts is not None else prompts, tokenizer,
-                                    script_args.max_prompt_length, source)
     held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
+    eval_dataset = tokenize_prompts(held_out, tokenizer, script_args.max_prompt_length, source)  # already filtered
 
     trainer = PPOTrainer(
         args=training_args,

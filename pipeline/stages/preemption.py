@@ -37,6 +37,7 @@ class Preempted(BaseException):
 
 
 class _State:
+    pid = None  # the stage's process: the workers it forks (datasets' map, data loaders) inherit the handler
     received: int | None = None  # the first signal received
     training = False  # between on_train_begin and the end of the step where the stop was agreed
     stage = "stage"
@@ -47,6 +48,10 @@ def _main_process() -> bool:
 
 
 def _handler(signum, frame):
+    if os.getpid() != _State.pid:  # a worker the stage forked: the stage itself stops (or checkpoints) the run
+        if _State.training:  # a data loader's worker: it goes on serving batches until the step boundary
+            return
+        os._exit(128 + signum)  # datasets' map workers (num_proc): end quietly, no traceback of their own
     first = _State.received is None
     if first:
         _State.received = signum
@@ -61,7 +66,7 @@ def _handler(signum, frame):
 
 def install(stage: str) -> dict:
     """Catch the preemption signals (main thread only); returns the handlers they had, for `restore`."""
-    _State.stage, _State.received, _State.training = stage, None, False
+    _State.stage, _State.received, _State.training, _State.pid = stage, None, False, os.getpid()
     return {signum: signal.signal(signum, _handler) for signum in SIGNALS}
 
 
