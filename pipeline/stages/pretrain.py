@@ -14,7 +14,7 @@ from trl import get_peft_config
 from .. import hub
 from ..data import parse_transcript
 from ..models import fit_to_tokenizer, train_tokenizer
-from .common import finish, last_checkpoint, load_data, setup, train
+from .common import finish, last_checkpoint, load_data, mark_output_dir, setup, train
 from .sft import SFTStageTrainer
 
 
@@ -63,6 +63,7 @@ def main(script_args, training_args, model_args):
     peft_config = get_peft_config(model_args)
     if peft_config is not None:  # LoRA on a new model: its random weights are the adapter's base, kept in base/
         base = os.path.join(training_args.output_dir, "base")
+        mark_output_dir(training_args, "pretrain")  # base/ is the stage's, even if training never starts
         with training_args.main_process_first(desc="LoRA base model"):
             if not os.path.isfile(os.path.join(base, "config.json")):
                 model.save_pretrained(base)
