@@ -345,6 +345,7 @@ def train(trainer, checkpoint: str | None, stage: str):
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except _Trained:
+        preemption.training_ended()
         logger.info(f"{checkpoint} is at the last step ({trainer.state.global_step}): nothing left to train")
         # no step ran: transformers' train_loss (the mean over the steps this process ran) is the logged losses' mean
         losses = [entry["loss"] for entry in trainer.state.log_history if isinstance(entry.get("loss"), (int, float))]

@@ -79,6 +79,11 @@ def received() -> int | None:
     return _State.received
 
 
+def training_ended() -> None:
+    """Training left early (no on_train_end): a signal from now on stops the stage at once."""
+    _State.training = False
+
+
 def _agreed(signum: int | None, args) -> int | None:
     """The signal any process has received (the highest number if several): a max-reduction over the processes at
     the step boundary, which they all reach, so that they stop at the same step."""
