@@ -288,21 +288,6 @@ def test_dpo_stage_with_every_pair_too_long_and_sft_with_a_tool_turn_fail_in_one
         f"error: sft: {chat} [train]: row 1: 'messages' turn 1 has the role 'tool'; the roles accepted: system, user, "
         "assistant (rename the role, or drop the turn) (PIPELINE_DEBUG=1 shows the traceback)")
     assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
-    # the online stages probe the template on their prompts the same way (GRPO here, rewarded by a function)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": [USER]}) + "\n" + json.dumps({"prompt": [SYSTEM, USER]}))
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "grpo.yaml").read_text())
-    recipe.update(model_name_or_path=str(model), dataset_name=str(prompts), reward_model_path=None,
-                  reward_functions=["reward_fns:constant"], output_dir=str(tmp_path / "grpo"), report_to="none",
-                  disable_tqdm=True, max_steps=1)
-    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SystemExit) as exit_code:
-        run("grpo", ["--config", str(tmp_path / "grpo.yaml")])
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"error: grpo: {prompts} [train]: row 1: 'prompt' has a system turn, and the chat template of {model} does not "
-        "render system turns")
-    assert not (tmp_path / "grpo").exists() or not any((tmp_path / "grpo").iterdir())
 
 
 def test_turns_of_a_role_the_chat_template_does_not_render_are_refused():
@@ -417,6 +402,21 @@ def test_sft_stage_refuses_turns_its_template_drops_before_loading_the_model(tmp
         "render system turns (the chat template leaves its text out): drop those turns or merge them into the user "
         "turn, or use a chat template that renders them (PIPELINE_DEBUG=1 shows the traceback)")
     assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
+    # the online stages probe the template on their prompts the same way (GRPO here, rewarded by a function)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [USER]}) + "\n" + json.dumps({"prompt": [SYSTEM, USER]}))
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "grpo.yaml").read_text())
+    recipe.update(model_name_or_path=str(model), dataset_name=str(prompts), reward_model_path=None,
+                  reward_functions=["reward_fns:constant"], output_dir=str(tmp_path / "grpo"), report_to="none",
+                  disable_tqdm=True, max_steps=1)
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit) as exit_code:
+        run("grpo", ["--config", str(tmp_path / "grpo.yaml")])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: grpo: {prompts} [train]: row 1: 'prompt' has a system turn, and the chat template of {model} does not "
+        "render system turns")
+    assert not (tmp_path / "grpo").exists() or not any((tmp_path / "grpo").iterdir())
     # the online stages probe the template on their prompts the same way (GRPO here, rewarded by a function)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [USER]}) + "\n" + json.dumps({"prompt": [SYSTEM, USER]}))
