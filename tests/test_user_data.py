@@ -388,47 +388,30 @@ def test_sft_stage_refuses_turns_its_template_drops_before_loading_the_model(tmp
                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
     tokenizer.save_pretrained(model)
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [USER, ANSWER]}) + "\n" + json.dumps({"messages": [SYSTEM, USER, ANSWER]}))
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "sft.yaml").read_text())
-    recipe.update(model_name_or_path=str(model), dataset_name=str(chat), dataset_num_proc=None,
-                  output_dir=str(tmp_path / "sft"), report_to="none", disable_tqdm=True, max_steps=1)
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SystemExit) as exit_code:
-        run("sft", ["--config", str(tmp_path / "sft.yaml")])
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+
+    def refused(stage: str, rows: list[dict], **changes) -> tuple:
+        """The stage's tiny recipe on `rows` and the model above, run in process: exit 2, nothing written; the
+        data file and the error line."""
+        data_file = tmp_path / f"{stage}.jsonl"
+        data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / f"{stage}.yaml").read_text())
+        recipe.update(model_name_or_path=str(model), dataset_name=str(data_file), output_dir=str(tmp_path / stage),
+                      report_to="none", disable_tqdm=True, max_steps=1, **changes)
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(recipe))
+        with pytest.raises(SystemExit) as exit_code:
+            run(stage, ["--config", str(tmp_path / f"{stage}.yaml")])
+        assert exit_code.value.code == 2
+        assert not (tmp_path / stage).exists() or not any((tmp_path / stage).iterdir())
+        return data_file, capsys.readouterr().err.strip().splitlines()[-1]
+
+    chat, line = refused("sft", [{"messages": [USER, ANSWER]}, {"messages": [SYSTEM, USER, ANSWER]}],
+                         dataset_num_proc=None)
+    assert line == (
         f"error: sft: {chat} [train]: row 1: 'messages' has a system turn, and the chat template of {model} does not "
         "render system turns (the chat template leaves its text out): drop those turns or merge them into the user "
         "turn, or use a chat template that renders them (PIPELINE_DEBUG=1 shows the traceback)")
-    assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
     # the online stages probe the template on their prompts the same way (GRPO here, rewarded by a function)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": [USER]}) + "\n" + json.dumps({"prompt": [SYSTEM, USER]}))
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "grpo.yaml").read_text())
-    recipe.update(model_name_or_path=str(model), dataset_name=str(prompts), reward_model_path=None,
-                  reward_functions=["reward_fns:constant"], output_dir=str(tmp_path / "grpo"), report_to="none",
-                  disable_tqdm=True, max_steps=1)
-    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SystemExit) as exit_code:
-        run("grpo", ["--config", str(tmp_path / "grpo.yaml")])
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"error: grpo: {prompts} [train]: row 1: 'prompt' has a system turn, and the chat template of {model} does not "
-        "render system turns")
-    assert not (tmp_path / "grpo").exists() or not any((tmp_path / "grpo").iterdir())
-    # the online stages probe the template on their prompts the same way (GRPO here, rewarded by a function)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": [USER]}) + "\n" + json.dumps({"prompt": [SYSTEM, USER]}))
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "grpo.yaml").read_text())
-    recipe.update(model_name_or_path=str(model), dataset_name=str(prompts), reward_model_path=None,
-                  reward_functions=["reward_fns:constant"], output_dir=str(tmp_path / "grpo"), report_to="none",
-                  disable_tqdm=True, max_steps=1)
-    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SystemExit) as exit_code:
-        run("grpo", ["--config", str(tmp_path / "grpo.yaml")])
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"error: grpo: {prompts} [train]: row 1: 'prompt' has a system turn, and the chat template of {model} does not "
-        "render system turns")
-    assert not (tmp_path / "grpo").exists() or not any((tmp_path / "grpo").iterdir())
+    prompts, line = refused("grpo", [{"prompt": [USER]}, {"prompt": [SYSTEM, USER]}], reward_model_path=None,
+                            reward_functions=["reward_fns:constant"])
+    assert line.startswith(f"error: grpo: {prompts} [train]: row 1: 'prompt' has a system turn, and the chat template "
+                           f"of {model} does not render system turns")
