@@ -3,7 +3,6 @@
 import hashlib
 import logging
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import pyarrow.compute as pc
@@ -17,6 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from .. import data, hub
 from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
 from ..models import CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer
+from ..padding_free import keeps_packed_examples_apart
 from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
 
 
@@ -162,37 +162,6 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         batch[REAL_TOKENS] = batch.pop("attention_mask").sum(dim=1)  # per row: splits along the batch like the rest
         batch["labels"][batch["position_ids"] == 0] = -100
         return batch
-
-
-def keeps_packed_examples_apart(model) -> bool:
-    """Whether the model keeps examples packed in one row apart given only their position_ids, as packed batches
-    pass them (no attention mask): the logits of the second of two packed examples equal its logits alone. Most
-    architectures do (transformers builds a block-diagonal mask from the restarting positions); some do not (OPT's
-    learned positions, hybrid linear-attention models such as Qwen3.5), and packing would then let every example
-    see the ones before it in its row. One forward pass of 9 tokens."""
-    import torch
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    vocabulary = model.get_input_embeddings().weight.shape[0] or model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(0, vocabulary, (1, n), generator=generator) for n in (5, 4))
-    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
-    gathered = nullcontext()
-    if is_deepspeed_zero3_enabled():  # every process runs this: the sharded weights are gathered for it
-        import deepspeed
-        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), gathered:
-            device = next(model.parameters()).device
-            packed = model(input_ids=torch.cat([first, second], 1).to(device), position_ids=positions.to(device),
-                           use_cache=False).logits[0, 5:].float()
-            alone = model(input_ids=second.to(device), use_cache=False).logits[0].float()
-    finally:
-        model.train(training)
-    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
-    return torch.allclose(packed, alone, atol=tolerance * max(1.0, alone.abs().max().item()), rtol=0)
 
 
 def unpack_if_leaking(model, training_args) -> None:

@@ -32,7 +32,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from trl.models import create_reference_model, prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
-from .. import rollout
+from .. import padding_free, rollout
 from . import ppo_math
 
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
@@ -87,6 +87,11 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    padding_free: Literal["auto", "packed", "rows", "off"] = field(default="auto", metadata={
+        "help": "How rollout rows go through the model in the PPO epochs and the scoring passes: 'packed' (several "
+                "rows' real tokens per row, kept apart by restarting position ids), 'rows' (each row's real tokens "
+                "alone, rows cut to the longest), 'off' (TRL 1.12's padded rows); 'auto': packed where every model "
+                "keeps packed rows apart, else rows. The same maths every way (pipeline/padding_free.py)."})
     ds3_gather_for_generation: bool = field(default=True, metadata={
         "help": "ZeRO-3: gather the policy's weights for generation (faster; off: generate sharded, less memory)."})
     # computed by the trainer (TRL 1.12 kept them in the config too); reported in recipe.yaml as the run used them
@@ -143,20 +148,19 @@ class PolicyAndValue(torch.nn.Module):
     def gradient_checkpointing_disable(self):
         self.activation_checkpointing_disable()
 
-    def forward(self, input_ids, attention_mask, position_ids, ptx_input_ids=None, **kwargs):
-        kwargs = {"return_dict": True, "use_cache": False}
-        policy_output = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    **kwargs)
-        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, **kwargs).hidden_states[-1]
-        values = self.value_model.score(hidden).squeeze(-1)
+    def forward(self, input_ids, position_ids, index, where, attention_mask=None, ptx_input_ids=None, **kwargs):
+        """The rollout rows laid out by pipeline.padding_free (`input_ids`, `position_ids`, `attention_mask` and
+        `index` of a Layout): (the policy's logits, the value model's values), both at the rollout positions
+        `where` marks, and the PPO-ptx loss or None."""
+        rows = padding_free.Layout(input_ids, position_ids, attention_mask, index)
+        logits = padding_free.logits_at(self.policy, rows, where)
+        values = padding_free.scalar_at(self.value_model, rows, where)
         if ptx_input_ids is None:
-            return policy_output, values, None
-        logits = self.policy(input_ids=ptx_input_ids, **kwargs).logits[:, :-1].float()
-        ptx_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+            return logits, values, None
+        logits_ptx = self.policy(input_ids=ptx_input_ids, return_dict=True, use_cache=False).logits[:, :-1].float()
+        ptx_loss = torch.nn.functional.cross_entropy(logits_ptx.reshape(-1, logits_ptx.shape[-1]),
                                                      ptx_input_ids[:, 1:].reshape(-1))
-        return policy_output, values, ptx_loss
+        return logits, values, ptx_loss
 
 
 class RolloutSampler(Sampler):
@@ -245,6 +249,8 @@ class PPOTrainer(Trainer):
         self._micro_step = None  # micro-batches trained since the start of the run
         self._metrics: dict[str, list[float]] = {}
         self._resume_from = None
+        self.layout = self._choose_layout(args.padding_free, (model, ref_model, value_model, reward_model))
+        self.token_counts = {"computed": 0, "real": 0}  # tokens through the models in scoring and epochs
 
         super().__init__(model=PolicyAndValue(model, value_model), args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
@@ -262,6 +268,31 @@ class PPOTrainer(Trainer):
             else:
                 frozen = frozen.to(self.accelerator.device).eval()
             setattr(self, name, frozen)
+
+    @staticmethod
+    def _choose_layout(setting: str, models) -> str:
+        """The pipeline.padding_free layout `padding_free` asks for: 'auto' packs where every model keeps packed
+        rows apart (one probe per architecture), else lays each row out alone."""
+        if setting not in ("auto", "packed", "rows", "off"):
+            raise ValueError(f"padding_free must be auto, packed, rows or off, got {setting!r}")
+        if setting in ("rows", "off"):
+            return {"rows": "rows", "off": "padded"}[setting]
+        probed = {}
+        for model in models:
+            if model is None:
+                continue
+            key = (type(model).__name__, getattr(model.config, "_attn_implementation", None))
+            if key not in probed:
+                probed[key] = padding_free.keeps_packed_examples_apart(model)
+        leaking = sorted(name for (name, _), apart in probed.items() if not apart)
+        if leaking and setting == "packed":
+            raise ValueError(f"padding_free: packed needs models that keep rows packed together apart by their "
+                             f"position ids; {', '.join(leaking)} does not: set padding_free to auto or rows")
+        return "rows" if leaking else "packed"
+
+    def _count_tokens(self, laid, passes: int) -> None:
+        self.token_counts["computed"] += passes * laid.computed_tokens
+        self.token_counts["real"] += passes * laid.real_tokens
 
     @staticmethod
     def _set_sizes(args: PPOConfig, num_prompts: int) -> None:
@@ -358,13 +389,21 @@ class PPOTrainer(Trainer):
         chunk = args.local_rollout_forward_batch_size
         for start in range(0, len(query_responses), chunk):
             rows, rows_mask = query_responses[start:start + chunk], mask[start:start + chunk]
+            laid = padding_free.layout(rows, rows_mask, self.layout)
+            read = rows_mask[:, context - 1:-1]  # the positions before each response token, and its last one
+            where = _at_columns(read, context - 1, rows.shape[1])
             with self._reference() as reference:
-                ref_logits = rollout.forward(reference, rows, rows_mask).logits[:, context - 1:-1]
-            ref_logprobs.append(selective_log_softmax(ref_logits / (args.temperature + 1e-7), rows[:, context:]))
-            values.append(rollout.scalar_head(wrapper.value_model, rows, rows_mask)[:, context - 1:-1])
+                ref_logits = padding_free.logits_at(reference, laid, where)
+            ref_logprobs.append(_scatter(read, _logprobs(ref_logits / (args.temperature + 1e-7),
+                                                         rows[:, context:][read]), INVALID_LOGPROB))
+            values.append(_scatter(read, padding_free.scalar_at(wrapper.value_model, laid, where).float(), 0.0))
+            passes = 2
             if self.reward_model_weight:
-                scores.append(self.reward_model_weight
-                              * rollout.sequence_scores(self.reward_model, rows, rows_mask, context))
+                last = context + rows_mask[:, context:].sum(1) - 1  # each row's last real token
+                at_last = torch.zeros_like(rows_mask).scatter_(1, last[:, None], True)
+                scores.append(self.reward_model_weight * padding_free.scalar_at(self.reward_model, laid, at_last))
+                passes += 1
+            self._count_tokens(laid, passes)
         ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values).float()
         scores = torch.cat(scores).float() if scores else torch.zeros(len(queries), device=queries.device)
         if self.reward_functions:
@@ -445,17 +484,21 @@ class PPOTrainer(Trainer):
 
     # ---- the loss of one micro-batch
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args, pad = self.args, self.processing_class.pad_token_id
+        args = self.args
         context = int(inputs["context_length"][0])
         rows, mask = inputs["query_responses"], inputs["attention_mask"]
-        policy_output, values, ptx_loss = model(input_ids=rows.masked_fill(~mask, 0), attention_mask=mask,
-                                                position_ids=mask.cumsum(1) - mask.long(),
-                                                ptx_input_ids=inputs.get("ptx_input_ids"))
-        logits = policy_output.logits[:, context - 1:-1] / (args.temperature + 1e-7)
-        responses = rows[:, context:]
         padding, padding_p1 = inputs["padding"], inputs["padding_p1"]
-        logprobs = selective_log_softmax(logits, responses).masked_fill(padding, INVALID_LOGPROB)
-        values = values[:, context - 1:-1].float().masked_fill(padding_p1, 0)
+        read = ~padding_p1  # the positions before each response token, and its last one (the value's)
+        laid = padding_free.layout(rows, mask, self.layout)
+        self._count_tokens(laid, 2)
+        logits, values, ptx_loss = model(input_ids=laid.input_ids, position_ids=laid.position_ids,
+                                         attention_mask=laid.attention_mask, index=laid.index,
+                                         where=_at_columns(read, context - 1, rows.shape[1]),
+                                         ptx_input_ids=inputs.get("ptx_input_ids"))
+        logits = logits / (args.temperature + 1e-7)
+        logprobs = _scatter(read, _logprobs(logits, rows[:, context:][read]), INVALID_LOGPROB)
+        logprobs = logprobs.masked_fill(padding, INVALID_LOGPROB)
+        values = _scatter(read, values.float(), 0.0)
 
         pg_loss, pg_clipfrac, ratio = ppo_math.policy_loss(logprobs, inputs["logprobs"], inputs["advantages"],
                                                            ~padding, args.cliprange)
@@ -472,13 +515,13 @@ class PPOTrainer(Trainer):
                 "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
                 "policy/clipfrac_avg": pg_clipfrac, "val/clipfrac_avg": vf_clipfrac,
                 "policy/approxkl_avg": ppo_math.masked_mean(0.5 * (logprobs - inputs["logprobs"]) ** 2, tokens),
-                "policy/entropy_avg": ppo_math.masked_mean(entropy_from_logits(logits.float()), tokens),
+                "policy/entropy_avg": entropy_from_logits(logits.float())[tokens[read]].mean(),
                 "val/ratio": ppo_math.masked_mean(ratio, tokens),
             }
             if ptx_loss is not None:
                 record["loss/ptx_avg"] = ptx_loss
             self._record(record)
-        return (loss, policy_output) if return_outputs else loss
+        return (loss, logits) if return_outputs else loss
 
     # ---- logging: every value recorded since the last log, averaged, then averaged over processes
     def _record(self, values: dict) -> None:
@@ -506,6 +549,8 @@ class PPOTrainer(Trainer):
             if len(ratios) > 1:
                 logs["val/ratio_var"] = float(torch.tensor(ratios).var())
             self._metrics = {}
+        if self.token_counts["computed"]:
+            logs["perf/padding_fraction"] = 1 - self.token_counts["real"] / self.token_counts["computed"]
         super().log(logs, start_time)
 
     # ---- saving and loading: the policy in the folder, the value model in value_model/
@@ -573,6 +618,24 @@ class PPOTrainer(Trainer):
                 super()._load_from_checkpoint(folder, model=module)
             finally:
                 self.model = wrapped
+
+
+def _at_columns(read: torch.Tensor, first: int, width: int) -> torch.Tensor:
+    """`read` (rows, n), marks over columns first..first+n-1, as marks over all `width` columns."""
+    where = torch.zeros(len(read), width, dtype=torch.bool, device=read.device)
+    where[:, first:first + read.shape[1]] = read
+    return where
+
+
+def _scatter(read: torch.Tensor, values: torch.Tensor, fill: float) -> torch.Tensor:
+    """Values read at the marks of `read` (row-major), back in a (rows, n) tensor, `fill` elsewhere."""
+    return torch.full(read.shape, fill, dtype=values.dtype, device=values.device).masked_scatter(read, values)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of `tokens` (n) under `logits` (n, vocabulary); one batch row for TRL's helper, which
+    loops over its first dimension."""
+    return selective_log_softmax(logits[None], tokens[None])[0]
 
 
 class _AdapterReference:

@@ -1,0 +1,158 @@
+"""Forward passes over rollout rows that compute only real tokens (PPO's epochs and its scoring passes).
+
+A rollout row is `query + response`: the query left-padded to the batch's longest prompt, the response
+right-padded after its stop token (pipeline.rollout). Run as it is, every pass computes those pads: in the tiny
+demo about 45% of the tokens, with hh-rlhf's long-tailed prompts more than half. A `Layout` lays the same rows
+out again before the model sees them, in one of three ways (`PPOConfig.padding_free`):
+
+- `padded`: the rows as they are, with their attention mask (TRL 1.12's computation; kept as the reference);
+- `rows`: each row's real tokens moved to the start of a row of its own, the rows cut to the longest; the pads
+  left at the ends are never attended to by a real token (attention is causal), so no mask is needed and any
+  causal LM computes exactly what it computes padded;
+- `packed`: several rows' real tokens in one row (first-fit decreasing, each row of the layout as wide as the
+  longest rollout row), kept apart by restarting position ids: given position ids and no attention mask,
+  transformers builds a block-diagonal causal mask from them (on GPU, flash attention's variable-length kernels
+  read them). Only for architectures that keep packed examples apart (`keeps_packed_examples_apart`); the
+  others get `rows`.
+
+`index[b, t]` is where the real token at column `t` of rollout row `b` sits in the layout, flattened; the model's
+outputs are read back through it (`Layout.read`), so losses, advantages and gradients are the padded
+computation's, to float rounding (tests/test_padding_free.py). Logits are computed only where they are read:
+`logits_at` runs the model's body on the layout and its LM head on the chosen positions alone (a prompt of 384
+tokens and an answer of 128 need 128 rows of logits, not 512), except for models that scale or cap their logits
+after the head, which run whole.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("packed", "rows", "padded")
+
+
+@dataclass
+class Layout:
+    input_ids: torch.Tensor  # (layout rows, width)
+    position_ids: torch.Tensor  # (layout rows, width)
+    attention_mask: torch.Tensor | None  # only for `padded`
+    index: torch.Tensor  # (rollout rows, columns): flat position of each real token in the layout, -1 elsewhere
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.index >= 0).sum())
+
+    def read(self, outputs: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """`outputs` of the layout (layout rows, width, ...) at the rollout columns `where` marks (a bool
+        (rollout rows, columns) tensor, True on real tokens only): (marked tokens, ...), in row-major order."""
+        return outputs.flatten(0, 1)[self.index[where]]
+
+    def kwargs(self) -> dict:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
+                "use_cache": False}
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]:
+    """Bin and offset of each length, bins of `capacity`, longest first into the first bin with room."""
+    bins, offsets, room = [0] * len(lengths), [0] * len(lengths), []
+    for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if free >= lengths[row]:
+                break
+        else:
+            b = len(room)
+            room.append(capacity)
+        bins[row], offsets[row] = b, capacity - room[b]
+        room[b] -= lengths[row]
+    return bins, offsets
+
+
+def layout(rows: torch.Tensor, mask: torch.Tensor, how: str) -> Layout:
+    """`rows` (rollout rows, columns) whose real tokens are `mask`, laid out `how` (one of LAYOUTS). A row's real
+    tokens are contiguous (left-padded query, right-padded response)."""
+    if how not in LAYOUTS:
+        raise ValueError(f"padding_free must be one of {', '.join(LAYOUTS)}, got {how!r}")
+    device = rows.device
+    if how == "padded":
+        index = torch.arange(rows.numel(), device=device).view(rows.shape)
+        return Layout(rows.masked_fill(~mask, 0), mask.cumsum(1) - mask.long(), mask, index.masked_fill(~mask, -1))
+    lengths = mask.sum(1)
+    width = int(lengths.max())
+    if how == "packed":
+        bins, offsets = _first_fit_decreasing(lengths.tolist(), width)
+        bins, offsets = torch.tensor(bins, device=device), torch.tensor(offsets, device=device)
+    else:
+        bins, offsets = torch.arange(len(rows), device=device), torch.zeros(len(rows), dtype=torch.long, device=device)
+    count = int(bins.max()) + 1
+    start = bins * width + offsets
+    index = torch.where(mask, start[:, None] + mask.cumsum(1) - 1, -1)
+    input_ids = torch.zeros(count * width, dtype=rows.dtype, device=device)
+    input_ids[index[mask]] = rows[mask]
+    # positions count from the start of the sequence a slot belongs to (pads at a row's end: the last sequence's)
+    starts = torch.zeros(count * width, dtype=torch.bool, device=device)
+    starts[start] = True
+    columns = torch.arange(width, device=device).repeat(count)
+    first = torch.where(starts, columns, 0).view(count, width).cummax(1).values
+    return Layout(input_ids.view(count, width), torch.arange(width, device=device) - first, None, index)
+
+
+def body(model):
+    """The model without its head (GPT-2's `transformer`, Llama's `model`); through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+def _scales_logits(model) -> bool:
+    from .lm_head import _logit_transforms
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _logit_transforms(base.config)
+
+
+def logits_at(model, rows: Layout, where: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits at the rollout positions `where` marks: (marked tokens, vocabulary)."""
+    if _scales_logits(model):
+        return rows.read(model(**rows.kwargs(), return_dict=True).logits, where)
+    hidden = body(model)(**rows.kwargs(), return_dict=True).last_hidden_state
+    return model.get_output_embeddings()(rows.read(hidden, where))
+
+
+def scalar_at(model, rows: Layout, where: torch.Tensor) -> torch.Tensor:
+    """A sequence-classification model's 1-label head (`score`) at the rollout positions `where` marks."""
+    hidden = body(model)(**rows.kwargs(), return_dict=True).last_hidden_state
+    return model.score(rows.read(hidden, where)).squeeze(-1)
+
+
+def keeps_packed_examples_apart(model) -> bool:
+    """Whether the model keeps examples packed in one row apart given only their position_ids, as packed layouts
+    pass them (no attention mask): the last hidden states of the second of two packed examples equal its hidden
+    states alone. Most architectures do (transformers builds a block-diagonal mask from the restarting
+    positions); some do not (OPT's learned positions, hybrid linear-attention models such as Qwen3.5), and packing
+    would then let every example see the ones before it in its row. One forward pass of 9 tokens, through the
+    model's body (a causal LM and a sequence classifier alike)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    vocabulary = model.get_input_embeddings().weight.shape[0] or model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocabulary, (1, n), generator=generator) for n in (5, 4))
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    gathered = nullcontext()
+    if is_deepspeed_zero3_enabled():  # every process runs this: the sharded weights are gathered for it
+        import deepspeed
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), gathered:
+            device = next(model.parameters()).device
+            run = body(model)
+            packed = run(input_ids=torch.cat([first, second], 1).to(device), position_ids=positions.to(device),
+                         use_cache=False).last_hidden_state[0, 5:].float()
+            alone = run(input_ids=second.to(device), use_cache=False).last_hidden_state[0].float()
+    finally:
+        model.train(training)
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    return torch.allclose(packed, alone, atol=tolerance * max(1.0, alone.abs().max().item()), rtol=0)

@@ -1,0 +1,111 @@
+"""Padding-free PPO (pipeline/padding_free.py): the rows and packed layouts compute only real tokens, and PPO's
+rollout scores, advantages, losses and gradients equal TRL 1.12's padded computation's, on micro models of a
+family other than GPT-2 (Llama), in process."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
+
+from pipeline import padding_free
+from pipeline.models import fit_to_tokenizer
+from pipeline.trainers.ppo import PPOConfig, PPOTrainer
+
+from test_any_model import CHATML, word_tokenizer
+
+
+def test_layouts_hold_every_real_token_once_and_count_their_padding():
+    pad = 0
+    rows = torch.tensor([[0, 0, 5, 6, 7, 8, 0, 0],  # 2-token query left-padded, 2-token answer, right pads
+                         [0, 0, 0, 9, 4, 0, 0, 0],
+                         [3, 4, 5, 6, 7, 8, 9, 3]])
+    mask = rows != pad
+    padded, alone, packed = (padding_free.layout(rows, mask, how) for how in ("padded", "rows", "packed"))
+    for laid in (padded, alone, packed):
+        assert laid.read(laid.input_ids[..., None], mask)[:, 0].tolist() == rows[mask].tolist()
+        assert laid.real_tokens == 14
+    assert padded.computed_tokens == 24 and padded.attention_mask is not None
+    assert alone.input_ids.tolist() == [[5, 6, 7, 8, 0, 0, 0, 0], [9, 4, 0, 0, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 3]]
+    assert alone.position_ids.tolist() == [list(range(8))] * 3 and alone.attention_mask is None
+    # first-fit decreasing: the 8-token row alone, the 4- and 2-token rows share one, positions restart at each
+    assert packed.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 4, 0, 0]]
+    assert packed.position_ids.tolist() == [list(range(8)), [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert packed.computed_tokens == 16 and packed.attention_mask is None
+    with pytest.raises(ValueError, match="padding_free must be one of packed, rows, padded, got 'flat'"):
+        padding_free.layout(rows, mask, "flat")
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A micro Llama policy and value/reward model, a ChatML tokenizer, prompts of 1 to 9 words."""
+    tokenizer = word_tokenizer(CHATML, "<|endoftext|>", "<|pad|>", ("<|im_start|>", "<|im_end|>"))
+    tokenizer.padding_side = "left"
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    policy = fit_to_tokenizer(LlamaForCausalLM(LlamaConfig(**config)), tokenizer)
+    scorer = fit_to_tokenizer(LlamaForSequenceClassification(LlamaConfig(**config, num_labels=1)), tokenizer)
+    words = "hi a review of the film".split()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": " ".join(words[:n % 6 + 1] * (1 + n % 2))}],
+                                             add_generation_prompt=True, tokenize=True) for n in range(8)]
+    prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+    return tokenizer, policy, scorer, Dataset.from_dict({"input_ids": prompts})
+
+
+def _trainer(setting, layout, tmp_path, **fields):
+    tokenizer, policy, scorer, dataset = setting
+    args = PPOConfig(output_dir=str(tmp_path / layout), padding_free=layout, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=1, total_episodes=8,
+                     response_length=10, stop_token="eos", use_cpu=True, bf16=False, report_to=[],
+                     gradient_checkpointing=False, local_rollout_forward_batch_size=8, seed=1, **fields)
+    return PPOTrainer(args=args, processing_class=tokenizer, model=copy.deepcopy(policy), ref_model=None,
+                      reward_model=copy.deepcopy(scorer), value_model=copy.deepcopy(scorer), train_dataset=dataset)
+
+
+def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting, tmp_path):
+    tokenizer, _, _, dataset = setting
+    queries = tokenizer.pad({"input_ids": dataset["input_ids"]}, return_tensors="pt")["input_ids"]
+    results = {}
+    for layout in ("off", "rows", "packed"):
+        trainer = _trainer(setting, layout, tmp_path)
+        torch.manual_seed(7)  # the same samples from every trainer
+        buffer = trainer._make_rollouts(queries)
+        inputs = {key: value[buffer["schedule"][0]] for key, value in buffer.items()
+                  if isinstance(value, torch.Tensor)}
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results[layout] = buffer, loss, grads, trainer.token_counts
+    padded, padded_loss, padded_grads, padded_counts = results["off"]
+    mask = padded["attention_mask"]
+    assert (~mask).any(dim=1).all()  # every row has padding: left (shorter prompts) or right (shorter answers)
+    assert padded["padding"].any() and not padded["padding"].all()  # answers of several lengths
+    for layout in ("rows", "packed"):
+        buffer, loss, grads, counts = results[layout]
+        assert torch.equal(buffer["query_responses"], padded["query_responses"])  # the same samples
+        for key in ("logprobs", "values", "returns", "advantages"):
+            torch.testing.assert_close(buffer[key], padded[key], atol=1e-5, rtol=1e-4, msg=f"{layout}: {key}")
+        torch.testing.assert_close(loss, padded_loss, atol=1e-6, rtol=1e-5)
+        assert grads.keys() == padded_grads.keys() and len(grads) > 10  # policy and value model alike
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, padded_grads[name], atol=1e-6, rtol=1e-4, msg=f"{layout}: {name}")
+        assert counts["real"] == padded_counts["real"] and counts["computed"] < padded_counts["computed"]
+    assert results["packed"][3]["computed"] < results["rows"][3]["computed"]
+
+
+def test_auto_packs_only_models_that_keep_packed_rows_apart(setting, tmp_path):
+    tokenizer, _, _, dataset = setting
+    assert _trainer(setting, "auto", tmp_path).layout == "packed"  # Llama: restarting position ids are honoured
+    torch.manual_seed(0)
+    opt = fit_to_tokenizer(OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, ffn_dim=32,
+                                                    num_hidden_layers=1, num_attention_heads=2,
+                                                    word_embed_proj_dim=16, max_position_embeddings=64)), tokenizer)
+    assert not padding_free.keeps_packed_examples_apart(opt)  # learned positions from the mask, not position ids
+    opt_setting = (tokenizer, opt, setting[2], dataset)
+    assert _trainer(opt_setting, "auto", tmp_path).layout == "rows"
+    with pytest.raises(ValueError, match="padding_free: packed needs models that keep rows packed together apart "
+                                         "by their position ids; OPTForCausalLM does not"):
+        _trainer(opt_setting, "packed", tmp_path)
