@@ -71,10 +71,18 @@ compare: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/ppo_vs_trl112.py
+	$(PY) bench/ppo_long.py
 	$(PY) bench/startup.py
 	$(PY) bench/lm_head.py
 	test -f outputs/tiny/reward/config.json || $(MAKE) demo
 	$(PY) bench/jobs.py
+
+# The GPU table (bench/results/gpu.md and .json): GPT-2 124M SFT tokens/s and MFU in bf16, PPO sequences/s padded
+# and padding-free, peak GPU memory of full and LoRA PPO, flash attention where installed. On a GPU machine (make
+# setup TORCH=torch first); `python bench/gpu.py --smoke` runs it on the CPU at tiny sizes (tests/test_bench.py)
+.PHONY: bench-gpu
+bench-gpu: setup
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf outputs

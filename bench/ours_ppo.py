@@ -140,6 +140,7 @@ def main(argv=None) -> None:
         "updates": config.num_total_batches,
         "episodes_per_s": episodes / train_s,
         "peak_rss_mb": probe["peak_after_train"],
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None,
         "peak_rss_mb_end": usage.ru_maxrss / 1024,
         "rss_after_imports_mb": probe["rss_mb"]["imported"],
         "peak_rss_mb_at": {**probe["rss_mb"], "end": usage.ru_maxrss / 1024},
@@ -152,6 +153,8 @@ def main(argv=None) -> None:
             **({k: sum(h[k] for h in logged) / len(logged) for k in ("objective/scores", "objective/kl")}
                if logged else {}),
         },
+        "tokens": dict(trainer.token_counts),  # scoring passes and PPO epochs: computed and real
+        "padding_free": trainer.layout,
         "prompts": len(trainer.train_dataset),
         "same_prompts_as_data_file": same_prompts,
         "policy": config.output_dir,

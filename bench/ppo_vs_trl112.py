@@ -689,10 +689,30 @@ def json_link(md: str, js: str) -> str:
     return os.path.relpath(os.path.abspath(js), os.path.dirname(os.path.abspath(md))).replace(os.sep, "/")
 
 
+def headline(summary: dict) -> dict:
+    """The figures the PPO issue reads, first in the `tiny` entry: medians (ratios: of the per-seed ratios)."""
+    rows = summary["rows"]
+    return {"episodes_per_s_ratio": summary["ratios"]["episodes_per_s"]["median"],
+            "gold_ours": rows["ours"]["gold_score_ppo"]["median"],
+            "gold_trl112": rows["trl112"]["gold_score_ppo"]["median"],
+            "gold_trl112_spread": [rows["trl112"]["gold_score_ppo"]["min"], rows["trl112"]["gold_score_ppo"]["max"]],
+            "win_rate_ours": rows["ours"]["gold_win_rate_vs_sft"]["median"],
+            "win_rate_trl112": rows["trl112"]["gold_win_rate_vs_sft"]["median"],
+            "padding_fraction_ours": statistics.median(1 - r["tokens"]["real"] / r["tokens"]["computed"]
+                                                       for r in summary["runs"] if r["impl"] == "ours"),
+            "padding_fraction_trl112": statistics.median(1 - r["tokens"]["real"] / r["tokens"]["computed"]
+                                                         for r in summary["runs"] if r["impl"] == "trl112")}
+
+
 def write(summary: dict, md: str, js: str) -> None:
+    """The `tiny` entry of the results JSON (bench/ppo_long.py writes `long`, bench/ppo_memory.py `memory_124m`)."""
     summary["json_name"] = json_link(md, js)
+    results = json.load(open(js)) if os.path.isfile(js) else {}
+    if "runs" in results:  # the layout before the entries: this benchmark's summary alone
+        results = {}
+    results["tiny"] = {**headline(summary), **summary}
     with open(js, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(results, f, indent=2)
     write_markdown(md, section(summary))
 
 
@@ -730,6 +750,7 @@ def main(argv=None) -> None:
     if args.from_json:
         with open(args.from_json) as f:
             summary = json.load(f)
+        summary = summary.get("tiny", summary)
         summary["json_name"] = json_link(args.md, args.from_json)
         write_markdown(args.md, section(summary))
         print(f"wrote {args.md} from {args.from_json}")

@@ -84,6 +84,20 @@ def main(argv=None) -> None:
     module.get_reward = timed(module.get_reward,
                               lambda a: "reward" if a[0] is probe["trainer"].reward_model else "value")
 
+    # tokens through the models in the rollout's scoring and the PPO epochs: every position of the padded rows, and
+    # the real ones (TRL 1.12's own mask: not the pad id)
+    tokens = {"computed": 0, "real": 0}
+
+    def counted(function):
+        def wrapper(model, query_responses, pad_token_id, *a, **k):
+            if probe["inside"]:
+                tokens["computed"] += query_responses.numel()
+                tokens["real"] += int((query_responses != pad_token_id).sum())
+            return function(model, query_responses, pad_token_id, *a, **k)
+        return wrapper
+
+    module.forward, module.get_reward = counted(module.forward), counted(module.get_reward)
+
     with open(args.config) as f:
         recipe = json.load(f)
     fields = {f.name for f in dataclasses.fields(PPOConfig)}
@@ -141,6 +155,7 @@ def main(argv=None) -> None:
             **({k: sum(h[k] for h in logged) / len(logged) for k in ("objective/scores", "objective/kl")}
                if logged else {}),
         },
+        "tokens": tokens,
         "prompts": len(train_dataset),
         "policy": config.output_dir,
         "ignored_recipe_keys": sorted(set(recipe) - fields),

@@ -96,3 +96,18 @@ def test_jobs_bench_runs_both_settings_on_the_same_work(tiny_run, tmp_path):
     assert "| 1 |" in table and "| 2 |" in table
     missing = run_python("bench/jobs.py", "--run", tmp_path / "nothing", check=False)
     assert missing.returncode != 0 and "has no sft or reward model" in missing.stderr
+
+
+def test_gpu_bench_smoke_runs_every_row_on_the_cpu(tmp_path):
+    """`make bench-gpu` (bench/gpu.py) at tiny sizes on the CPU, so that it does not rot while no GPU is lent: every
+    row runs, padded PPO computes padding and padding-free PPO far less of it, and the table says it is a smoke run."""
+    md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
+    run_python("bench/gpu.py", "--smoke", "--md", md, "--json", js, timeout=600)
+    summary = json.loads(js.read_text())
+    rows = {row["row"]: row for row in summary["rows"]}
+    assert set(rows) == {"sft", "ppo-padded", "ppo", "ppo-lora"}  # no flash-attn on the CPU
+    assert rows["sft"]["tokens_per_s"] > 0 and rows["sft"]["mfu"] is None  # no peak FLOPs for a CPU
+    assert rows["ppo-padded"]["padding_free"] == "padded" and rows["ppo"]["padding_free"] == "packed"
+    assert rows["ppo"]["padding_fraction"] < 0.5 * rows["ppo-padded"]["padding_fraction"]
+    assert all(row["sequences_per_s"] > 0 for name, row in rows.items() if name != "sft")
+    assert "its figures mean nothing" in md.read_text() and "| `ppo-lora` |" in md.read_text()
