@@ -51,6 +51,21 @@ class Layout:
         (rollout rows, columns) tensor, True on real tokens only): (marked tokens, ...), in row-major order."""
         return outputs.flatten(0, 1)[self.index[where]]
 
+    def parts(self, size: int):
+        """The layout cut into parts of at most `size` layout rows: (the rollout rows in each part, in order, and
+        the part as a Layout of its own). A rollout row lies in one layout row, so each falls in one part."""
+        count, width = self.input_ids.shape
+        if count <= size:
+            yield torch.arange(len(self.index), device=self.index.device), self
+            return
+        home = self.index.max(1).values // width  # the layout row of each rollout row (every row has a token)
+        for start in range(0, count, size):
+            rows = ((home >= start) & (home < start + size)).nonzero().squeeze(1)
+            index = self.index[rows]
+            mask = None if self.attention_mask is None else self.attention_mask[start:start + size]
+            yield rows, Layout(self.input_ids[start:start + size], self.position_ids[start:start + size], mask,
+                               torch.where(index >= 0, index - start * width, -1))
+
     def kwargs(self) -> dict:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
                 "use_cache": False}

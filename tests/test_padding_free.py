@@ -22,6 +22,10 @@ def test_layouts_hold_every_real_token_once_and_count_their_padding():
                          [0, 0, 0, 9, 4, 0, 0, 0],
                          [3, 4, 5, 6, 7, 8, 9, 3]])
     mask = rows != pad
+
+    def rows_of(indices):
+        return rows[indices][mask[indices]].tolist()
+
     padded, alone, packed = (padding_free.layout(rows, mask, how) for how in ("padded", "rows", "packed"))
     for laid in (padded, alone, packed):
         assert laid.read(laid.input_ids[..., None], mask)[:, 0].tolist() == rows[mask].tolist()
@@ -33,6 +37,12 @@ def test_layouts_hold_every_real_token_once_and_count_their_padding():
     assert packed.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 4, 0, 0]]
     assert packed.position_ids.tolist() == [list(range(8)), [0, 1, 2, 3, 0, 1, 2, 3]]
     assert packed.computed_tokens == 16 and packed.attention_mask is None
+    # cut into parts of one layout row (the scoring passes' chunks): each rollout row in one part, read alike
+    parts = list(packed.parts(1))
+    assert [rows.tolist() for rows, _ in parts] == [[2], [0, 1]]
+    for members, part in parts:
+        assert part.read(part.input_ids[..., None], mask[members])[:, 0].tolist() == rows_of(members)
+    assert [rows.tolist() for rows, _ in alone.parts(2)] == [[0, 1], [2]]
     with pytest.raises(ValueError, match="padding_free must be one of packed, rows, padded, got 'flat'"):
         padding_free.layout(rows, mask, "flat")
 

@@ -384,28 +384,32 @@ class PPOTrainer(Trainer):
         query_responses = torch.cat((queries, responses), 1)
         mask = rollout.attention_mask(query_responses, context, pad, self.stop_token_ids)
 
-        ref_logprobs, values, scores = [], [], []
+        # the whole batch laid out at once (packed: the best packing of all its rows), run a part of at most
+        # local_rollout_forward_batch_size layout rows at a time
         wrapper = self.accelerator.unwrap_model(self.model)
-        chunk = args.local_rollout_forward_batch_size
-        for start in range(0, len(query_responses), chunk):
-            rows, rows_mask = query_responses[start:start + chunk], mask[start:start + chunk]
-            laid = padding_free.layout(rows, rows_mask, self.layout)
-            read = rows_mask[:, context - 1:-1]  # the positions before each response token, and its last one
-            where = _at_columns(read, context - 1, rows.shape[1])
+        laid = padding_free.layout(query_responses, mask, self.layout)
+        read = mask[:, context - 1:-1]  # the positions before each response token, and its last one
+        where = _at_columns(read, context - 1, query_responses.shape[1])
+        last = context + mask[:, context:].sum(1) - 1  # each row's last real token
+        at_last = torch.zeros_like(mask).scatter_(1, last[:, None], True)
+        ref_logprobs = torch.full(read.shape, INVALID_LOGPROB, device=queries.device)
+        values = torch.zeros(read.shape, device=queries.device)
+        scores = torch.zeros(len(queries), device=queries.device)
+        for rows, part in laid.parts(args.local_rollout_forward_batch_size):
+            part_read, part_where = read[rows], where[rows]
             with self._reference() as reference:
-                ref_logits = padding_free.logits_at(reference, laid, where)
-            ref_logprobs.append(_scatter(read, _logprobs(ref_logits / (args.temperature + 1e-7),
-                                                         rows[:, context:][read]), INVALID_LOGPROB))
-            values.append(_scatter(read, padding_free.scalar_at(wrapper.value_model, laid, where).float(), 0.0))
+                ref_logits = padding_free.logits_at(reference, part, part_where)
+            targets = query_responses[rows, context:][part_read]
+            ref_logprobs[rows] = _scatter(part_read, _logprobs(ref_logits / (args.temperature + 1e-7), targets),
+                                          INVALID_LOGPROB)
+            values[rows] = _scatter(part_read, padding_free.scalar_at(wrapper.value_model, part, part_where).float(),
+                                    0.0)
             passes = 2
             if self.reward_model_weight:
-                last = context + rows_mask[:, context:].sum(1) - 1  # each row's last real token
-                at_last = torch.zeros_like(rows_mask).scatter_(1, last[:, None], True)
-                scores.append(self.reward_model_weight * padding_free.scalar_at(self.reward_model, laid, at_last))
+                scores[rows] = self.reward_model_weight * padding_free.scalar_at(self.reward_model, part,
+                                                                                 at_last[rows]).float()
                 passes += 1
-            self._count_tokens(laid, passes)
-        ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values).float()
-        scores = torch.cat(scores).float() if scores else torch.zeros(len(queries), device=queries.device)
+            self._count_tokens(part, passes)
         if self.reward_functions:
             scores = scores + self._function_rewards(query_responses, context, step)
         self._check_finite(scores, "the reward (objective/scores)", step)
