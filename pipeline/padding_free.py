@@ -127,9 +127,20 @@ def _scales_logits(model) -> bool:
     return _logit_transforms(base.config)
 
 
+def _whole(model) -> bool:
+    """Whether to run the model whole rather than its body and then its head: a model that scales or caps its
+    logits after the head, or one inside an engine's wrapper (a DeepSpeed engine, FSDP's), whose own forward
+    gathers the weights."""
+    from transformers import PreTrainedModel
+
+    plain = isinstance(model, PreTrainedModel) or hasattr(model, "get_base_model") and isinstance(
+        model.get_base_model(), PreTrainedModel) and hasattr(model, "peft_config")
+    return not plain or _scales_logits(model)
+
+
 def logits_at(model, rows: Layout, where: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits at the rollout positions `where` marks: (marked tokens, vocabulary)."""
-    if _scales_logits(model):
+    if _whole(model):
         return rows.read(model(**rows.kwargs(), return_dict=True).logits, where)
     hidden = body(model)(**rows.kwargs(), return_dict=True).last_hidden_state
     return model.get_output_embeddings()(rows.read(hidden, where))

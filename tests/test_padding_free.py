@@ -119,3 +119,26 @@ def test_auto_packs_only_models_that_keep_packed_rows_apart(setting, tmp_path):
     with pytest.raises(ValueError, match="padding_free: packed needs models that keep rows packed together apart "
                                          "by their position ids; OPTForCausalLM does not"):
         _trainer(opt_setting, "packed", tmp_path)
+
+
+def test_logits_are_the_models_own_at_the_positions_read():
+    """`logits_at` runs the body and then the LM head on the positions read; for a model that caps its logits after
+    the head (Gemma 2's soft-cap) it runs the whole model, since the head alone would miss the cap."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    rows = torch.tensor([[0, 5, 6, 7, 8, 0], [3, 4, 5, 6, 7, 8]])
+    mask = rows != 0
+    where = mask.clone()
+    where[:, :2] = False
+    small = dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=16, head_dim=8)
+    torch.manual_seed(0)
+    for model in (LlamaForCausalLM(LlamaConfig(**small)),
+                  Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=0.5))):
+        laid = padding_free.layout(rows, mask, "rows")
+        with torch.no_grad():
+            expected = laid.read(model(**laid.kwargs()).logits, where)
+            got = padding_free.logits_at(model, laid, where)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got.shape == (int(where.sum()), 16)
+    assert expected.abs().max() <= 0.5  # the cap was applied
