@@ -9,6 +9,9 @@ out again before the model sees them, in one of three ways (`PPOConfig.padding_f
 - `rows`: each row's real tokens moved to the start of a row of its own, the rows cut to the longest; the pads
   left at the ends are never attended to by a real token (attention is causal), so no mask is needed and any
   causal LM computes exactly what it computes padded;
+- `flat`: every row's real tokens in one row (the scoring passes: rows of a token budget), kept apart as
+  `packed` keeps them: no padding at all, for flash attention's variable-length kernels, which compute no
+  attention across the rows (on the CPU the block-diagonal mask of one long row costs more than `packed`);
 - `packed`: several rows' real tokens in one row (first-fit decreasing, each row of the layout as wide as the
   longest rollout row), kept apart by restarting position ids: given position ids and no attention mask,
   transformers builds a block-diagonal causal mask from them (on GPU, flash attention's variable-length kernels
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("packed", "rows", "padded")
+LAYOUTS = ("flat", "packed", "rows", "padded")
 
 
 @dataclass
@@ -86,9 +89,10 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int],
     return bins, offsets
 
 
-def layout(rows: torch.Tensor, mask: torch.Tensor, how: str) -> Layout:
+def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | None = None) -> Layout:
     """`rows` (rollout rows, columns) whose real tokens are `mask`, laid out `how` (one of LAYOUTS). A row's real
-    tokens are contiguous (left-padded query, right-padded response)."""
+    tokens are contiguous (left-padded query, right-padded response). `flat` puts them all in one layout row, or,
+    with `capacity`, in rows of at most that many tokens (the longest rollout row's, at least)."""
     if how not in LAYOUTS:
         raise ValueError(f"padding_free must be one of {', '.join(LAYOUTS)}, got {how!r}")
     device = rows.device
@@ -97,7 +101,9 @@ def layout(rows: torch.Tensor, mask: torch.Tensor, how: str) -> Layout:
         return Layout(rows.masked_fill(~mask, 0), mask.cumsum(1) - mask.long(), mask, index.masked_fill(~mask, -1))
     lengths = mask.sum(1)
     width = int(lengths.max())
-    if how == "packed":
+    if how == "flat":  # every row in one, or in as few of `capacity` as first-fit decreasing finds
+        width = int(lengths.sum()) if capacity is None else max(width, min(capacity, int(lengths.sum())))
+    if how in ("packed", "flat"):
         bins, offsets = _first_fit_decreasing(lengths.tolist(), width)
         bins, offsets = torch.tensor(bins, device=device), torch.tensor(offsets, device=device)
     else:

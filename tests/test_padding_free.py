@@ -26,8 +26,9 @@ def test_layouts_hold_every_real_token_once_and_count_their_padding():
     def rows_of(indices):
         return rows[indices][mask[indices]].tolist()
 
-    padded, alone, packed = (padding_free.layout(rows, mask, how) for how in ("padded", "rows", "packed"))
-    for laid in (padded, alone, packed):
+    padded, alone, packed, flat = (padding_free.layout(rows, mask, how) for how in ("padded", "rows", "packed",
+                                                                                      "flat"))
+    for laid in (padded, alone, packed, flat, padding_free.layout(rows, mask, "flat", capacity=9)):
         assert laid.read(laid.input_ids[..., None], mask)[:, 0].tolist() == rows[mask].tolist()
         assert laid.real_tokens == 14
     assert padded.computed_tokens == 24 and padded.attention_mask is not None
@@ -37,14 +38,17 @@ def test_layouts_hold_every_real_token_once_and_count_their_padding():
     assert packed.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 4, 0, 0]]
     assert packed.position_ids.tolist() == [list(range(8)), [0, 1, 2, 3, 0, 1, 2, 3]]
     assert packed.computed_tokens == 16 and packed.attention_mask is None
+    assert flat.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3, 5, 6, 7, 8, 9, 4]] and flat.computed_tokens == 14
+    assert flat.position_ids.tolist() == [[*range(8), *range(4), 0, 1]]
+    assert padding_free.layout(rows, mask, "flat", capacity=9).input_ids.shape == (2, 9)  # a token budget per row
     # cut into parts of one layout row (the scoring passes' chunks): each rollout row in one part, read alike
     parts = list(packed.parts(1))
     assert [rows.tolist() for rows, _ in parts] == [[2], [0, 1]]
     for members, part in parts:
         assert part.read(part.input_ids[..., None], mask[members])[:, 0].tolist() == rows_of(members)
     assert [rows.tolist() for rows, _ in alone.parts(2)] == [[0, 1], [2]]
-    with pytest.raises(ValueError, match="padding_free must be one of packed, rows, padded, got 'flat'"):
-        padding_free.layout(rows, mask, "flat")
+    with pytest.raises(ValueError, match="padding_free must be one of flat, packed, rows, padded, got 'dense'"):
+        padding_free.layout(rows, mask, "dense")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,7 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     tokenizer, _, _, dataset = setting
     queries = tokenizer.pad({"input_ids": dataset["input_ids"]}, return_tensors="pt")["input_ids"]
     results = {}
-    for layout in ("off", "rows", "packed"):
+    for layout in ("off", "rows", "packed", "flat"):
         trainer = _trainer(setting, layout, tmp_path)
         torch.manual_seed(7)  # the same samples from every trainer
         buffer = trainer._make_rollouts(queries)
@@ -93,7 +97,7 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     mask = padded["attention_mask"]
     assert (~mask).any(dim=1).all()  # every row has padding: left (shorter prompts) or right (shorter answers)
     assert padded["padding"].any() and not padded["padding"].all()  # answers of several lengths
-    for layout in ("rows", "packed"):
+    for layout in ("rows", "packed", "flat"):
         buffer, loss, grads, counts = results[layout]
         assert torch.equal(buffer["query_responses"], padded["query_responses"])  # the same samples
         for key in ("logprobs", "values", "returns", "advantages"):
@@ -104,6 +108,7 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
             torch.testing.assert_close(grad, padded_grads[name], atol=1e-6, rtol=1e-4, msg=f"{layout}: {name}")
         assert counts["real"] == padded_counts["real"] and counts["computed"] < padded_counts["computed"]
     assert results["packed"][3]["computed"] < results["rows"][3]["computed"]
+    assert results["flat"][3]["computed"] == results["flat"][3]["real"]  # no padding at all
 
 
 def test_auto_packs_only_models_that_keep_packed_rows_apart(setting, tmp_path):
@@ -116,9 +121,10 @@ def test_auto_packs_only_models_that_keep_packed_rows_apart(setting, tmp_path):
     assert not padding_free.keeps_packed_examples_apart(opt)  # learned positions from the mask, not position ids
     opt_setting = (tokenizer, opt, setting[2], dataset)
     assert _trainer(opt_setting, "auto", tmp_path).layout == "rows"
-    with pytest.raises(ValueError, match="padding_free: packed needs models that keep rows packed together apart "
-                                         "by their position ids; OPTForCausalLM does not"):
-        _trainer(opt_setting, "packed", tmp_path)
+    for layout in ("packed", "flat"):
+        with pytest.raises(ValueError, match=f"padding_free: {layout} needs models that keep rows packed together "
+                                             "apart by their position ids; OPTForCausalLM does not"):
+            _trainer(opt_setting, layout, tmp_path)
 
 
 def test_logits_are_the_models_own_at_the_positions_read():

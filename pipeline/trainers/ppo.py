@@ -87,11 +87,12 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    padding_free: Literal["auto", "packed", "rows", "off"] = field(default="auto", metadata={
+    padding_free: Literal["auto", "flat", "packed", "rows", "off"] = field(default="auto", metadata={
         "help": "How rollout rows go through the model in the PPO epochs and the scoring passes: 'packed' (several "
-                "rows' real tokens per row, kept apart by restarting position ids), 'rows' (each row's real tokens "
-                "alone, rows cut to the longest), 'off' (TRL 1.12's padded rows); 'auto': packed where every model "
-                "keeps packed rows apart, else rows. The same maths every way (pipeline/padding_free.py)."})
+                "rows' real tokens per row, kept apart by restarting position ids), 'flat' (all of them in one row: "
+                "for flash attention's variable-length kernels), 'rows' (each row's real tokens alone, rows cut to "
+                "the longest), 'off' (TRL 1.12's padded rows); 'auto': flat with flash attention, else packed where "
+                "every model keeps packed rows apart, else rows. The same maths every way (pipeline/padding_free.py)."})
     ds3_gather_for_generation: bool = field(default=True, metadata={
         "help": "ZeRO-3: gather the policy's weights for generation (faster; off: generate sharded, less memory)."})
     # computed by the trainer (TRL 1.12 kept them in the config too); reported in recipe.yaml as the run used them
@@ -273,8 +274,8 @@ class PPOTrainer(Trainer):
     def _choose_layout(setting: str, models) -> str:
         """The pipeline.padding_free layout `padding_free` asks for: 'auto' packs where every model keeps packed
         rows apart (one probe per architecture), else lays each row out alone."""
-        if setting not in ("auto", "packed", "rows", "off"):
-            raise ValueError(f"padding_free must be auto, packed, rows or off, got {setting!r}")
+        if setting not in ("auto", "flat", "packed", "rows", "off"):
+            raise ValueError(f"padding_free must be auto, flat, packed, rows or off, got {setting!r}")
         if setting in ("rows", "off"):
             return {"rows": "rows", "off": "padded"}[setting]
         probed = {}
@@ -285,10 +286,13 @@ class PPOTrainer(Trainer):
             if key not in probed:
                 probed[key] = padding_free.keeps_packed_examples_apart(model)
         leaking = sorted(name for (name, _), apart in probed.items() if not apart)
-        if leaking and setting == "packed":
-            raise ValueError(f"padding_free: packed needs models that keep rows packed together apart by their "
+        if leaking and setting in ("packed", "flat"):
+            raise ValueError(f"padding_free: {setting} needs models that keep rows packed together apart by their "
                              f"position ids; {', '.join(leaking)} does not: set padding_free to auto or rows")
-        return "rows" if leaking else "packed"
+        if leaking:
+            return "rows"
+        flash = all("flash" in str(attention) for _, attention in probed)
+        return "flat" if setting == "flat" or flash else "packed"
 
     def _count_tokens(self, laid, passes: int) -> None:
         self.token_counts["computed"] += passes * laid.computed_tokens
@@ -385,9 +389,12 @@ class PPOTrainer(Trainer):
         mask = rollout.attention_mask(query_responses, context, pad, self.stop_token_ids)
 
         # the whole batch laid out at once (packed: the best packing of all its rows), run a part of at most
-        # local_rollout_forward_batch_size layout rows at a time
+        # local_rollout_forward_batch_size layout rows at a time (flat: one layout row of as many tokens)
         wrapper = self.accelerator.unwrap_model(self.model)
-        laid = padding_free.layout(query_responses, mask, self.layout)
+        chunk = args.local_rollout_forward_batch_size
+        # flat: one layout row per part, of at most the tokens of `chunk` rows of the longest
+        budget = chunk * int(mask.sum(1).max()) if self.layout == "flat" else None
+        laid = padding_free.layout(query_responses, mask, self.layout, capacity=budget)
         read = mask[:, context - 1:-1]  # the positions before each response token, and its last one
         where = _at_columns(read, context - 1, query_responses.shape[1])
         last = context + mask[:, context:].sum(1) - 1  # each row's last real token
@@ -395,7 +402,7 @@ class PPOTrainer(Trainer):
         ref_logprobs = torch.full(read.shape, INVALID_LOGPROB, device=queries.device)
         values = torch.zeros(read.shape, device=queries.device)
         scores = torch.zeros(len(queries), device=queries.device)
-        for rows, part in laid.parts(args.local_rollout_forward_batch_size):
+        for rows, part in laid.parts(1 if self.layout == "flat" else chunk):
             part_read, part_where = read[rows], where[rows]
             with self._reference() as reference:
                 ref_logits = padding_free.logits_at(reference, part, part_where)
