@@ -36,10 +36,15 @@ LAYOUTS = ("flat", "packed", "rows", "padded")
 
 @dataclass
 class Layout:
-    input_ids: torch.Tensor  # (layout rows, width)
-    position_ids: torch.Tensor  # (layout rows, width)
-    attention_mask: torch.Tensor | None  # only for `padded`
-    index: torch.Tensor  # (rollout rows, columns): flat position of each real token in the layout, -1 elsewhere
+    """Token ids and position ids of every layout row, flattened and concatenated over `shapes` (each a block of
+    (layout rows, width): packed layouts cut their least filled rows narrower), the attention mask (`padded`
+    only) and, for each rollout row and column, where its real token sits in that flat order (-1: padding)."""
+
+    input_ids: torch.Tensor  # (computed tokens,)
+    position_ids: torch.Tensor  # (computed tokens,)
+    attention_mask: torch.Tensor | None  # (rollout rows, columns): only for `padded`
+    index: torch.Tensor  # (rollout rows, columns)
+    shapes: list  # [(layout rows, width)] of each block, in order
 
     @property
     def computed_tokens(self) -> int:
@@ -49,29 +54,40 @@ class Layout:
     def real_tokens(self) -> int:
         return int((self.index >= 0).sum())
 
-    def read(self, outputs: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """`outputs` of the layout (layout rows, width, ...) at the rollout columns `where` marks (a bool
-        (rollout rows, columns) tensor, True on real tokens only): (marked tokens, ...), in row-major order."""
-        return outputs.flatten(0, 1)[self.index[where]]
+    def blocks(self):
+        """Keyword arguments of the model for each block of layout rows."""
+        start = 0
+        for rows, width in self.shapes:
+            end = start + rows * width
+            yield {"input_ids": self.input_ids[start:end].view(rows, width),
+                   "position_ids": self.position_ids[start:end].view(rows, width),
+                   "attention_mask": self.attention_mask, "use_cache": False}
+            start = end
+
+    def read(self, outputs: list, where: torch.Tensor) -> torch.Tensor:
+        """Per-token `outputs` of each block ((layout rows, width, ...) each) at the rollout columns `where` marks
+        (a bool (rollout rows, columns) tensor, True on real tokens only): (marked tokens, ...), row-major."""
+        flat = outputs[0].flatten(0, 1) if len(outputs) == 1 else torch.cat([o.flatten(0, 1) for o in outputs])
+        return flat[self.index[where]]
 
     def parts(self, size: int):
-        """The layout cut into parts of at most `size` layout rows: (the rollout rows in each part, in order, and
-        the part as a Layout of its own). A rollout row lies in one layout row, so each falls in one part."""
-        count, width = self.input_ids.shape
-        if count <= size:
+        """The layout cut into parts of at most `size` layout rows of one block each: (the rollout rows in each
+        part, in order, and the part as a Layout of its own). A rollout row lies in one layout row."""
+        if len(self.shapes) == 1 and self.shapes[0][0] <= size:
             yield torch.arange(len(self.index), device=self.index.device), self
             return
-        home = self.index.max(1).values // width  # the layout row of each rollout row (every row has a token)
-        for start in range(0, count, size):
-            rows = ((home >= start) & (home < start + size)).nonzero().squeeze(1)
-            index = self.index[rows]
-            mask = None if self.attention_mask is None else self.attention_mask[start:start + size]
-            yield rows, Layout(self.input_ids[start:start + size], self.position_ids[start:start + size], mask,
-                               torch.where(index >= 0, index - start * width, -1))
-
-    def kwargs(self) -> dict:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
-                "use_cache": False}
+        home = self.index.max(1).values  # a real token of each rollout row (every row has one)
+        start = 0
+        for rows, width in self.shapes:
+            for first in range(0, rows, size):
+                count = min(size, rows - first)
+                low, high = start + first * width, start + (first + count) * width
+                members = ((home >= low) & (home < high)).nonzero().squeeze(1)
+                index = self.index[members]
+                mask = None if self.attention_mask is None else self.attention_mask[members]
+                yield members, Layout(self.input_ids[low:high], self.position_ids[low:high], mask,
+                                      torch.where(index >= 0, index - low, -1), [(count, width)])
+            start += rows * width
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]:
@@ -89,36 +105,59 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int],
     return bins, offsets
 
 
+def _two_widths(fills: list[int], width: int) -> int:
+    """How many of the bins (ordered fullest first) keep the full width, the rest cut to the fullest of them:
+    the split that computes the fewest tokens (all bins, when no cut saves any)."""
+    cost = [keep * width + (len(fills) - keep) * (fills[keep] if keep < len(fills) else 0)
+            for keep in range(len(fills) + 1)]
+    return min(range(len(fills) + 1), key=lambda keep: (cost[keep], -keep))
+
+
 def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | None = None) -> Layout:
     """`rows` (rollout rows, columns) whose real tokens are `mask`, laid out `how` (one of LAYOUTS). A row's real
     tokens are contiguous (left-padded query, right-padded response). `flat` puts them all in one layout row, or,
-    with `capacity`, in rows of at most that many tokens (the longest rollout row's, at least)."""
+    with `capacity`, in rows of at most that many tokens (the longest rollout row's, at least). `packed` and `rows`
+    cut their least filled rows to a narrower block where that computes fewer tokens."""
     if how not in LAYOUTS:
         raise ValueError(f"padding_free must be one of {', '.join(LAYOUTS)}, got {how!r}")
     device = rows.device
     if how == "padded":
         index = torch.arange(rows.numel(), device=device).view(rows.shape)
-        return Layout(rows.masked_fill(~mask, 0), mask.cumsum(1) - mask.long(), mask, index.masked_fill(~mask, -1))
+        return Layout(rows.masked_fill(~mask, 0).flatten(), (mask.cumsum(1) - mask.long()).flatten(), mask,
+                      index.masked_fill(~mask, -1), [tuple(rows.shape)])
     lengths = mask.sum(1)
     width = int(lengths.max())
     if how == "flat":  # every row in one, or in as few of `capacity` as first-fit decreasing finds
         width = int(lengths.sum()) if capacity is None else max(width, min(capacity, int(lengths.sum())))
     if how in ("packed", "flat"):
         bins, offsets = _first_fit_decreasing(lengths.tolist(), width)
-        bins, offsets = torch.tensor(bins, device=device), torch.tensor(offsets, device=device)
     else:
-        bins, offsets = torch.arange(len(rows), device=device), torch.zeros(len(rows), dtype=torch.long, device=device)
-    count = int(bins.max()) + 1
-    start = bins * width + offsets
+        bins, offsets = list(range(len(rows))), [0] * len(rows)
+    count = max(bins) + 1
+    fills = [0] * count
+    for b, length in zip(bins, lengths.tolist()):
+        fills[b] += length
+    order = sorted(range(count), key=lambda b: -fills[b])  # fullest first
+    rank = {b: r for r, b in enumerate(order)}
+    fills = [fills[b] for b in order]
+    keep = _two_widths(fills, width) if how in ("packed", "rows") else count
+    shapes = [(keep, width)] + ([(count - keep, fills[keep])] if keep < count else [])
+    # each bin's first flat position, and its width
+    bin_start = [r * width if r < keep else keep * width + (r - keep) * fills[keep] for r in range(count)]
+    bin_width = [width if r < keep else fills[keep] for r in range(count)]
+    ranks = [rank[b] for b in bins]
+    start = torch.tensor([bin_start[r] + o for r, o in zip(ranks, offsets)], device=device)
     index = torch.where(mask, start[:, None] + mask.cumsum(1) - 1, -1)
-    input_ids = torch.zeros(count * width, dtype=rows.dtype, device=device)
+    total = sum(r * w for r, w in shapes)
+    input_ids = torch.zeros(total, dtype=rows.dtype, device=device)
     input_ids[index[mask]] = rows[mask]
     # positions count from the start of the sequence a slot belongs to (pads at a row's end: the last sequence's)
-    starts = torch.zeros(count * width, dtype=torch.bool, device=device)
-    starts[start] = True
-    columns = torch.arange(width, device=device).repeat(count)
-    first = torch.where(starts, columns, 0).view(count, width).cummax(1).values
-    return Layout(input_ids.view(count, width), torch.arange(width, device=device) - first, None, index)
+    row_start = torch.tensor([bin_start[r] for r in range(count) for _ in range(bin_width[r])], device=device)
+    flat = torch.arange(total, device=device)
+    sequence_start = torch.full((total,), -1, dtype=torch.long, device=device)
+    sequence_start[start] = start
+    sequence_start = torch.maximum(sequence_start.cummax(0).values, row_start)
+    return Layout(input_ids, flat - sequence_start, None, index, shapes)
 
 
 def body(model):
@@ -147,14 +186,16 @@ def _whole(model) -> bool:
 def logits_at(model, rows: Layout, where: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits at the rollout positions `where` marks: (marked tokens, vocabulary)."""
     if _whole(model):
-        return rows.read(model(**rows.kwargs(), return_dict=True).logits, where)
-    hidden = body(model)(**rows.kwargs(), return_dict=True).last_hidden_state
+        return rows.read([model(**block, return_dict=True).logits for block in rows.blocks()], where)
+    run = body(model)
+    hidden = [run(**block, return_dict=True).last_hidden_state for block in rows.blocks()]
     return model.get_output_embeddings()(rows.read(hidden, where))
 
 
 def scalar_at(model, rows: Layout, where: torch.Tensor) -> torch.Tensor:
     """A sequence-classification model's 1-label head (`score`) at the rollout positions `where` marks."""
-    hidden = body(model)(**rows.kwargs(), return_dict=True).last_hidden_state
+    run = body(model)
+    hidden = [run(**block, return_dict=True).last_hidden_state for block in rows.blocks()]
     return model.score(rows.read(hidden, where)).squeeze(-1)
 
 

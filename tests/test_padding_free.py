@@ -16,37 +16,46 @@ from pipeline.trainers.ppo import PPOConfig, PPOTrainer
 from test_any_model import CHATML, word_tokenizer
 
 
+def blocks(laid, key="input_ids"):
+    return [block[key].tolist() for block in laid.blocks()]
+
+
 def test_layouts_hold_every_real_token_once_and_count_their_padding():
     pad = 0
     rows = torch.tensor([[0, 0, 5, 6, 7, 8, 0, 0],  # 2-token query left-padded, 2-token answer, right pads
                          [0, 0, 0, 9, 4, 0, 0, 0],
-                         [3, 4, 5, 6, 7, 8, 9, 3]])
+                         [3, 4, 5, 6, 7, 8, 9, 3],
+                         [0, 0, 0, 0, 2, 3, 4, 0]])
     mask = rows != pad
 
-    def rows_of(indices):
-        return rows[indices][mask[indices]].tolist()
+    def tokens(laid, mask=mask):  # every real token, read back from the layout through its index
+        return laid.read([block["input_ids"][..., None] for block in laid.blocks()], mask)[:, 0].tolist()
 
     padded, alone, packed, flat = (padding_free.layout(rows, mask, how) for how in ("padded", "rows", "packed",
                                                                                       "flat"))
     for laid in (padded, alone, packed, flat, padding_free.layout(rows, mask, "flat", capacity=9)):
-        assert laid.read(laid.input_ids[..., None], mask)[:, 0].tolist() == rows[mask].tolist()
-        assert laid.real_tokens == 14
-    assert padded.computed_tokens == 24 and padded.attention_mask is not None
-    assert alone.input_ids.tolist() == [[5, 6, 7, 8, 0, 0, 0, 0], [9, 4, 0, 0, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 3]]
-    assert alone.position_ids.tolist() == [list(range(8))] * 3 and alone.attention_mask is None
-    # first-fit decreasing: the 8-token row alone, the 4- and 2-token rows share one, positions restart at each
-    assert packed.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 4, 0, 0]]
-    assert packed.position_ids.tolist() == [list(range(8)), [0, 1, 2, 3, 0, 1, 2, 3]]
-    assert packed.computed_tokens == 16 and packed.attention_mask is None
-    assert flat.input_ids.tolist() == [[3, 4, 5, 6, 7, 8, 9, 3, 5, 6, 7, 8, 9, 4]] and flat.computed_tokens == 14
-    assert flat.position_ids.tolist() == [[*range(8), *range(4), 0, 1]]
-    assert padding_free.layout(rows, mask, "flat", capacity=9).input_ids.shape == (2, 9)  # a token budget per row
+        assert tokens(laid) == rows[mask].tolist()
+        assert laid.real_tokens == 17
+    assert padded.computed_tokens == 32 and padded.attention_mask is not None
+    # each rollout row alone, fullest first; the three short ones in a block cut to the longest of them (4)
+    assert blocks(alone) == [[[3, 4, 5, 6, 7, 8, 9, 3]], [[5, 6, 7, 8], [2, 3, 4, 0], [9, 4, 0, 0]]]
+    assert blocks(alone, "position_ids") == [[list(range(8))], [list(range(4))] * 3]
+    assert alone.computed_tokens == 20 and alone.attention_mask is None
+    # first-fit decreasing into rows of the longest (8): the 8-token row alone, the 4- and 3-token rows together,
+    # the 2-token one left over, cut to a block of its own width; positions restart at each rollout row
+    assert blocks(packed) == [[[3, 4, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 2, 3, 4, 0]], [[9, 4]]]
+    assert blocks(packed, "position_ids") == [[list(range(8)), [0, 1, 2, 3, 0, 1, 2, 3]], [[0, 1]]]
+    assert packed.computed_tokens == 18 and packed.attention_mask is None
+    assert blocks(flat) == [[[3, 4, 5, 6, 7, 8, 9, 3, 5, 6, 7, 8, 2, 3, 4, 9, 4]]] and flat.computed_tokens == 17
+    assert blocks(flat, "position_ids") == [[[*range(8), *range(4), *range(3), 0, 1]]]
+    assert padding_free.layout(rows, mask, "flat", capacity=9).shapes == [(2, 9)]  # a token budget per row
     # cut into parts of one layout row (the scoring passes' chunks): each rollout row in one part, read alike
     parts = list(packed.parts(1))
-    assert [rows.tolist() for rows, _ in parts] == [[2], [0, 1]]
+    assert [members.tolist() for members, _ in parts] == [[2], [0, 3], [1]]
     for members, part in parts:
-        assert part.read(part.input_ids[..., None], mask[members])[:, 0].tolist() == rows_of(members)
-    assert [rows.tolist() for rows, _ in alone.parts(2)] == [[0, 1], [2]]
+        assert tokens(part, mask[members]) == rows[members][mask[members]].tolist()
+    assert [members.tolist() for members, _ in alone.parts(3)] == [[2], [0, 1, 3]]
+    assert [members.tolist() for members, _ in padded.parts(3)] == [[0, 1, 2], [3]]
     with pytest.raises(ValueError, match="padding_free must be one of flat, packed, rows, padded, got 'dense'"):
         padding_free.layout(rows, mask, "dense")
 
@@ -97,6 +106,8 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     mask = padded["attention_mask"]
     assert (~mask).any(dim=1).all()  # every row has padding: left (shorter prompts) or right (shorter answers)
     assert padded["padding"].any() and not padded["padding"].all()  # answers of several lengths
+    micro_batch = padded["schedule"][0]
+    assert len(padding_free.layout(padded["query_responses"][micro_batch], mask[micro_batch], "packed").shapes) == 2
     for layout in ("rows", "packed", "flat"):
         buffer, loss, grads, counts = results[layout]
         assert torch.equal(buffer["query_responses"], padded["query_responses"])  # the same samples
@@ -143,7 +154,7 @@ def test_logits_are_the_models_own_at_the_positions_read():
                   Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=0.5))):
         laid = padding_free.layout(rows, mask, "rows")
         with torch.no_grad():
-            expected = laid.read(model(**laid.kwargs()).logits, where)
+            expected = laid.read([model(**block).logits for block in laid.blocks()], where)
             got = padding_free.logits_at(model, laid, where)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert got.shape == (int(where.sum()), 16)

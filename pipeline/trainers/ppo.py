@@ -149,11 +149,10 @@ class PolicyAndValue(torch.nn.Module):
     def gradient_checkpointing_disable(self):
         self.activation_checkpointing_disable()
 
-    def forward(self, input_ids, position_ids, index, where, attention_mask=None, ptx_input_ids=None, **kwargs):
-        """The rollout rows laid out by pipeline.padding_free (`input_ids`, `position_ids`, `attention_mask` and
-        `index` of a Layout): (the policy's logits, the value model's values), both at the rollout positions
-        `where` marks, and the PPO-ptx loss or None."""
-        rows = padding_free.Layout(input_ids, position_ids, attention_mask, index)
+    def forward(self, layout, where, ptx_input_ids=None, **kwargs):
+        """Rollout rows laid out by pipeline.padding_free (`layout`, a Layout): (the policy's logits, the value
+        model's values), both at the rollout positions `where` marks, and the PPO-ptx loss or None."""
+        rows = layout
         logits = padding_free.logits_at(self.policy, rows, where)
         values = padding_free.scalar_at(self.value_model, rows, where)
         if ptx_input_ids is None:
@@ -502,9 +501,7 @@ class PPOTrainer(Trainer):
         read = ~padding_p1  # the positions before each response token, and its last one (the value's)
         laid = padding_free.layout(rows, mask, self.layout)
         self._count_tokens(laid, 2)
-        logits, values, ptx_loss = model(input_ids=laid.input_ids, position_ids=laid.position_ids,
-                                         attention_mask=laid.attention_mask, index=laid.index,
-                                         where=_at_columns(read, context - 1, rows.shape[1]),
+        logits, values, ptx_loss = model(layout=laid, where=_at_columns(read, context - 1, rows.shape[1]),
                                          ptx_input_ids=inputs.get("ptx_input_ids"))
         logits = logits / (args.temperature + 1e-7)
         logprobs = _scatter(read, _logprobs(logits, rows[:, context:][read]), INVALID_LOGPROB)
