@@ -3,7 +3,7 @@
 A rollout row is `query + response`: the query left-padded to the batch's longest prompt, the response
 right-padded after its stop token (pipeline.rollout). Run as it is, every pass computes those pads: in the tiny
 demo about 45% of the tokens, with hh-rlhf's long-tailed prompts more than half. A `Layout` lays the same rows
-out again before the model sees them, in one of three ways (`PPOConfig.padding_free`):
+out again before the model sees them, in one of four ways (`PPOConfig.padding_free`):
 
 - `padded`: the rows as they are, with their attention mask (TRL 1.12's computation; kept as the reference);
 - `rows`: each row's real tokens moved to the start of a row of its own, the rows cut to the longest; the pads
@@ -14,16 +14,18 @@ out again before the model sees them, in one of three ways (`PPOConfig.padding_f
   attention across the rows (on the CPU the block-diagonal mask of one long row costs more than `packed`);
 - `packed`: several rows' real tokens in one row (first-fit decreasing, each row of the layout as wide as the
   longest rollout row), kept apart by restarting position ids: given position ids and no attention mask,
-  transformers builds a block-diagonal causal mask from them (on GPU, flash attention's variable-length kernels
-  read them). Only for architectures that keep packed examples apart (`keeps_packed_examples_apart`); the
-  others get `rows`.
+  transformers builds a block-diagonal causal mask from them. Only for architectures that keep packed examples
+  apart (`keeps_packed_examples_apart`); the others get `rows`.
 
-`index[b, t]` is where the real token at column `t` of rollout row `b` sits in the layout, flattened; the model's
-outputs are read back through it (`Layout.read`), so losses, advantages and gradients are the padded
-computation's, to float rounding (tests/test_padding_free.py). Logits are computed only where they are read:
+`packed` and `rows` order their layout rows fullest first and cut the least filled into a second block, as wide
+as the fullest of them, where that computes fewer tokens; each block is one pass of the model's body.
+
+`index[b, t]` is where the real token at column `t` of rollout row `b` sits in the layout's blocks, flattened and
+concatenated; the model's outputs are read back through it (`Layout.read`), so losses, advantages and gradients
+are the padded computation's, to float rounding (tests/test_padding_free.py). Logits are computed only where they are read:
 `logits_at` runs the model's body on the layout and its LM head on the chosen positions alone (a prompt of 384
 tokens and an answer of 128 need 128 rows of logits, not 512), except for models that scale or cap their logits
-after the head, which run whole.
+after the head, and models inside an engine's wrapper, which run whole.
 """
 
 from contextlib import nullcontext

@@ -14,7 +14,8 @@ gradient_accumulation_steps x num_mini_batches rollouts per process, `batch_size
 `num_total_batches` = ceil(total_episodes / batch_size) updates. A step of the Trainer (`global_step`,
 `logging_steps`, `save_steps`) is one optimizer step: an update is num_ppo_epochs x num_mini_batches steps.
 
-Beside TRL 1.12: reward functions beside the reward model (`reward_functions`), adaptive KL (`kl_control`),
+Beside TRL 1.12: padding-free epochs and scoring passes (`padding_free`, pipeline/padding_free.py), reward
+functions beside the reward model (`reward_functions`), adaptive KL (`kl_control`),
 PPO-ptx (`ptx`, `ptx_coef`), checkpoints that hold the value model (`value_model/`) and, when taken in the middle
 of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run.
 """
