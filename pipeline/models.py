@@ -562,6 +562,133 @@ def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = N
     return output_dir
 
 
+def _same_model(path: str, other: str) -> bool:
+    """Whether two model paths name the same model: the same local folder (however written), or the same Hub id."""
+    if os.path.exists(path) and os.path.exists(other):
+        return os.path.samefile(path, other)
+    return path.rstrip("/") == other.rstrip("/")
+
+
+def _safetensors_index(folder: str) -> dict[str, str] | None:
+    """Tensor name -> file of a safetensors checkpoint (one file or shards); None for any other format."""
+    from safetensors import safe_open
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return {key: single for key in f.keys()}
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {key: os.path.join(folder, name) for key, name in json.load(f)["weight_map"].items()}
+    return None
+
+
+ADAPTER_PREFIX = "base_model.model."  # how peft names an adapter's tensors in its file
+
+
+def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: dict) -> str | None:
+    """Why the merged model in `merged_dir` is not the model in `base_dir` plus the LoRA adapter in `adapter_dir`
+    (None: it is, to float rounding), read tensor by tensor from the files: every weight of the merged model is the
+    base model's, plus scaling x B @ A where the adapter has LoRA matrices, and its head is the adapter's. Adapter
+    variants this plain formula does not cover (DoRA, rank or alpha patterns, trained biases) are not checked: a
+    reason is returned."""
+    import math
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    variants = [name for name in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+                                  "target_parameters", "trainable_token_indices") if config.get(name)]
+    if config.get("bias", "none") != "none":
+        variants.append(f"bias: {config['bias']}")
+    if variants:
+        return f"its adapter uses {', '.join(variants)}, which the check does not cover"
+    merged, base = _safetensors_index(merged_dir), _safetensors_index(base_dir)
+    adapter_file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if merged is None or base is None or not os.path.isfile(adapter_file):
+        return "its weights or the SFT model's are not in safetensors files, which the check reads"
+    adapter = load_file(adapter_file)
+    heads = set(config.get("modules_to_save") or ())
+    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    products, expected_heads = {}, {}
+    for key, tensor in adapter.items():
+        name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
+        if name.endswith(".lora_A.weight"):
+            module = name[:-len(".lora_A.weight")]
+            up = adapter.get(f"{ADAPTER_PREFIX}{module}.lora_B.weight")
+            if up is None:
+                return f"its adapter has no lora_B matrix for {module}"
+            product = (up.float() @ tensor.float()) * scaling
+            products[f"{module}.weight"] = product.T if config.get("fan_in_fan_out") else product
+        elif name.endswith(".lora_B.weight"):
+            continue
+        elif name.split(".")[0] in heads:
+            expected_heads[name] = tensor
+        else:
+            return f"its adapter holds {key}, beside the LoRA matrices and the head"
+    if not products or not any(name.split(".")[0] == "score" for name in expected_heads):
+        return "its adapter has no LoRA matrices or no score head"
+    handles = {}
+
+    def tensor(index, key):
+        file = index[key]
+        if file not in handles:
+            handles[file] = safe_open(file, "pt")
+        return handles[file].get_tensor(key)
+
+    for key in merged:
+        saved = tensor(merged, key).float()
+        if key in expected_heads:
+            expected, delta = expected_heads[key].float(), torch.zeros(())
+        elif key not in base:
+            return f"the SFT model has no tensor {key}"
+        else:
+            delta = products.get(key, torch.zeros(()))
+            expected = tensor(base, key).float() + delta
+        if expected.shape != saved.shape:
+            return f"{key} has shape {tuple(saved.shape)}, not {tuple(expected.shape)}"
+        # float rounding: the merge ran in the files' precision
+        eps = max(torch.finfo(tensor(merged, key).dtype).eps,
+                  torch.finfo(tensor(base, key).dtype).eps if key in base else 0.0)
+        tolerance = 8 * eps * (expected.abs() + delta.abs()) + 1e-7
+        if ((expected - saved).abs() > tolerance).any():
+            return f"{key} is not the SFT model's plus the adapter's"
+    missing = (set(products) | set(expected_heads)) - set(merged)
+    if missing:
+        return f"the merged model has no {sorted(missing)[0]}, which the adapter adapts"
+    return None
+
+
+def reward_adapter_on(reward_model_path: str, sft_model_path: str) -> tuple[str | None, str]:
+    """Whether the reward model at `reward_model_path` is a LoRA adapter on the SFT model at `sft_model_path`, which
+    PPO with LoRA then runs as one more adapter on the policy's own base weights (`share_base_model`). Returns (the
+    adapter's folder or None, what the reward model is, in words for the log).
+
+    It is when `reward_model_path` is (or holds in adapter/, as the reward stage with use_peft writes it) a LoRA
+    adapter of task SEQ_CLS with a `score` head, whose base model (adapter_config.json's base_model_name_or_path)
+    is the folder or Hub id `sft_model_path` names, and, where the merged model is beside it, the merged model's
+    weights are the SFT model's plus the adapter's (`_merged_differs`: an SFT folder trained again after the reward
+    stage fails this, and the reward model is then loaded whole, as it scored). Reads files only, a tensor at a
+    time."""
+    adapter = reward_model_path if is_adapter(reward_model_path) else os.path.join(reward_model_path, ADAPTER_DIR)
+    if not is_adapter(adapter):
+        return None, "a whole reward model (no LoRA adapter)"
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA" or config.get("task_type") != "SEQ_CLS":
+        return None, f"an adapter of type {config.get('peft_type')}/{config.get('task_type')}, not LORA/SEQ_CLS"
+    base = config.get("base_model_name_or_path") or ""
+    if not base or not _same_model(base, sft_model_path):
+        return None, f"a LoRA adapter on {base or 'an unnamed base model'}, not on sft_model_path"
+    if adapter != reward_model_path:  # the merged model beside it is what a whole load would score with
+        differs = _merged_differs(reward_model_path, adapter, sft_model_path, config)
+        if differs is not None:
+            return None, (f"a LoRA adapter on sft_model_path, but its merged model is not sft_model_path plus the "
+                          f"adapter ({differs}; was sft_model_path trained again after the reward stage?)")
+    return adapter, "a LoRA adapter on sft_model_path"
+
+
 def _count(parameters) -> int:
     total = 0
     for parameter in parameters:

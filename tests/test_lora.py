@@ -212,6 +212,40 @@ def test_ppo_with_lora_holds_one_base_model_copy(lora_run, tiny_run, tmp_path):
     assert 2 * lora["causal_lm_base_parameters"] == full["causal_lm_base_parameters"]  # one copy, not two
 
 
+def test_reward_adapter_is_shared_only_when_it_is_on_the_sft_model(lora_run, tiny_run, tmp_path):
+    """The check that decides it, from the files: the LoRA chain's reward model is an adapter on its SFT model (the
+    stage's folder or the adapter folder itself); not on the full chain's SFT model; a whole reward model is not an
+    adapter; and an SFT folder whose weights changed after the reward stage (a copy with one weight moved, in a
+    LoRA-adapted matrix or elsewhere) no longer matches the merged reward model beside the adapter."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipeline.models import reward_adapter_on
+
+    outputs, full = lora_run["outputs"], tiny_run["outputs"]
+    assert reward_adapter_on(str(outputs / "reward"), str(outputs / "sft")) == (
+        str(outputs / "reward" / "adapter"), "a LoRA adapter on sft_model_path")
+    assert reward_adapter_on(str(outputs / "reward" / "adapter"), f"{outputs}/../{outputs.name}/sft/")[0] == str(
+        outputs / "reward" / "adapter")
+    assert reward_adapter_on(str(outputs / "reward"), str(full / "sft")) == (
+        None, f"a LoRA adapter on {outputs / 'sft'}, not on sft_model_path")
+    assert reward_adapter_on(str(full / "reward"), str(full / "sft")) == (None, "a whole reward model (no LoRA adapter)")
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"):
+        sft, reward = tmp_path / key / "sft", tmp_path / key / "reward"
+        shutil.copytree(outputs / "sft", sft)
+        shutil.copytree(outputs / "reward", reward)
+        config = json.loads((reward / "adapter" / "adapter_config.json").read_text())
+        (reward / "adapter" / "adapter_config.json").write_text(json.dumps({**config,
+                                                                             "base_model_name_or_path": str(sft)}))
+        assert reward_adapter_on(str(reward), str(sft))[0] == str(reward / "adapter")  # the copy still matches
+        weights = load_file(sft / "model.safetensors")
+        weights[key][0, 0] += 1e-3
+        save_file(weights, sft / "model.safetensors", metadata={"format": "pt"})
+        adapter, what = reward_adapter_on(str(reward), str(sft))
+        assert adapter is None and f"({key} is not the SFT model's plus the adapter's; was sft_model_path" in what
+
+
 def test_merge_command_writes_a_plain_checkpoint(lora_run, tmp_path, capsys):
     run_python("-m", "pipeline", "merge", lora_run["outputs"] / "reward" / "adapter", tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
