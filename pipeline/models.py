@@ -606,8 +606,10 @@ def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: di
         return f"its adapter uses {', '.join(variants)}, which the check does not cover"
     merged, base = _safetensors_index(merged_dir), _safetensors_index(base_dir)
     adapter_file = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if merged is None or base is None or not os.path.isfile(adapter_file):
-        return "its weights or the SFT model's are not in safetensors files, which the check reads"
+    for index, what in ((merged, "its merged model"), (base, "sft_model_path"),
+                        (os.path.isfile(adapter_file) or None, "its adapter")):
+        if index is None:
+            return f"the check reads local safetensors files, and {what} has none"
     adapter = load_file(adapter_file)
     heads = set(config.get("modules_to_save") or ())
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
@@ -700,7 +702,8 @@ def _count(parameters) -> int:
 def parameter_counts(trainer) -> dict:
     """The parameters a trainer trained and the model's total. Trained = what its optimizer updates (without
     DeepSpeed, whose flat partitions do not count: there, the parameters that require a gradient). For PPO, the
-    policy's own share too (the value model is trained in full)."""
+    policy's own share too (the value model is trained in full, or on one base model is an adapter and a head:
+    PolicyAndValue.value_parameters)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is not None and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -709,9 +712,9 @@ def parameter_counts(trainer) -> dict:
         trained = [p for p in model.parameters() if p.requires_grad]
     counts = {"trainable_parameters": _count(trained), "total_parameters": _count(model.parameters())}
     if hasattr(model, "policy") and hasattr(model, "value_model"):
-        value = {id(p) for p in model.value_model.parameters()}
+        value = {id(p) for p in model.value_parameters()}
         counts["policy_trainable_parameters"] = _count(p for p in trained if id(p) not in value)
-        counts["policy_total_parameters"] = _count(model.policy.parameters())
+        counts["policy_total_parameters"] = _count(model.policy_parameters())
     return counts
 
 
@@ -758,8 +761,11 @@ def save_lora(trainer, model, output_dir: str) -> None:
         if trainer.accelerator.is_main_process:
             with whole_weights():
                 merge_adapter(adapter_dir, output_dir, overwrite=True)  # the stage's own folder
-            value_model = os.path.join(adapter_dir, "value_model")  # PPO's, trained in full: beside the merged policy
-            if os.path.isdir(value_model):
+            value_model = os.path.join(adapter_dir, "value_model")  # PPO's: beside the merged policy
+            if is_adapter(value_model):  # an adapter on the policy's base (share_base_model): kept, and merged
+                with whole_weights():
+                    merge_adapter(value_model, os.path.join(output_dir, "value_model"), overwrite=True)
+            elif os.path.isdir(value_model):  # trained in full
                 shutil.rmtree(os.path.join(output_dir, "value_model"), ignore_errors=True)
                 shutil.move(value_model, os.path.join(output_dir, "value_model"))
     elif trainer.accelerator.is_main_process:  # the adapter was already merged into the weights, in place
