@@ -12,6 +12,7 @@
 
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -587,15 +588,45 @@ def _safetensors_index(folder: str) -> dict[str, str] | None:
 ADAPTER_PREFIX = "base_model.model."  # how peft names an adapter's tensors in its file
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsRows:
+    """The tensors of a safetensors checkpoint (`_safetensors_index`), read some rows at a time with plain file
+    reads: the file's pages go to the page cache, not into this process's memory as safe_open's memory map would put
+    them (checking two model-sized files would otherwise raise the process's peak RSS by both their sizes)."""
+
+    def __init__(self, index: dict[str, str]):
+        self.index, self.headers = index, {}
+
+    def spec(self, key: str):
+        """(file, offset of its data, dtype, shape)."""
+        file = self.index[key]
+        if file not in self.headers:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                self.headers[file] = (8 + length, json.loads(f.read(length)))
+        start, header = self.headers[file]
+        entry = header[key]
+        return file, start + entry["data_offsets"][0], _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"] or [1]
+
+    def rows(self, key: str, first: int, last: int) -> torch.Tensor:
+        file, offset, dtype, shape = self.spec(key)
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        with open(file, "rb") as f:
+            f.seek(offset + first * row)
+            data = bytearray(f.read((last - first) * row))
+        return torch.frombuffer(data, dtype=dtype).reshape(last - first, *shape[1:])
+
+
 def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: dict) -> str | None:
     """Why the merged model in `merged_dir` is not the model in `base_dir` plus the LoRA adapter in `adapter_dir`
-    (None: it is, to float rounding), read tensor by tensor from the files: every weight of the merged model is the
-    base model's, plus scaling x B @ A where the adapter has LoRA matrices, and its head is the adapter's. Adapter
-    variants this plain formula does not cover (DoRA, rank or alpha patterns, trained biases) are not checked: a
-    reason is returned."""
-    import math
-
-    from safetensors import safe_open
+    (None: it is, to float rounding), read from the files a block of rows at a time (a few MB of memory): every
+    weight of the merged model is the base model's, plus scaling x B @ A where the adapter has LoRA matrices, and
+    its head is the adapter's. Adapter variants this plain formula does not cover (DoRA, rank or alpha patterns,
+    trained biases) are not checked: a reason is returned."""
     from safetensors.torch import load_file
 
     variants = [name for name in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
@@ -610,10 +641,11 @@ def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: di
                         (os.path.isfile(adapter_file) or None, "its adapter")):
         if index is None:
             return f"the check reads local safetensors files, and {what} has none"
-    adapter = load_file(adapter_file)
+    adapter = load_file(adapter_file)  # the LoRA matrices and the head: small
     heads = set(config.get("modules_to_save") or ())
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    products, expected_heads = {}, {}
+    transposed = bool(config.get("fan_in_fan_out"))  # GPT-2's Conv1D keeps its weight as (in, out)
+    pairs, expected_heads = {}, {}
     for key, tensor in adapter.items():
         name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
         if name.endswith(".lora_A.weight"):
@@ -621,42 +653,50 @@ def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: di
             up = adapter.get(f"{ADAPTER_PREFIX}{module}.lora_B.weight")
             if up is None:
                 return f"its adapter has no lora_B matrix for {module}"
-            product = (up.float() @ tensor.float()) * scaling
-            products[f"{module}.weight"] = product.T if config.get("fan_in_fan_out") else product
+            pairs[f"{module}.weight"] = (tensor.float(), up.float())
         elif name.endswith(".lora_B.weight"):
             continue
         elif name.split(".")[0] in heads:
             expected_heads[name] = tensor
         else:
             return f"its adapter holds {key}, beside the LoRA matrices and the head"
-    if not products or not any(name.split(".")[0] == "score" for name in expected_heads):
+    if not pairs or not any(name.split(".")[0] == "score" for name in expected_heads):
         return "its adapter has no LoRA matrices or no score head"
-    handles = {}
-
-    def tensor(index, key):
-        file = index[key]
-        if file not in handles:
-            handles[file] = safe_open(file, "pt")
-        return handles[file].get_tensor(key)
-
-    for key in merged:
-        saved = tensor(merged, key).float()
-        if key in expected_heads:
-            expected, delta = expected_heads[key].float(), torch.zeros(())
-        elif key not in base:
-            return f"the SFT model has no tensor {key}"
-        else:
-            delta = products.get(key, torch.zeros(()))
-            expected = tensor(base, key).float() + delta
-        if expected.shape != saved.shape:
-            return f"{key} has shape {tuple(saved.shape)}, not {tuple(expected.shape)}"
-        # float rounding: the merge ran in the files' precision
-        eps = max(torch.finfo(tensor(merged, key).dtype).eps,
-                  torch.finfo(tensor(base, key).dtype).eps if key in base else 0.0)
-        tolerance = 8 * eps * (expected.abs() + delta.abs()) + 1e-7
-        if ((expected - saved).abs() > tolerance).any():
-            return f"{key} is not the SFT model's plus the adapter's"
-    missing = (set(products) | set(expected_heads)) - set(merged)
+    merged, base = _SafetensorsRows(merged), _SafetensorsRows(base)
+    try:
+        for key in merged.index:
+            _, _, dtype, shape = merged.spec(key)
+            if key in expected_heads:
+                if not torch.equal(merged.rows(key, 0, shape[0]).reshape(expected_heads[key].shape),
+                                   expected_heads[key].to(dtype)):
+                    return f"{key} is not the adapter's head"
+                continue
+            if key not in base.index:
+                return f"the SFT model has no tensor {key}"
+            _, _, base_dtype, base_shape = base.spec(key)
+            if base_shape != shape:
+                return f"{key} has shape {tuple(shape)}, not the SFT model's {tuple(base_shape)}"
+            step = max(1, (1 << 22) // math.prod(shape[1:]))  # rows per block: 4M values, 16 MB in float32
+            for first in range(0, shape[0], step):
+                last = min(shape[0], first + step)
+                saved, expected = merged.rows(key, first, last), base.rows(key, first, last)
+                if not (saved.is_floating_point() and expected.is_floating_point()):
+                    if not torch.equal(saved, expected):
+                        return f"{key} is not the SFT model's"
+                    continue
+                if key not in pairs and dtype == base_dtype and torch.equal(saved, expected):
+                    continue  # a weight no LoRA matrix moves, as it should be: bit for bit
+                delta = torch.zeros(())
+                if key in pairs:
+                    down, up = pairs[key]  # A (r, in), B (out, r): the weight moves by scaling x B @ A
+                    delta = (down[:, first:last].T @ up.T if transposed else up[first:last] @ down) * scaling
+                expected = expected.float() + delta
+                eps = max(torch.finfo(dtype).eps, torch.finfo(base_dtype).eps)  # the merge ran in the files' precision
+                if ((expected - saved.float()).abs() > 8 * eps * (expected.abs() + delta.abs()) + 1e-7).any():
+                    return f"{key} is not the SFT model's plus the adapter's"
+    except (KeyError, ValueError, OSError, RuntimeError) as error:
+        return f"its files could not be compared ({type(error).__name__}: {error})"
+    missing = (set(pairs) | set(expected_heads)) - set(merged.index)
     if missing:
         return f"the merged model has no {sorted(missing)[0]}, which the adapter adapts"
     return None
