@@ -98,7 +98,7 @@ def main(script_args, training_args, model_args):
         trainer, "ppo", script_args, model_args, tokenizer, held_out,
         sft_model_path=training_args.sft_model_path, reward_model=trainer.reward_model,
         max_new_tokens=training_args.response_length, temperature=training_args.temperature,
-        reference=trainer.ref_model, policy_of=lambda model: model.policy)
+        reference=trainer.reference_model(), policy_of=lambda model: model.policy)
     metrics["eval_held_out"] = eval_prompts is not None
     if trainer.accelerator.is_main_process:
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})

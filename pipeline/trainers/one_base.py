@@ -104,6 +104,26 @@ class AdapterScalarHead(torch.nn.Module):
             return self.adapters.backbone()(*args, **kwargs)
 
 
+class AdapterView:
+    """The LoRA policy with one adapter alone (None: every adapter off) as a model of its own: its calls and
+    `generate` run under that adapter, everything else (config, generation_config, device, eval) is the policy's.
+    The evaluation's SFT policy with LoRA: the base the policy trains on, with no copy of it loaded."""
+
+    def __init__(self, adapters: Adapters, adapter_name: str | None = None):
+        self.adapters, self.adapter_name = adapters, adapter_name
+
+    def __call__(self, *args, **kwargs):
+        with self.adapters.use(self.adapter_name):
+            return self.adapters.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.adapters.use(self.adapter_name):
+            return self.adapters.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.adapters.model, name)
+
+
 def read_adapter(folder: str):
     """A LoRA adapter folder of task SEQ_CLS: (its LoraConfig without the head, its LoRA tensors as peft saved
     them, its `score` head's tensors by parameter name)."""

@@ -16,7 +16,8 @@ gradient_accumulation_steps x num_mini_batches rollouts per process, `batch_size
 
 Beside TRL 1.12: reward functions beside the reward model (`reward_functions`), adaptive KL (`kl_control`),
 PPO-ptx (`ptx`, `ptx_coef`), checkpoints that hold the value model (`value_model/`) and, when taken in the middle
-of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run.
+of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run. With
+LoRA, one copy of the base weights for policy, reference, value and reward (`share_base_model`, one_base.py).
 """
 
 import json
@@ -489,6 +490,15 @@ class PPOTrainer(Trainer):
         if self.ref_model is not None:
             return nullcontext(self.ref_model)
         return self.accelerator.unwrap_model(self.model).reference_context(self.args.ref_adapter_name)
+
+    def reference_model(self):
+        """The reference as a model, for the evaluation: the frozen copy, or with LoRA the policy with its adapters
+        disabled (or `ref_adapter_name` alone) as a model of its own (one_base.AdapterView), so that no copy of
+        the SFT model is loaded for it."""
+        if self.ref_model is not None:
+            return self.ref_model
+        wrapper = self.accelerator.unwrap_model(self.model)
+        return one_base.AdapterView(wrapper.adapters, self.args.ref_adapter_name)
 
     def _function_rewards(self, query_responses: torch.Tensor, context: int, step: int) -> torch.Tensor:
         tokenizer = self.processing_class
