@@ -1,7 +1,8 @@
 """LoRA through TRL's ModelConfig (use_peft, lora_r, ...) and get_peft_config, on tiny settings: every LoRA stage
 saves its adapter (output_dir/adapter) and the merged model (output_dir, plain transformers); the reward model
-trains its score head beside the adapters; PPO with LoRA keeps one base model (the reference is the policy with
-its adapters disabled); 4-bit loading is GPU-only and fails in one line on CPU."""
+trains its score head beside the adapters; PPO with LoRA keeps one copy of the base model for policy, reference
+(its adapters disabled), value (an adapter and a head) and a reward model trained as an adapter on the SFT model,
+trains both adapters, resumes after SIGKILL and merges; 4-bit loading is GPU-only and fails in one line on CPU."""
 
 import json
 import math
