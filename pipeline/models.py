@@ -12,6 +12,7 @@
 
 import json
 import logging
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -562,6 +563,174 @@ def merge_adapter(adapter_path: str, output_dir: str, base_model: str | None = N
     return output_dir
 
 
+def _same_model(path: str, other: str) -> bool:
+    """Whether two model paths name the same model: the same local folder (however written), or the same Hub id."""
+    if os.path.exists(path) and os.path.exists(other):
+        return os.path.samefile(path, other)
+    return path.rstrip("/") == other.rstrip("/")
+
+
+def _safetensors_index(folder: str) -> dict[str, str] | None:
+    """Tensor name -> file of a safetensors checkpoint (one file or shards); None for any other format."""
+    from safetensors import safe_open
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return {key: single for key in f.keys()}
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {key: os.path.join(folder, name) for key, name in json.load(f)["weight_map"].items()}
+    return None
+
+
+ADAPTER_PREFIX = "base_model.model."  # how peft names an adapter's tensors in its file
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsRows:
+    """The tensors of a safetensors checkpoint (`_safetensors_index`), read some rows at a time with plain file
+    reads: the file's pages go to the page cache, not into this process's memory as safe_open's memory map would put
+    them (checking two model-sized files would otherwise raise the process's peak RSS by both their sizes)."""
+
+    def __init__(self, index: dict[str, str]):
+        self.index, self.headers = index, {}
+
+    def spec(self, key: str):
+        """(file, offset of its data, dtype, shape)."""
+        file = self.index[key]
+        if file not in self.headers:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                self.headers[file] = (8 + length, json.loads(f.read(length)))
+        start, header = self.headers[file]
+        entry = header[key]
+        return file, start + entry["data_offsets"][0], _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"] or [1]
+
+    def rows(self, key: str, first: int, last: int) -> torch.Tensor:
+        file, offset, dtype, shape = self.spec(key)
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        with open(file, "rb") as f:
+            f.seek(offset + first * row)
+            data = bytearray(f.read((last - first) * row))
+        return torch.frombuffer(data, dtype=dtype).reshape(last - first, *shape[1:])
+
+
+def _merged_differs(merged_dir: str, adapter_dir: str, base_dir: str, config: dict) -> str | None:
+    """Why the merged model in `merged_dir` is not the model in `base_dir` plus the LoRA adapter in `adapter_dir`
+    (None: it is, to float rounding), read from the files a block of rows at a time (a few MB of memory): every
+    weight of the merged model is the base model's, plus scaling x B @ A where the adapter has LoRA matrices, and
+    its head is the adapter's. Adapter variants this plain formula does not cover (DoRA, rank or alpha patterns,
+    trained biases) are not checked: a reason is returned."""
+    from safetensors.torch import load_file
+
+    variants = [name for name in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+                                  "target_parameters", "trainable_token_indices") if config.get(name)]
+    if config.get("bias", "none") != "none":
+        variants.append(f"bias: {config['bias']}")
+    if variants:
+        return f"its adapter uses {', '.join(variants)}, which the check does not cover"
+    merged, base = _safetensors_index(merged_dir), _safetensors_index(base_dir)
+    adapter_file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    for index, what in ((merged, "its merged model"), (base, "sft_model_path"),
+                        (os.path.isfile(adapter_file) or None, "its adapter")):
+        if index is None:
+            return f"the check reads local safetensors files, and {what} has none"
+    adapter = load_file(adapter_file)  # the LoRA matrices and the head: small
+    heads = set(config.get("modules_to_save") or ())
+    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    transposed = bool(config.get("fan_in_fan_out"))  # GPT-2's Conv1D keeps its weight as (in, out)
+    pairs, expected_heads = {}, {}
+    for key, tensor in adapter.items():
+        name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
+        if name.endswith(".lora_A.weight"):
+            module = name[:-len(".lora_A.weight")]
+            up = adapter.get(f"{ADAPTER_PREFIX}{module}.lora_B.weight")
+            if up is None:
+                return f"its adapter has no lora_B matrix for {module}"
+            pairs[f"{module}.weight"] = (tensor.float(), up.float())
+        elif name.endswith(".lora_B.weight"):
+            continue
+        elif name.split(".")[0] in heads:
+            expected_heads[name] = tensor
+        else:
+            return f"its adapter holds {key}, beside the LoRA matrices and the head"
+    if not pairs or not any(name.split(".")[0] == "score" for name in expected_heads):
+        return "its adapter has no LoRA matrices or no score head"
+    merged, base = _SafetensorsRows(merged), _SafetensorsRows(base)
+    try:
+        for key in merged.index:
+            _, _, dtype, shape = merged.spec(key)
+            if key in expected_heads:
+                if not torch.equal(merged.rows(key, 0, shape[0]).reshape(expected_heads[key].shape),
+                                   expected_heads[key].to(dtype)):
+                    return f"{key} is not the adapter's head"
+                continue
+            if key not in base.index:
+                return f"the SFT model has no tensor {key}"
+            _, _, base_dtype, base_shape = base.spec(key)
+            if base_shape != shape:
+                return f"{key} has shape {tuple(shape)}, not the SFT model's {tuple(base_shape)}"
+            step = max(1, (1 << 22) // math.prod(shape[1:]))  # rows per block: 4M values, 16 MB in float32
+            for first in range(0, shape[0], step):
+                last = min(shape[0], first + step)
+                saved, expected = merged.rows(key, first, last), base.rows(key, first, last)
+                if not (saved.is_floating_point() and expected.is_floating_point()):
+                    if not torch.equal(saved, expected):
+                        return f"{key} is not the SFT model's"
+                    continue
+                if key not in pairs and dtype == base_dtype and torch.equal(saved, expected):
+                    continue  # a weight no LoRA matrix moves, as it should be: bit for bit
+                delta = torch.zeros(())
+                if key in pairs:
+                    down, up = pairs[key]  # A (r, in), B (out, r): the weight moves by scaling x B @ A
+                    delta = (down[:, first:last].T @ up.T if transposed else up[first:last] @ down) * scaling
+                expected = expected.float() + delta
+                eps = max(torch.finfo(dtype).eps, torch.finfo(base_dtype).eps)  # the merge ran in the files' precision
+                if ((expected - saved.float()).abs() > 8 * eps * (expected.abs() + delta.abs()) + 1e-7).any():
+                    return f"{key} is not the SFT model's plus the adapter's"
+    except (KeyError, ValueError, OSError, RuntimeError) as error:
+        return f"its files could not be compared ({type(error).__name__}: {error})"
+    missing = (set(pairs) | set(expected_heads)) - set(merged.index)
+    if missing:
+        return f"the merged model has no {sorted(missing)[0]}, which the adapter adapts"
+    return None
+
+
+def reward_adapter_on(reward_model_path: str, sft_model_path: str) -> tuple[str | None, str]:
+    """Whether the reward model at `reward_model_path` is a LoRA adapter on the SFT model at `sft_model_path`, which
+    PPO with LoRA then runs as one more adapter on the policy's own base weights (`share_base_model`). Returns (the
+    adapter's folder or None, what the reward model is, in words for the log).
+
+    It is when `reward_model_path` is (or holds in adapter/, as the reward stage with use_peft writes it) a LoRA
+    adapter of task SEQ_CLS with a `score` head, whose base model (adapter_config.json's base_model_name_or_path)
+    is the folder or Hub id `sft_model_path` names, and, where the merged model is beside it, the merged model's
+    weights are the SFT model's plus the adapter's (`_merged_differs`: an SFT folder trained again after the reward
+    stage fails this, and the reward model is then loaded whole, as it scored). Reads files only, a tensor at a
+    time."""
+    adapter = reward_model_path if is_adapter(reward_model_path) else os.path.join(reward_model_path, ADAPTER_DIR)
+    if not is_adapter(adapter):
+        return None, "a whole reward model (no LoRA adapter)"
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA" or config.get("task_type") != "SEQ_CLS":
+        return None, f"an adapter of type {config.get('peft_type')}/{config.get('task_type')}, not LORA/SEQ_CLS"
+    base = config.get("base_model_name_or_path") or ""
+    if not base or not _same_model(base, sft_model_path):
+        return None, f"a LoRA adapter on {base or 'an unnamed base model'}, not on sft_model_path"
+    if adapter != reward_model_path:  # the merged model beside it is what a whole load would score with
+        differs = _merged_differs(reward_model_path, adapter, sft_model_path, config)
+        if differs is not None:
+            return None, (f"a LoRA adapter on sft_model_path, but its merged model is not sft_model_path plus the "
+                          f"adapter ({differs}; was sft_model_path trained again after the reward stage?)")
+    return adapter, "a LoRA adapter on sft_model_path"
+
+
 def _count(parameters) -> int:
     total = 0
     for parameter in parameters:
@@ -573,7 +742,8 @@ def _count(parameters) -> int:
 def parameter_counts(trainer) -> dict:
     """The parameters a trainer trained and the model's total. Trained = what its optimizer updates (without
     DeepSpeed, whose flat partitions do not count: there, the parameters that require a gradient). For PPO, the
-    policy's own share too (the value model is trained in full)."""
+    policy's own share too (the value model is trained in full, or on one base model is an adapter and a head:
+    PolicyAndValue.value_parameters)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is not None and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -582,9 +752,9 @@ def parameter_counts(trainer) -> dict:
         trained = [p for p in model.parameters() if p.requires_grad]
     counts = {"trainable_parameters": _count(trained), "total_parameters": _count(model.parameters())}
     if hasattr(model, "policy") and hasattr(model, "value_model"):
-        value = {id(p) for p in model.value_model.parameters()}
+        value = {id(p) for p in model.value_parameters()}
         counts["policy_trainable_parameters"] = _count(p for p in trained if id(p) not in value)
-        counts["policy_total_parameters"] = _count(model.policy.parameters())
+        counts["policy_total_parameters"] = _count(model.policy_parameters())
     return counts
 
 
@@ -631,8 +801,11 @@ def save_lora(trainer, model, output_dir: str) -> None:
         if trainer.accelerator.is_main_process:
             with whole_weights():
                 merge_adapter(adapter_dir, output_dir, overwrite=True)  # the stage's own folder
-            value_model = os.path.join(adapter_dir, "value_model")  # PPO's, trained in full: beside the merged policy
-            if os.path.isdir(value_model):
+            value_model = os.path.join(adapter_dir, "value_model")  # PPO's: beside the merged policy
+            if is_adapter(value_model):  # an adapter on the policy's base (share_base_model): kept, and merged
+                with whole_weights():
+                    merge_adapter(value_model, os.path.join(output_dir, "value_model"), overwrite=True)
+            elif os.path.isdir(value_model):  # trained in full
                 shutil.rmtree(os.path.join(output_dir, "value_model"), ignore_errors=True)
                 shutil.move(value_model, os.path.join(output_dir, "value_model"))
     elif trainer.accelerator.is_main_process:  # the adapter was already merged into the weights, in place

@@ -28,8 +28,9 @@ def evaluate_against_sft(trainer, stage: str, script_args, model_args, tokenizer
     """Runs on every process (under ZeRO-3 the weights are sharded), each answering its share of the prompts;
     every process returns the gathered result.
 
-    reference: the SFT policy if the trainer already holds a frozen copy (its reference model), else a copy is
-    loaded from `sft_model_path` (LoRA, whose reference is the policy's own base, or no reference at all).
+    reference: the SFT policy if the trainer already holds it (its reference model; PPO with LoRA: the policy with
+    its adapters off, PPOTrainer.reference_model), else a copy is loaded from `sft_model_path` (GRPO's and DPO's
+    LoRA, whose reference is the policy's own base, or no reference at all).
     reward_model: scores the answers (rm_*), even when training was rewarded by functions too or instead; None
     leaves the rm_* results out. policy_of: the policy inside the unwrapped trained model (PPO's holds the value
     model too)."""

@@ -5,17 +5,26 @@ The policy and reference start from `sft_model_path`; the reward and value model
 `reward_model_path` (the value model is trained, the reward model frozen). After training, the policy is
 evaluated against the SFT policy on held-out prompts (reward-model score, KL, win rates, and the gold
 oracle's judgement on the embedded task). The value model is saved to `<output_dir>/value_model`.
+
+With LoRA and `share_base_model` (the default), one copy of the base weights serves every role: the reference is
+the policy with its adapters off, the value model an adapter with a head of its own on the policy's base, and a
+reward model that is a LoRA adapter on the SFT model one more adapter (models.reward_adapter_on decides); any other
+reward model is loaded whole beside it.
 """
+
+import logging
 
 from trl import get_peft_config
 
 from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, check_same_tokenizer,
-                      load_causal_lm, load_scalar_head_model, load_tokenizer)
+                      load_causal_lm, load_scalar_head_model, load_tokenizer, reward_adapter_on)
 from ..trainers.ppo import PPOTrainer
 from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
 from .online import evaluation_prompts, require_reward, tokenize_prompts
 from .policy_eval import evaluate_against_sft
+
+logger = logging.getLogger("pipeline")
 
 
 def main(script_args, training_args, model_args):
@@ -39,8 +48,19 @@ def main(script_args, training_args, model_args):
     policy = load_causal_lm(training_args.sft_model_path, tokenizer, model_args, "sft_model_path")
     reference = None if peft_config else load_causal_lm(training_args.sft_model_path, tokenizer, model_args,
                                                         "sft_model_path")
-    reward_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args, "reward_model_path")
-    value_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args, "reward_model_path")
+    one_base = bool(peft_config) and training_args.share_base_model
+    reward_adapter = reward_model = value_model = None  # on one base model the trainer puts the value adapter on it
+    if one_base:
+        reward_adapter, what = reward_adapter_on(training_args.reward_model_path, training_args.sft_model_path)
+        logger.info(f"reward_model_path {training_args.reward_model_path} is {what}: " + (
+            "an adapter on the policy's base model, as the value model is (one copy of the base weights)"
+            if reward_adapter else "loaded whole beside the policy's base model, on which the value model is an adapter"))
+    if reward_adapter is None:
+        reward_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args,
+                                              "reward_model_path")
+    if not one_base:
+        value_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args,
+                                             "reward_model_path")
     reward_functions = rl.load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     rl.trial_call(reward_functions, tokenizer, prompts)
     ptx = None
@@ -61,6 +81,7 @@ def main(script_args, training_args, model_args):
         model=policy,
         ref_model=reference,
         reward_model=reward_model,
+        reward_adapter=reward_adapter,
         value_model=value_model,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -77,7 +98,7 @@ def main(script_args, training_args, model_args):
         trainer, "ppo", script_args, model_args, tokenizer, held_out,
         sft_model_path=training_args.sft_model_path, reward_model=trainer.reward_model,
         max_new_tokens=training_args.response_length, temperature=training_args.temperature,
-        reference=trainer.ref_model, policy_of=lambda model: model.policy)
+        reference=trainer.reference_model(), policy_of=lambda model: model.policy)
     metrics["eval_held_out"] = eval_prompts is not None
     if trainer.accelerator.is_main_process:
         trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})

@@ -17,7 +17,8 @@ gradient_accumulation_steps x num_mini_batches rollouts per process, `batch_size
 Beside TRL 1.12: padding-free epochs and scoring passes (`padding_free`, pipeline/padding_free.py), reward
 functions beside the reward model (`reward_functions`), adaptive KL (`kl_control`),
 PPO-ptx (`ptx`, `ptx_coef`), checkpoints that hold the value model (`value_model/`) and, when taken in the middle
-of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run.
+of an update, its rollouts, so that a resumed run continues exactly; NaN/inf scores and losses stop the run. With
+LoRA, one copy of the base weights for policy, reference, value and reward (`share_base_model`, one_base.py).
 """
 
 import json
@@ -34,7 +35,7 @@ from trl.models import create_reference_model, prepare_deepspeed, prepare_fsdp, 
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from .. import padding_free, rollout
-from . import ppo_math
+from . import one_base, ppo_math
 
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
 ROLLOUTS = "rollouts"  # subfolder of a checkpoint taken in the middle of an update: each process's rollouts
@@ -78,6 +79,11 @@ class PPOConfig(TrainingArguments):
     model_adapter_name: str | None = field(default=None, metadata={"help": "LoRA: the adapter to train."})
     ref_adapter_name: str | None = field(default=None, metadata={
         "help": "LoRA: an adapter to use as the reference (default: the policy with its adapters disabled)."})
+    share_base_model: bool = field(default=True, metadata={
+        "help": "LoRA (use_peft): one copy of the base weights for every role. The value model is a LoRA adapter "
+                "with a head of its own on the policy's base model, and a reward model that is a LoRA adapter on the "
+                "SFT model (the reward stage with use_peft) one more adapter, frozen. false: the value model is a "
+                "whole copy of the reward model, trained in full, beside the reward model, as without LoRA."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
@@ -114,13 +120,42 @@ class PPOConfig(TrainingArguments):
 class PolicyAndValue(torch.nn.Module):
     """The two trained models as one module, so one optimizer and one DDP/DeepSpeed/FSDP wrapper hold both.
     `forward` returns (policy output, value at every position); with `ptx_input_ids`, also the policy's
-    causal-LM loss on those blocks (PPO-ptx), inside the same wrapped forward."""
+    causal-LM loss on those blocks (PPO-ptx), inside the same wrapped forward.
 
-    def __init__(self, policy, value_model):
+    With LoRA, `adapters` switches the policy's adapters (pipeline.trainers.one_base); on one base model
+    (`share_base_model`) the value model is an adapter on the policy's base with a head of its own
+    (`one_base.AdapterScalarHead`), read as a sequence classifier is."""
+
+    def __init__(self, policy, value_model, adapters: "one_base.Adapters | None" = None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        self.adapters = adapters
         self.config = policy.config  # what Trainer and the model card read
+
+    @property
+    def one_base(self) -> bool:
+        return isinstance(self.value_model, one_base.AdapterScalarHead)
+
+    def _models(self):
+        """The models with weights of their own (on one base model, the policy alone)."""
+        return (self.policy,) if self.one_base else (self.policy, self.value_model)
+
+    def value_parameters(self) -> list:
+        """The value model's parameters: on one base model its adapter's and its head's."""
+        if not self.one_base:
+            return list(self.value_model.parameters())
+        return one_base.adapter_parameters(self.policy, one_base.VALUE_ADAPTER) + list(self.value_model.parameters())
+
+    def policy_parameters(self) -> list:
+        """The policy's parameters: its base and its own adapter (not the value and reward adapters on that base)."""
+        others = {id(p) for name in (one_base.VALUE_ADAPTER, one_base.REWARD_ADAPTER)
+                  for p in one_base.adapter_parameters(self.policy, name)} if self.one_base else set()
+        return [p for p in self.policy.parameters() if id(p) not in others]
+
+    def reference_context(self, adapter_name: str | None = None):
+        """Context yielding the LoRA policy as the reference: its adapters disabled (or `adapter_name` alone)."""
+        return self.adapters.use(adapter_name)
 
     @property
     def is_gradient_checkpointing(self) -> bool:  # read by TRL's unwrap_model_for_generation
@@ -131,7 +166,14 @@ class PolicyAndValue(torch.nn.Module):
     # every_n_layers=..., offload=...)`; TRL's generation helpers still call the older `gradient_checkpointing_*`
     # names. Both reach the two models with whatever keywords the caller passed.
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        for model in (self.policy, self.value_model):
+        if self.one_base:  # a layer recomputed in the backward pass runs under the adapter of its forward
+            activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
+            if activation_checkpointing_kwargs.get("use_reentrant"):
+                raise ValueError("gradient_checkpointing_kwargs use_reentrant: true cannot recompute a layer under the "
+                                 "adapter of its forward, which PPO with LoRA on one base model needs: leave "
+                                 "use_reentrant out (transformers' default is false), or set share_base_model: false")
+            activation_checkpointing_kwargs.update(use_reentrant=False, context_fn=self.adapters.recompute_context)
+        for model in self._models():
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
                 enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
@@ -143,7 +185,7 @@ class PolicyAndValue(torch.nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self):
-        for model in (self.policy, self.value_model):
+        for model in self._models():
             disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             disable()
 
@@ -193,6 +235,12 @@ class PPOTrainer(Trainer):
     """PPO on transformers' Trainer. Arguments as TRL 1.12's PPOTrainer (`model` is the policy; `ref_model`
     None: a copy of it, or with `peft_config` the policy with its adapters disabled), plus:
 
+    value_model None, with LoRA (`peft_config`, or a PeftModel policy): the value model is a LoRA adapter with a
+        head of its own on the policy's base (pipeline.trainers.one_base), starting from the reward model's head
+        (and from its adapter, with `reward_adapter`);
+    reward_adapter: instead of `reward_model`, the folder of a reward model's LoRA adapter (task SEQ_CLS, a `score`
+        head) trained on the policy's base model: it runs as one more adapter on that base, frozen;
+
     reward_functions: callables `f(prompts=[str], completions=[str]) -> [float]`, as (name, function, weight),
         added to `reward_model_weight` x the reward model's score (which may be 0: functions alone);
     kl_control: an object with `.value` and `.update(kl, episodes)` (pipeline.rl), moving `kl_coef` after
@@ -206,7 +254,7 @@ class PPOTrainer(Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, reward_model, train_dataset, value_model,
                  data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None,
                  reward_functions=(), reward_model_weight: float = 1.0, kl_control=None, ptx=None,
-                 ptx_coef: float = 0.0):
+                 ptx_coef: float = 0.0, reward_adapter: str | None = None):
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model must be different objects (pass ref_model=None for a copy)")
         if args.stop_token and args.stop_token_id is not None:
@@ -232,6 +280,16 @@ class PPOTrainer(Trainer):
         self.is_peft_model = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         if ref_model is None and not self.is_peft_model:
             ref_model = create_reference_model(model)
+        if reward_adapter is not None and reward_model is not None:
+            raise ValueError("pass reward_model or reward_adapter, not both")
+        adapters = None
+        if self.is_peft_model and value_model is None:  # one base model for every role
+            adapters, value_model, reward_model = one_base.attach(model, reward_model, reward_adapter)
+        elif value_model is None or reward_adapter is not None:
+            raise ValueError("value_model=None and reward_adapter need a LoRA policy (peft_config, or a PeftModel): "
+                             "the value and reward adapters go on its base model")
+        elif self.is_peft_model:
+            adapters = one_base.Adapters(model, [model.active_adapter])
         for module in (model, ref_model, value_model, reward_model):
             if module is not None:
                 disable_dropout_in_model(module)
@@ -253,7 +311,7 @@ class PPOTrainer(Trainer):
         self.layout = self._choose_layout(args.padding_free, (model, ref_model, value_model, reward_model))
         self.token_counts = {"computed": 0, "real": 0}  # tokens through the models in scoring and epochs
 
-        super().__init__(model=PolicyAndValue(model, value_model), args=args, train_dataset=train_dataset,
+        super().__init__(model=PolicyAndValue(model, value_model, adapters), args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers,
                          data_collator=data_collator or DataCollatorWithPadding(processing_class))
@@ -262,7 +320,9 @@ class PPOTrainer(Trainer):
             frozen = getattr(self, name)
             if frozen is None:
                 continue
-            if self.is_deepspeed_enabled:
+            if isinstance(frozen, one_base.AdapterScalarHead):  # its head alone: the rest is the policy's
+                frozen = frozen.to(self.accelerator.device).eval()
+            elif self.is_deepspeed_enabled:
                 frozen = prepare_deepspeed(frozen, self.accelerator)
             elif self.is_fsdp_enabled:
                 frozen = prepare_fsdp(frozen, self.accelerator)
@@ -280,7 +340,7 @@ class PPOTrainer(Trainer):
             return {"rows": "rows", "off": "padded"}[setting]
         probed = {}
         for model in models:
-            if model is None:
+            if model is None or isinstance(model, one_base.AdapterScalarHead):  # the policy's body: probed with it
                 continue
             key = (type(model).__name__, getattr(model.config, "_attn_implementation", None))
             if key not in probed:
@@ -348,6 +408,7 @@ class PPOTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_from, self._micro_step, self._buffer = resume_from_checkpoint, None, None
         if resume_from_checkpoint:
+            self._check_value_model_layout(resume_from_checkpoint)
             self._load_ppo_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -478,7 +539,16 @@ class PPOTrainer(Trainer):
         `ref_adapter_name`)."""
         if self.ref_model is not None:
             return nullcontext(self.ref_model)
-        return _AdapterReference(self.accelerator.unwrap_model(self.model).policy, self.args)
+        return self.accelerator.unwrap_model(self.model).reference_context(self.args.ref_adapter_name)
+
+    def reference_model(self):
+        """The reference as a model, for the evaluation: the frozen copy, or with LoRA the policy with its adapters
+        disabled (or `ref_adapter_name` alone) as a model of its own (one_base.AdapterView), so that no copy of
+        the SFT model is loaded for it."""
+        if self.ref_model is not None:
+            return self.ref_model
+        wrapper = self.accelerator.unwrap_model(self.model)
+        return one_base.AdapterView(wrapper.adapters, self.args.ref_adapter_name)
 
     def _function_rewards(self, query_responses: torch.Tensor, context: int, step: int) -> torch.Tensor:
         tokenizer = self.processing_class
@@ -573,8 +643,14 @@ class PPOTrainer(Trainer):
         parts = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
                  for name in ("policy", "value_model")}
         os.makedirs(output_dir, exist_ok=True)
-        wrapper.policy.save_pretrained(output_dir, state_dict=parts["policy"])
-        wrapper.value_model.save_pretrained(os.path.join(output_dir, VALUE_MODEL), state_dict=parts["value_model"])
+        if wrapper.one_base:  # the policy's adapter; value_model/: the value adapter and its head (one_base)
+            wrapper.policy.save_pretrained(output_dir, state_dict=parts["policy"],
+                                           selected_adapters=[wrapper.adapters.trained[0]])
+            head = {key[len("score."):]: value for key, value in parts["value_model"].items()}
+            one_base.save_value_model(wrapper.adapters, os.path.join(output_dir, VALUE_MODEL), parts["policy"], head)
+        else:
+            wrapper.policy.save_pretrained(output_dir, state_dict=parts["policy"])
+            wrapper.value_model.save_pretrained(os.path.join(output_dir, VALUE_MODEL), state_dict=parts["value_model"])
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -598,6 +674,22 @@ class PPOTrainer(Trainer):
         # trainer_state.json, the mark of a complete checkpoint
         self.accelerator.wait_for_everyone()
 
+    def _check_value_model_layout(self, checkpoint: str) -> None:
+        """A checkpoint's value model is an adapter on the policy's base (share_base_model with LoRA) or a whole
+        model: resuming it as the other kind cannot work, and is refused before anything loads."""
+        from ..models import is_adapter
+
+        folder = os.path.join(checkpoint, VALUE_MODEL)
+        if not os.path.isdir(folder):
+            return  # transformers' own loading says what is missing
+        saved, running = is_adapter(folder), self.accelerator.unwrap_model(self.model).one_base
+        if saved != running:
+            def layout(adapter):
+                return ("as an adapter on the policy's base model (LoRA with share_base_model: true)" if adapter
+                        else "whole (share_base_model: false, or no LoRA)")
+            raise ValueError(f"{checkpoint} holds the value model {layout(saved)}, and this run has it {layout(running)}:"
+                             " resume with the settings it was saved with, or start in a new output_dir")
+
     def _load_ppo_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.isfile(path):
@@ -619,6 +711,13 @@ class PPOTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if wrapper.one_base:  # both adapters and the head, with peft's set_peft_model_state_dict
+            name = wrapper.adapters.trained[0]
+            policy_folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
+            one_base.load_policy_adapter(wrapper.adapters, policy_folder)
+            one_base.load_value_model(wrapper.adapters, wrapper.value_model,
+                                      os.path.join(resume_from_checkpoint, VALUE_MODEL))
+            return
         for module, folder in ((wrapper.policy, resume_from_checkpoint),
                                (wrapper.value_model, os.path.join(resume_from_checkpoint, VALUE_MODEL))):
             # transformers' own loading (full weights or a peft adapter); it reads self.model for tied weights
@@ -645,25 +744,3 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of `tokens` (n) under `logits` (n, vocabulary); one batch row for TRL's helper, which
     loops over its first dimension."""
     return selective_log_softmax(logits[None], tokens[None])[0]
-
-
-class _AdapterReference:
-    """Context: the LoRA policy with its adapters disabled (or `ref_adapter_name` active), as the reference."""
-
-    def __init__(self, policy, args):
-        self.policy, self.args = policy, args
-
-    def __enter__(self):
-        if self.args.ref_adapter_name:
-            self.policy.set_adapter(self.args.ref_adapter_name)
-            self._context = nullcontext()
-        else:
-            self._context = self.policy.disable_adapter()
-        self._context.__enter__()
-        return self.policy
-
-    def __exit__(self, *exc):
-        self._context.__exit__(*exc)
-        if self.args.ref_adapter_name:
-            self.policy.set_adapter(self.args.model_adapter_name or "default")
-        return False
