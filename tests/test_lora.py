@@ -329,7 +329,7 @@ def test_one_base_lora_ppo_trains_both_adapters_and_keeps_reference_and_reward(o
     base do not, so the reference (every adapter off) is still the SFT model and the reward adapter still scores as
     the merged reward model; the value model started as the reward model; activation checkpointing gives the
     gradients that a plain backward pass gives."""
-    from pipeline import rollout
+    from pipeline import padding_free, rollout
 
     trainer, before = one_base_run["trainer"], one_base_run["before"]
     model = trainer.model
@@ -359,9 +359,8 @@ def test_one_base_lora_ppo_trains_both_adapters_and_keeps_reference_and_reward(o
     def gradients(checkpointing: bool) -> dict:
         model.zero_grad()
         model.activation_checkpointing_enable() if checkpointing else model.activation_checkpointing_disable()
-        policy, values, _ = model(input_ids=rows.masked_fill(~mask, 0), attention_mask=mask,
-                                  position_ids=mask.cumsum(1) - mask.long())
-        (policy.logits.pow(2).mean() + values.pow(2).mean()).backward()
+        logits, values, _ = model(layout=padding_free.layout(rows, mask, "packed"), where=mask)
+        (logits.pow(2).mean() + values.pow(2).mean()).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model.train()
