@@ -72,6 +72,8 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/ppo_vs_trl112.py
 	$(PY) bench/ppo_long.py
+	$(PY) bench/ppo_memory.py --all --json bench/results/ppo_memory.json --md bench/results/ppo_memory.md \
+	  --ppo-json bench/results/ppo.json
 	$(PY) bench/startup.py
 	$(PY) bench/lm_head.py
 	test -f outputs/tiny/reward/config.json || $(MAKE) demo

@@ -201,6 +201,8 @@ def main(argv=None) -> None:
     parser.add_argument("--updates", type=int, default=2, help="PPO updates of 4 rollouts each")
     parser.add_argument("--json", help="write the figures here (e.g. bench/results/ppo_memory.json)")
     parser.add_argument("--md", help="write the table here (e.g. bench/results/ppo_memory.md)")
+    parser.add_argument("--ppo-json", help="also write the `memory_124m` entry of the PPO results JSON here "
+                                           "(bench/results/ppo.json)")
     args = parser.parse_args(argv)
     names = tuple(CONFIGURATIONS) if args.all else ("full", "one-base")
     figures = measure(args.work, args.quick, args.device, names, args.repeats, args.updates)
@@ -218,6 +220,24 @@ def main(argv=None) -> None:
             json.dump(figures, f, indent=2)
     if args.md:
         write_markdown(figures, args.md)
+    if args.ppo_json:
+        write_ppo_entry(figures, args.ppo_json)
+
+
+def write_ppo_entry(figures: dict, path: str) -> None:
+    """The `memory_124m` entry of bench/results/ppo.json (beside bench/ppo_vs_trl112.py's `tiny` and
+    bench/ppo_long.py's `long`): one-base LoRA PPO's peak over full PPO's."""
+    results = json.load(open(path)) if os.path.isfile(path) else {}
+    summary = figures["summary"]
+    results["memory_124m"] = {
+        "peak_ratio_one_base_vs_full": summary["one-base"]["ratio_to_full"],
+        "peak_ratio_one_base_vs_full_above_imports": summary["one-base"]["ratio_to_full_above_imports"],
+        "peak_mb": {name: row["peak_mb"] for name, row in summary.items()},
+        "target": "one-base LoRA PPO peak <= 0.4x full PPO",
+        "met": summary["one-base"]["ratio_to_full"] <= 0.4,
+        "details": "bench/results/ppo_memory.md (python bench/ppo_memory.py)", **figures["meta"]}
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
