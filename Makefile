@@ -64,9 +64,11 @@ compare: setup
 
 # Every result goes to bench/results/ (a .md and a .json each). The stages against bare TRL scripts, side by
 # side: stages.md; then PPO against TRL 1.12's PPOTrainer (its own venv, bench/.venv-trl112, made on the first
-# run), 3 seeds each: ppo.md; then the command line's start-up time: startup.md; then TRL's tiled LM head against
-# the whole logits in the tiny pretraining stage: lm_head.md; then ppo and ppo-oracle one after the other against
-# side by side, from the demo's models (made first if missing): jobs.md
+# run), 3 seeds each, on the demo's recipe and at hh-rlhf's long shapes: ppo.md; PPO's peak memory at 124M, LoRA on
+# one base model against full: ppo_memory.md (and ppo.json's memory_124m); then the command line's start-up time:
+# startup.md; then TRL's tiled LM head against the whole logits in the tiny pretraining stage: lm_head.md; then
+# ppo and ppo-oracle one after the other against side by side, from the demo's models (made first if missing):
+# jobs.md
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
