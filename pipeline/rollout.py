@@ -85,38 +85,26 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
              return_logits: bool = False):
     """Sample a response for every query, `batch_size` queries at a time. Returns the right-padded
     `query + response` rows and, with `return_logits`, the processed logits of every generated token (the
-    temperature applied: what the sampled tokens were drawn from). With more queries than `batch_size`, the
-    queries go shortest first, so that each chunk's prompts are alike in length, and each chunk is generated with
-    its columns of padding alone cut off (its prompts' real tokens, positions and masks are unchanged); the rows
-    come back in the order they were given."""
+    temperature applied: what the sampled tokens were drawn from)."""
     rows, logits = [], []
     # in the config, not as generate() kwargs beside it (which transformers warns about)
     step_config = copy.deepcopy(config)
     step_config.return_dict_in_generate, step_config.output_scores = True, return_logits
-    order = None
-    if len(queries) > batch_size:
-        order = torch.argsort(query_mask(queries, pad_token_id).sum(1), stable=True)
-        queries = queries[order]
     for start in range(0, len(queries), batch_size):
         query = queries[start:start + batch_size]
         mask = query_mask(query, pad_token_id)
-        first = int(first_true_indices(mask.any(0)[None])[0])  # the chunk's first column holding a real token
-        output = model.generate(input_ids=query[:, first:].masked_fill(~mask[:, first:], 0),
-                                attention_mask=mask[:, first:], generation_config=step_config)
-        rows.append(torch.cat((query, output.sequences[:, query.shape[1] - first:]), 1))
+        output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask,
+                                generation_config=step_config)
+        rows.append(torch.cat((query, output.sequences[:, query.shape[1]:]), 1))
         if return_logits:
             logits.append(torch.stack(output.scores, 1))
     # trl's `pad` stacks the chunks (chunks, rows, ...), padded to the longest: flattened back to rows
     query_responses = pad(rows, padding_value=pad_token_id, padding_side="right")
     query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
-    if return_logits:
-        logits = pad(logits, padding_value=0, padding_side="right")
-        logits = logits.view(-1, *logits.shape[2:])[: len(queries)]
-    if order is not None:
-        back = torch.argsort(order)
-        query_responses = query_responses[back]
-        logits = logits[back] if return_logits else logits
-    return (query_responses, logits) if return_logits else query_responses
+    if not return_logits:
+        return query_responses
+    logits = pad(logits, padding_value=0, padding_side="right")
+    return query_responses, logits.view(-1, *logits.shape[2:])[: len(queries)]
 
 
 def scalar_head(model, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

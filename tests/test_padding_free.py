@@ -159,31 +159,3 @@ def test_logits_are_the_models_own_at_the_positions_read():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert got.shape == (int(where.sum()), 16)
     assert expected.abs().max() <= 0.5  # the cap was applied
-
-
-def test_generation_in_chunks_sorts_and_trims_prompts_and_gives_the_rows_back_in_order():
-    """rollout.generate with more queries than a chunk: shortest prompts first, each chunk cut to its own longest
-    prompt; greedy answers and their logits equal one batch's, row for row."""
-    from transformers import GenerationConfig
-
-    from pipeline import rollout
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
-    queries = torch.tensor([[0, 0, 0, 5, 6], [1, 2, 3, 4, 5], [0, 0, 0, 0, 7], [0, 8, 9, 10, 11]])
-    greedy = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    whole, whole_logits = rollout.generate(model, queries, 0, greedy, batch_size=4, return_logits=True)
-    calls = []
-    original = model.generate
-
-    def recorded(**kwargs):
-        calls.append(kwargs["input_ids"].tolist())
-        return original(**kwargs)
-
-    model.generate = recorded
-    chunked, chunked_logits = rollout.generate(model, queries, 0, greedy, batch_size=2, return_logits=True)
-    assert calls[0] == [[0, 7], [5, 6]]  # the two shortest (1 and 2 tokens), cut to 2 columns (pads as id 0)
-    assert calls[1] == [[0, 8, 9, 10, 11], [1, 2, 3, 4, 5]]
-    assert torch.equal(chunked, whole) and chunked[:, :5].tolist() == queries.tolist()
-    torch.testing.assert_close(chunked_logits, whole_logits, atol=1e-5, rtol=1e-5)
