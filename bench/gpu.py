@@ -127,8 +127,9 @@ def table(summary: dict) -> str:
         memory = f"{row['peak_gpu_mb']:,.0f} MB" if row.get("peak_gpu_mb") is not None else "n/a (CPU)"
         lines.append(f"| `{row['row']}` | {speed} | {mfu} | {padding} | {memory} |")
     ratios = summary["ratios"]
+    memory = "n/a (no GPU)" if ratios["lora_memory"] is None else f"{ratios['lora_memory']:.2f}x"
     lines += ["", f"padding-free / padded PPO sequences/s: {ratios['ppo_speedup']:.2f}x; one-base LoRA / full PPO "
-              f"peak memory: {ratios['lora_memory'] if ratios['lora_memory'] is None else format(ratios['lora_memory'], '.2f') + 'x'}"
+              f"peak memory: {memory}"
               + ("" if flash_installed() or summary["smoke"] else "; flash-attn is not installed: no flash rows"),
               ""]
     return "\n".join(lines)

@@ -110,15 +110,11 @@ def recipe_for(world: dict, shape: dict) -> dict:
     return recipe
 
 
-def padding(run: dict) -> float:
-    return 1 - run["tokens"]["real"] / run["tokens"]["computed"]
-
-
 def summarise(info: dict, runs: list) -> dict:
     ours = sorted((r for r in runs if r["impl"] == "ours"), key=lambda r: r["seed"])
     trl = sorted((r for r in runs if r["impl"] == "trl112"), key=lambda r: r["seed"])
     speed = base.paired([r["episodes_per_s"] for r in ours], [r["episodes_per_s"] for r in trl])
-    pad_ours, pad_trl = base.stat([padding(r) for r in ours]), base.stat([padding(r) for r in trl])
+    pad_ours, pad_trl = base.stat([base.padding_fraction(r) for r in ours]), base.stat([base.padding_fraction(r) for r in trl])
     split = {impl: {part: base.stat([r["split_s"][part] / r["train_s"] for r in rs])
                     for part in ("generation", "scoring", "ppo_epochs")} for impl, rs in (("ours", ours),
                                                                                        ("trl112", trl))}
@@ -218,7 +214,7 @@ def main(argv=None) -> None:
             for impl in (("ours", "trl112") if i % 2 == 0 else ("trl112", "ours")):
                 result = base.measured_run(gate, impl, seed, recipe, work, data, python112, s["timeout_s"], hide)
                 base.say(f"{impl:6s} seed {seed}: {result['episodes_per_s']:.2f} episodes/s ({result['train_s']:.1f} s"
-                         f"), padding {padding(result):.1%} of computed tokens, other load "
+                         f"), padding {base.padding_fraction(result):.1%} of computed tokens, other load "
                          f"{result['other_load_cores']:.2f} cores")
                 runs.append(result)
         from bench.run import machine

@@ -689,6 +689,11 @@ def json_link(md: str, js: str) -> str:
     return os.path.relpath(os.path.abspath(js), os.path.dirname(os.path.abspath(md))).replace(os.sep, "/")
 
 
+def padding_fraction(run: dict) -> float:
+    """The share of the tokens a run's models computed in the scoring passes and PPO epochs that were padding."""
+    return 1 - run["tokens"]["real"] / run["tokens"]["computed"]
+
+
 def headline(summary: dict) -> dict:
     """The figures the PPO issue reads, first in the `tiny` entry: medians (ratios: of the per-seed ratios)."""
     rows = summary["rows"]
@@ -698,10 +703,10 @@ def headline(summary: dict) -> dict:
             "gold_trl112_spread": [rows["trl112"]["gold_score_ppo"]["min"], rows["trl112"]["gold_score_ppo"]["max"]],
             "win_rate_ours": rows["ours"]["gold_win_rate_vs_sft"]["median"],
             "win_rate_trl112": rows["trl112"]["gold_win_rate_vs_sft"]["median"],
-            "padding_fraction_ours": statistics.median(1 - r["tokens"]["real"] / r["tokens"]["computed"]
-                                                       for r in summary["runs"] if r["impl"] == "ours"),
-            "padding_fraction_trl112": statistics.median(1 - r["tokens"]["real"] / r["tokens"]["computed"]
-                                                         for r in summary["runs"] if r["impl"] == "trl112")}
+            "padding_fraction_ours": statistics.median(padding_fraction(r) for r in summary["runs"]
+                                                       if r["impl"] == "ours"),
+            "padding_fraction_trl112": statistics.median(padding_fraction(r) for r in summary["runs"]
+                                                         if r["impl"] == "trl112")}
 
 
 def write(summary: dict, md: str, js: str) -> None:
