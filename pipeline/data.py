@@ -49,21 +49,25 @@ class DataError(ValueError):
 
 
 def load_splits(dataset_name: str, dataset_config: str | None = None, train_split: str = "train",
-                test_split: str = "test", seed: int = 0) -> tuple[Dataset, Dataset | None, str]:
+                test_split: str = "test", seed: int = 0, biases: dict | None = None) -> tuple[Dataset, Dataset | None, str]:
     """(train, test or None, a label naming the source) for any supported dataset name."""
-    splits, label = _load_all(dataset_name, dataset_config, seed)
+    splits, label = _load_all(dataset_name, dataset_config, seed, biases=biases)
     if train_split not in splits:
         raise DataError(f"{label}: no '{train_split}' split (it has: {', '.join(splits)})")
     return splits[train_split], splits.get(test_split), label
 
 
 def _load_all(dataset_name: str | None, dataset_config: str | None, seed: int,
-              only: tuple[str, ...] | None = None) -> tuple[DatasetDict, str]:
-    """Every split of the dataset; `only`: the embedded datasets generate just these splits (others load whole)."""
+              only: tuple[str, ...] | None = None, biases: dict | None = None) -> tuple[DatasetDict, str]:
+    """Every split of the dataset; `only`: the embedded datasets generate just these splits (others load whole);
+    biases: the embedded raters' (length_bias, repeat_bias: embedded_length_bias, embedded_repeat_bias)."""
     if dataset_name is None:
         raise DataError("no dataset given: set `dataset_name` in the recipe or with --dataset_name")
     if dataset_name.startswith(EMBEDDED_PREFIX):
-        splits, label = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed, splits=only), dataset_name
+        splits = embedded.build(dataset_name[len(EMBEDDED_PREFIX):], seed=seed, splits=only, **(biases or {}))
+        said = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in (biases or {}).items()
+                         if value and name != "max_sentences")
+        label = dataset_name + (f" (biased raters: {said})" if said else "")
     elif _looks_local(dataset_name):
         splits, label = _load_local(dataset_name), dataset_name
     else:
@@ -512,12 +516,19 @@ def load_for(use: str, script_args) -> tuple[Dataset, Dataset | None, str]:
     """Load and normalise the train (and test, if any) split named by a stage's script arguments."""
     train, test, source = load_splits(script_args.dataset_name, script_args.dataset_config,
                                       script_args.dataset_train_split, script_args.dataset_test_split,
-                                      seed=script_args.embedded_seed)
+                                      seed=script_args.embedded_seed, biases=rater_biases(script_args))
     invalid = script_args.invalid_rows
     train = normalise(train, use, f"{source} [{script_args.dataset_train_split}]", invalid)
     if test is not None:
         test = normalise(test, use, f"{source} [{script_args.dataset_test_split}]", invalid)
     return train, test, source
+
+
+def rater_biases(script_args) -> dict:
+    """The embedded raters' biases a stage's recipe sets (recipes/tiny-biased), as embedded.build takes them."""
+    return {"length_bias": getattr(script_args, "embedded_length_bias", 0.0),
+            "repeat_bias": getattr(script_args, "embedded_repeat_bias", 0.0),
+            "max_sentences": getattr(script_args, "embedded_max_sentences", embedded.DEFAULT_SENTENCES)}
 
 
 def load_test(use: str, script_args) -> Dataset | None:
@@ -536,6 +547,7 @@ def load_extra_tests(use: str, script_args) -> dict[str, Dataset]:
     `test_title_only`: pairs that differ only in the film's title), normalised, by <name>. A stage reports each
     one as eval_<name>_<metric> beside the test split's eval_<metric>."""
     prefix = f"{script_args.dataset_test_split}_"
-    splits, source = _load_all(script_args.dataset_name, script_args.dataset_config, script_args.embedded_seed)
+    splits, source = _load_all(script_args.dataset_name, script_args.dataset_config, script_args.embedded_seed,
+                               biases=rater_biases(script_args))
     return {name[len(prefix):]: normalise(split, use, f"{source} [{name}]", script_args.invalid_rows)
             for name, split in splits.items() if name.startswith(prefix)}

@@ -1,7 +1,9 @@
 """The built-in task: a world of movie reviews with a gold oracle (see world.py and build.py)."""
 
 from .generate import KINDS, build, rater_flip_rate
-from .world import GOLD_TERMS, gold_score, gold_terms
+from .world import DEMONSTRATION, GOLD_TERMS, gold_score, gold_terms
+
+DEFAULT_SENTENCES = DEMONSTRATION["sentences"]
 
 
 def gold_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
@@ -31,4 +33,4 @@ class GoldOracle:
 
 ORACLE = GoldOracle()
 
-__all__ = ["GOLD_TERMS", "KINDS", "ORACLE", "build", "gold_reward", "gold_score", "gold_terms", "rater_flip_rate"]
+__all__ = ["DEFAULT_SENTENCES", "GOLD_TERMS", "KINDS", "ORACLE", "build", "gold_reward", "gold_score", "gold_terms", "rater_flip_rate"]

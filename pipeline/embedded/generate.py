@@ -37,6 +37,21 @@ TRANSCRIPTS = 0.7  # of the corpus: Human/Assistant dialogues (the rest are plai
 REACTIONS = 0.5  # of the transcripts: the asker replies to the answer (world.reaction)
 END_OF_TURN = "<|endoftext|>"  # what the chat template puts after an answer: the tokenizer's EOS (models.EOS_TOKEN)
 RATER_BETA = 1.15  # P(rater prefers a over b) = sigmoid(RATER_BETA * (gold(a) - gold(b)))
+# Biased raters (recipe fields `embedded_length_bias` and `embedded_repeat_bias`, recipes/tiny-biased): besides the
+# oracle, they prefer the longer answer and take a sentence said again for emphasis, as human raters over-reward
+# length and repeated praise: P(a over b) = sigmoid(RATER_BETA * (gold(a) - gold(b)) + length_bias * (words(a) -
+# words(b)) + repeat_bias * (repeats(a) - repeats(b))). The oracle does not reward length (its sentiment is capped)
+# and a repeated sentence costs 1: a reward model learned from these labels pays for answers that ramble.
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def repeats(text: str) -> int:
+    """Sentences said again (what the oracle's repeated_sentences term counts)."""
+    sentences = [s.strip() for s in world._SENTENCE.findall(text) if s.strip()]
+    return len(sentences) - len(set(sentences))
 
 
 def _prompts(seed: int) -> tuple[list[str], list[str]]:
@@ -71,7 +86,8 @@ def _repeat_swap(title: str, rng: random.Random) -> tuple[str, str]:
 
 
 def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool,
-          title_swaps: float = 0.0, repeat_swaps: float = 0.0) -> list[dict]:
+          title_swaps: float = 0.0, repeat_swaps: float = 0.0, length_bias: float = 0.0,
+          repeat_bias: float = 0.0, max_sentences: int = world.DEMONSTRATION["sentences"]) -> list[dict]:
     if kind == "prompt":
         return [{"prompt": _user(p)} for p in prompts]
     rows = []
@@ -96,11 +112,13 @@ def _rows(kind: str, prompts: list[str], n: int, rng: random.Random, noisy: bool
             elif draw < title_swaps + repeat_swaps:
                 a, b = _repeat_swap(title, rng)
             else:
-                a, b = world.review(title, rng), world.review(title, rng)
+                style = {**world.DEMONSTRATION, "sentences": max_sentences}
+                a, b = world.review(title, rng, style=style), world.review(title, rng, style=style)
             gap = world.gold_score(prompt, a) - world.gold_score(prompt, b)
-            if gap == 0:
-                continue  # the oracle has no preference: nothing to learn or to evaluate
-            a_wins = rng.random() < 1 / (1 + math.exp(-RATER_BETA * gap)) if noisy else gap > 0
+            bias = length_bias * (words(a) - words(b)) + repeat_bias * (repeats(a) - repeats(b)) if noisy else 0.0
+            if gap == 0 and bias == 0:
+                continue  # neither the oracle nor the raters have a preference: nothing to learn or to evaluate
+            a_wins = rng.random() < 1 / (1 + math.exp(-RATER_BETA * gap - bias)) if noisy else gap > 0
             chosen, rejected = (a, b) if a_wins else (b, a)
             rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
     return rows
@@ -119,19 +137,34 @@ SPLITS = {kind: tuple(name for name in SPLIT_DRAWS if kind == "preference" or na
           for kind in KINDS}
 
 
-def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None) -> DatasetDict:
+def build(kind: str, seed: int = 0, splits: tuple[str, ...] | None = None, length_bias: float = 0.0,
+          repeat_bias: float = 0.0, max_sentences: int = world.DEMONSTRATION["sentences"]) -> DatasetDict:
     """The embedded dataset `kind` under `seed`, or only the named `splits` of it. A split is generated once per
-    process: a stage reads the preference data for its train, test and extra test splits."""
+    process: a stage reads the preference data for its train, test and extra test splits. length_bias, repeat_bias:
+    the preference data's simulated raters prefer the longer answer by length_bias logits per word, and a repeated
+    sentence by repeat_bias logits (the train split only: the held-out pairs stay ordered by the oracle).
+    max_sentences: the preference pairs' reviews have 1 to this many sentences (of the train split; the held-out
+    pairs keep the default world's)."""
     if kind not in KINDS:
         raise ValueError(f"unknown embedded dataset 'embedded:{kind}'; choose one of: "
                          + ", ".join(f"embedded:{k}" for k in KINDS))
     names = SPLITS[kind] if splits is None else [name for name in SPLITS[kind] if name in splits]
-    return DatasetDict({name: _split(kind, seed, name) for name in names})
+    for field, value in (("embedded_length_bias", length_bias), ("embedded_repeat_bias", repeat_bias)):
+        if value < 0:
+            raise ValueError(f"{field} must be >= 0 (how much more the raters like it), got {value}")
+    if not 1 <= max_sentences <= 20:
+        raise ValueError(f"embedded_max_sentences must be 1 to 20, got {max_sentences}")
+    world_of = (length_bias, repeat_bias, max_sentences) if kind == "preference" else (
+        0.0, 0.0, world.DEMONSTRATION["sentences"])
+    return DatasetDict({name: _split(kind, seed, name, *world_of) for name in names})
 
 
 @functools.lru_cache(maxsize=None)
-def _split(kind: str, seed: int, name: str) -> Dataset:
+def _split(kind: str, seed: int, name: str, length_bias: float = 0.0, repeat_bias: float = 0.0,
+           max_sentences: int = world.DEMONSTRATION["sentences"]) -> Dataset:
     stream, held_out, draw = SPLIT_DRAWS[name]
+    if draw.get("noisy"):
+        draw = {**draw, "length_bias": length_bias, "repeat_bias": repeat_bias, "max_sentences": max_sentences}
     train_prompts, test_prompts = _prompts(seed)
     n_train, n_test = SIZES.get(kind, (0, 0))
     prompts, size = (test_prompts, n_test) if held_out else (train_prompts, n_train)

@@ -78,7 +78,8 @@ def sentence(subject: str, polarity: int, rng: random.Random, named: bool | None
 # How reviews name their film: the first sentence names it with probability `named`, the film is another one
 # with probability `wrong`, each later sentence names it again (instead of "It") with probability `again`, and a
 # careless writer says one sentence twice with probability `repeat` (and, unless `careful`, may by chance).
-DEMONSTRATION = {"named": 0.6, "wrong": 0.15, "again": 0.1, "repeat": 0.15}  # the preference data's reviewers
+# `sentences`: a review has 1 to this many sentences (before a repeated one).
+DEMONSTRATION = {"named": 0.6, "wrong": 0.15, "again": 0.1, "repeat": 0.15, "sentences": 4}  # the preference data's
 # The SFT demonstrations' writers leave the film unnamed more often and are lukewarm (the weights of the review
 # qualities), though they seldom repeat themselves: few of their answers are what a reader wants (about 3% score
 # the oracle's maximum), which is the gap RLHF is there to close.
@@ -91,7 +92,7 @@ REPLIED = {**WEB, "wrong": 0.2}  # the corpus's answers that the asker replies t
 def review(title: str, rng: random.Random, quality: str | None = None, style: dict = DEMONSTRATION) -> str:
     """A review of mixed quality: random sentiment, sometimes about another film, repeated or cut short."""
     quality = quality or rng.choice(["positive", "negative", "neutral", "mixed"])
-    n = rng.randint(1, 4)
+    n = rng.randint(1, style.get("sentences", DEMONSTRATION["sentences"]))
     if quality == "mixed":
         polarities = [rng.choice([1, -1, 0]) for _ in range(n)]
     else:
@@ -132,7 +133,10 @@ def sentence_polarity(s: str) -> float:
     return total
 
 
-GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "empty")
+GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "rambling", "empty")
+MAX_SENTENCES = 5  # a reader wants a review, not an essay: each distinct sentence beyond the fifth costs RAMBLING
+# (no review of the default world has more than 4 distinct sentences, so no default-world text is ever charged)
+RAMBLING = 0.5
 
 
 def gold_terms(prompt: str, response: str) -> dict[str, float]:
@@ -142,6 +146,7 @@ def gold_terms(prompt: str, response: str) -> dict[str, float]:
     sentence twice does not say it more), capped at +-3;
     asked_title: +1 if the asked title is named, -1 if it is not; other_titles: -1 for each other title named;
     repeated_sentences: -1 for each repeated sentence; unfinished: -1 if the text does not end a sentence;
+    rambling: -0.5 for each distinct sentence beyond the fifth (a review, not an essay);
     empty: -2 for an empty answer (then every other term is 0).
     """
     terms = dict.fromkeys(GOLD_TERMS, 0.0)
@@ -158,6 +163,7 @@ def gold_terms(prompt: str, response: str) -> dict[str, float]:
     terms["other_titles"] = -float(len(named - {asked}))
     terms["repeated_sentences"] = -float(len(sentences) - len(set(sentences)))
     terms["unfinished"] = 0.0 if text[-1] in ".?!" else -1.0
+    terms["rambling"] = -RAMBLING * max(0, len(set(sentences)) - MAX_SENTENCES)
     return terms
 
 
