@@ -62,6 +62,17 @@ test: setup
 compare: setup
 	$(PY) -m pipeline compare
 
+# The biased world (docs/overoptimization.md): raters who over-reward length, the chain and its over-optimisation
+# curve (outputs/tiny-biased/results.json and report/); then PPO and its defences there, 3 seeds each:
+# bench/results/comparison-biased.md and .json, docs/comparison-biased/*.png
+.PHONY: demo-biased compare-biased
+demo-biased: setup
+	$(PY) -m pipeline run recipes/tiny-biased
+
+compare-biased: setup
+	$(PY) -m pipeline compare --recipes recipes/tiny-biased --output_dir outputs/compare-biased \
+	  --markdown bench/results/comparison-biased.md --plots_dir docs/comparison-biased
+
 # Every result goes to bench/results/ (a .md and a .json each). The stages against bare TRL scripts, side by
 # side: stages.md; then PPO against TRL 1.12's PPOTrainer (its own venv, bench/.venv-trl112, made on the first
 # run), 3 seeds each, on the demo's recipe and at hh-rlhf's long shapes: ppo.md; PPO's peak memory at 124M, LoRA on

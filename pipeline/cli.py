@@ -751,8 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "bench/results/comparison.md and .json, plots")
     compare_parser.add_argument("--recipes", default="recipes/tiny", help="the recipe folder (default recipes/tiny)")
     compare_parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
-    compare_parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of "
-                                + ", ".join(ALGORITHMS))
+    compare_parser.add_argument("--algorithms", help="comma-separated subset of " + ", ".join(ALGORITHMS)
+                                + " (default: every one whose recipe the folder has)")
     compare_parser.add_argument("--output_dir", default="outputs/compare", help="where the runs go")
     compare_parser.add_argument("--markdown", default="bench/results/comparison.md",
                                 help="the table (and .json beside it; default bench/results/comparison.md)")
@@ -930,8 +930,8 @@ def main(argv: list[str] | None = None) -> None:
                 seeds = [int(seed) for seed in args.seeds.split(",")]
             except ValueError:
                 raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-            compare(args.recipes, seeds, args.algorithms.split(","), args.output_dir, args.markdown, args.plots_dir,
-                    overrides, args.accelerate_config, args.force, args.note)
+            compare(args.recipes, seeds, args.algorithms.split(",") if args.algorithms else None, args.output_dir,
+                    args.markdown, args.plots_dir, overrides, args.accelerate_config, args.force, args.note)
         elif args.command == "eval":
             _check_file_arg(args.output, "--output", "the JSON result, e.g. eval.json")
             result = evaluate_command(args, overrides)

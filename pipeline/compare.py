@@ -32,9 +32,18 @@ ALGORITHMS = {
     "rloo": ("rloo", None),
     "dpo": ("dpo", None),
     "ppo-oracle": ("ppo", "oracle"),
+    # defences against reward hacking (recipes/tiny-biased, docs/overoptimization.md): PPO with one setting changed
+    "ppo-kl": ("ppo", "kl"),
+    "ppo-length": ("ppo", "length"),
+    "ppo-ensemble": ("ppo", "ensemble"),
+    "ppo-best": ("ppo", "best"),
 }
-LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ppo-oracle": "PPO, oracle reward (ceiling)"}
-COLORS = {"ppo": "tab:green", "grpo": "tab:blue", "rloo": "tab:purple", "dpo": "tab:red", "ppo-oracle": "tab:gray"}
+LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ppo-oracle": "PPO, oracle reward (ceiling)",
+          "ppo-kl": "PPO, KL penalty", "ppo-length": "PPO, length penalty",
+          "ppo-ensemble": "PPO, ensemble mean - std", "ppo-best": "PPO, best held-out step"}
+COLORS = {"ppo": "tab:green", "grpo": "tab:blue", "rloo": "tab:purple", "dpo": "tab:red", "ppo-oracle": "tab:gray",
+          "ppo-kl": "tab:olive", "ppo-length": "tab:brown", "ppo-ensemble": "tab:pink",
+          "ppo-best": "black"}
 SEEDS = (42, 43, 44)
 # How the shipped tiny recipes were set: said in comparison.md when they are the ones compared
 TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared setting. GRPO and RLOO take ppo.yaml's "
@@ -43,10 +52,10 @@ TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared set
                "ppo.yaml's learning rate.")
 RUN_FILE = "compare_run.json"  # beside a run's results.json: its wall time, peak RSS and command
 # the figures of a run, without the stage's suffix (gold_score_grpo -> gold_score), in the table's order
-FIGURES = ("gold_score", "gold_win_rate_vs_sft", "title_only_rate", "rm_score", "rm_win_rate_vs_sft", "kl_to_sft",
+FIGURES = ("gold_score", "gold_score_peak", "gold_win_rate_vs_sft", "title_only_rate", "rm_score", "rm_win_rate_vs_sft", "kl_to_sft",
            "response_length", "eos_rate", "wall_seconds", "train_seconds", "units_per_second", "peak_rss_mb")
 TERMS = ("gold_sentiment", "gold_asked_title", "gold_other_titles", "gold_repeated_sentences", "gold_unfinished",
-         "gold_empty")
+         "gold_rambling", "gold_empty")
 
 
 def measured_run(command: list[str]) -> tuple[int, float, float]:
@@ -151,7 +160,8 @@ def plot(rows: list[dict], summary: dict, x_key: str, x_label: str, path: Path) 
 def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], markdown_path: Path) -> str:
     """comparison.md: how it was run, the figures per algorithm (mean and min-max over seeds), the gold terms."""
     algorithms = [a for a in ALGORITHMS if a in summary]
-    names = {"gold_score": "gold score", "gold_win_rate_vs_sft": "gold win rate vs SFT",
+    names = {"gold_score": "gold score", "gold_score_peak": "gold score at its peak (curve_steps)",
+             "gold_win_rate_vs_sft": "gold win rate vs SFT",
              "title_only_rate": "names the asked title alone", "rm_score": "reward-model score",
              "rm_win_rate_vs_sft": "RM win rate vs SFT", "kl_to_sft": "KL to SFT (nats/answer)",
              "response_length": "answer length (tokens)", "eos_rate": "EOS rate", "wall_seconds": "stage wall time (s)",
@@ -204,11 +214,23 @@ def budget_lines(recipe_dir: Path, algorithms: list[str], overrides: list[str]) 
     lines = []
     for algorithm in algorithms:
         stage, variant = ALGORITHMS[algorithm]
-        _, args, _ = parse(stage, ["--config", str(recipe_file(recipe_dir, stage, variant)), *overrides])
+        script_args, args, _ = parse(stage, ["--config", str(recipe_file(recipe_dir, stage, variant)), *overrides])
         if stage == "ppo":
             text = (f"{args.total_episodes} episodes (prompts sampled once each), {args.num_ppo_epochs} PPO epochs, "
                     f"answers of up to {args.response_length} tokens at temperature {args.temperature}, "
                     f"kl_coef {args.kl_coef}")
+            if script_args.kl_control == "adaptive":
+                text += f" adaptive (target {script_args.kl_target:g} nats, horizon {script_args.kl_horizon})"
+            for name, weight in zip(script_args.reward_functions, script_args.reward_function_weights
+                                    or [1.0] * len(script_args.reward_functions)):
+                text += f", reward function {name} x {weight:g}"
+            if script_args.reward_model_weight == 0:
+                text += ", no reward model"
+            if script_args.reward_ensemble in ("mean", "mean_minus_std"):
+                text += f", reward ensemble {script_args.reward_ensemble}" + (
+                    f" (k {script_args.reward_ensemble_k:g})" if script_args.reward_ensemble == "mean_minus_std" else "")
+            if script_args.keep_best:
+                text += f", keeps the best held-out step (evaluated every {script_args.curve_steps} steps)"
         elif stage == "dpo":
             text = (f"the reward model's preference pairs, {args.num_train_epochs:g} epoch(s), beta {args.beta}; "
                     "no sampling")
@@ -224,7 +246,12 @@ def budget_lines(recipe_dir: Path, algorithms: list[str], overrides: list[str]) 
     return lines
 
 
-def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGORITHMS),
+def available(recipe_dir) -> list[str]:
+    """The algorithms whose recipe the folder has (what `compare` runs when none is named)."""
+    return [a for a in ALGORITHMS if recipe_file(Path(recipe_dir), *ALGORITHMS[a]).is_file()]
+
+
+def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=None,
             output_dir: str = "outputs/compare", markdown: str = "bench/results/comparison.md",
             plots_dir: str = "docs/comparison", overrides: list[str] = (), accelerate_config: str | None = None,
             force: bool = False, note: str | None = None) -> dict:
@@ -232,6 +259,7 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=tuple(ALGO
     from .cli import run as run_stages
 
     recipe_dir, output_dir, markdown = Path(recipe_dir), Path(output_dir), Path(markdown)
+    algorithms = available(recipe_dir) if not algorithms else algorithms
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {unknown}; algorithms are: {', '.join(ALGORITHMS)}")

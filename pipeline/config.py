@@ -19,6 +19,7 @@ import yaml
 
 from trl import DPOConfig, GRPOConfig, ModelConfig, RewardConfig, RLOOConfig, ScriptArguments, SFTConfig, TrlParser
 from .names import CHAIN, STAGE3, STAGES, recipe_file, upstream  # noqa: F401 (re-exported)
+from .monitor import THRESHOLDS
 from .trainers.ppo import PPOConfig
 
 
@@ -28,6 +29,17 @@ class PipelineArguments(ScriptArguments):
     """TRL's ScriptArguments (dataset_name, dataset_config, splits) plus the pipeline's own fields."""
 
     embedded_seed: int = field(default=0, metadata={"help": "Seed of the embedded task's generator (embedded:<kind>)."})
+    embedded_length_bias: float = field(default=0.0, metadata={
+        "help": "embedded:preference only: the simulated raters also prefer the longer answer, by this many logits "
+                "per word of difference (0: they follow the oracle alone). The held-out pairs stay ordered by the "
+                "oracle."})
+    embedded_repeat_bias: float = field(default=0.0, metadata={
+        "help": "embedded:preference only: the simulated raters take a sentence said again for emphasis and prefer "
+                "it by this many logits per repeated sentence (the oracle takes 1 point off for each)."})
+    embedded_max_sentences: int = field(default=4, metadata={
+        "help": "embedded:preference only: the training pairs' reviews have 1 to this many sentences (4: the default "
+                "world; recipes/tiny-biased: 8, verbose writers, so that raters with a length bias meet answers that "
+                "ramble beyond the oracle's five sentences)."})
     invalid_rows: str = field(
         default="error", metadata={"help": "A row that fails validation: 'error' stops, 'drop' drops and counts it.",
                                    "choices": ["error", "drop"]})
@@ -88,6 +100,15 @@ class PolicyEvalArguments(PipelineArguments):
 
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt and policy."})
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Cap on held-out prompts evaluated."})
+    curve_steps: int = field(default=0, metadata={
+        "help": "Every this many optimizer steps (and at the start and the end), evaluate the policy on the held-out "
+                "prompts: gold score (embedded task), reward-model score, KL to the SFT policy, length. The "
+                "over-optimisation curve, in results.json (`curve`, `gold_score_peak`) and the report. 0: off."})
+    curve_samples_per_prompt: int = field(default=2, metadata={"help": "Answers per held-out prompt at each point."})
+    keep_best: bool = field(default=False, metadata={
+        "help": "Keep the policy of the curve's best held-out reward (the held-out reward models' score where the "
+                "reward stage trained an ensemble, else the reward model's on held-out prompts; never the oracle) "
+                "as the stage's model instead of the last step's. Needs curve_steps."})
 
 
 @dataclass
@@ -103,6 +124,13 @@ class OnlineArguments(PolicyEvalArguments):
         "help": "One weight per reward function (default 1 each)."})
     reward_model_weight: float = field(default=1.0, metadata={
         "help": "Weight of the reward model's score; 0 leaves the reward to the functions alone."})
+    alarm_length_drift: float = field(default=THRESHOLDS["length_drift"], metadata={
+        "help": "Alarm when the answers' mean length exceeds this multiple of the SFT policy's (the first rollouts')."})
+    alarm_reward_length_correlation: float = field(default=THRESHOLDS["reward_length_correlation"], metadata={
+        "help": "Alarm when the reward model's score correlates with answer length above this, within a batch."})
+    alarm_ensemble_disagreement: float = field(default=THRESHOLDS["ensemble_disagreement"], metadata={
+        "help": "Alarm when the reward ensemble's members disagree this many times as much as on the first rollouts "
+                "(needs reward_ensemble other than off)."})
 
 
 @dataclass
@@ -119,6 +147,13 @@ class PPOArguments(OnlineArguments):
     ptx_dataset_name: str | None = field(default=None, metadata={
         "help": "PPO-ptx: pretraining or SFT data (any name dataset_name accepts, e.g. embedded:corpus)."})
     ptx_block_size: int = field(default=128, metadata={"help": "PPO-ptx: tokens per ptx sequence."})
+    reward_ensemble: str = field(default="off", metadata={
+        "help": "The reward stage's ensemble (its ensemble_size: <reward_model_path>/ensemble/member-*): 'monitor' "
+                "scores every batch with it for the disagreement alarm and the held-out reward of the curve; 'mean' "
+                "rewards the mean of the members' standardised scores; 'mean_minus_std' that mean minus "
+                "reward_ensemble_k x their standard deviation; 'off' does not load it.",
+        "choices": ["off", "monitor", "mean", "mean_minus_std"]})
+    reward_ensemble_k: float = field(default=1.0, metadata={"help": "reward_ensemble mean_minus_std: k."})
 
 
 @dataclass
@@ -144,10 +179,19 @@ class DPOArguments(PolicyEvalArguments):
     eval_temperature: float = field(default=0.7, metadata={"help": "Evaluation: sampling temperature."})
 
 
+@dataclass
+class RewardArguments(PipelineArguments):
+    """An ensemble of reward models beside the one the stage trains (for PPO's reward_ensemble and its alarm)."""
+
+    ensemble_size: int = field(default=1, metadata={
+        "help": "Reward models in all: beyond the first (output_dir), ensemble_size - 1 more, each on its own random "
+                "half of the training pairs under its own seed, in output_dir/ensemble/member-<i>."})
+
+
 CLASSES = {
     "pretrain": (PretrainArguments, SFTConfig),
     "sft": (SFTArguments, SFTConfig),
-    "reward": (PipelineArguments, RewardConfig),
+    "reward": (RewardArguments, RewardConfig),
     "ppo": (PPOArguments, PPOConfig),
     "grpo": (GroupArguments, GRPOConfig),
     "rloo": (GroupArguments, RLOOConfig),

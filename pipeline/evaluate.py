@@ -119,13 +119,18 @@ def _summary(rows: dict, prompts: list, oracle=None) -> dict:
 
 
 def evaluate_policy(policy, tokenizer, prompts: list, max_new_tokens: int, temperature: float, reward_model=None,
-                    reference=None, oracle=None, samples_per_prompt: int = 1, seed: int = 0) -> dict:
+                    reference=None, oracle=None, samples_per_prompt: int = 1, seed: int = 0,
+                    heldout_reward_models=()) -> dict:
     """One policy on held-out prompts: reward-model score, gold score, KL to `reference` (mean over the
-    policy's own samples of the summed per-token log-ratio), length, EOS rate, distinct-n, samples."""
+    policy's own samples of the summed per-token log-ratio), length, EOS rate, distinct-n, samples;
+    heldout_rm_score: the mean score of `heldout_reward_models` (reward models the policy was not trained against)."""
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     torch.manual_seed(seed)
     rollouts = sample(policy, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, temperature)
     results = _summary(_per_sample(rollouts, reward_model), prompts, oracle)
+    if heldout_reward_models:
+        results["heldout_rm_score"] = sum(reward_scores(model, rollouts).mean().item()
+                                          for model in heldout_reward_models) / len(heldout_reward_models)
     if reference is not None:
         results["kl_to_reference"] = (sequence_logprob(policy, rollouts, temperature)
                                       - sequence_logprob(reference, rollouts, temperature)).mean().item()

@@ -425,6 +425,35 @@ def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig, fiel
     return load_scalar_head_model(path, tokenizer, model_args, field).eval(), tokenizer
 
 
+ENSEMBLE_DIR = "ensemble"  # in a reward model's folder: the other members of its ensemble (reward ensemble_size)
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The folders of the other members of the reward model at `path`'s ensemble, in order (none: [])."""
+    folder = os.path.join(path, ENSEMBLE_DIR)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    members = [os.path.join(folder, n) for n in names if n.startswith("member-") and n[7:].isdigit()]
+    return sorted((m for m in members if os.path.isfile(os.path.join(m, "config.json"))),
+                  key=lambda m: int(os.path.basename(m)[7:]))
+
+
+def require_ensemble(path: str) -> list[str]:
+    """ensemble_members(path), or a one-line error where the reward stage trained none (checked before loading)."""
+    members = ensemble_members(path)
+    if not members:
+        raise ValueError(f"reward_ensemble needs the reward model's ensemble, and {path} has none "
+                         f"({os.path.join(path, ENSEMBLE_DIR)}/member-<i>): train the reward stage with ensemble_size: "
+                         "3 (or more), or set reward_ensemble: off")
+    return members
+
+
+def load_ensemble(path: str, policy_tokenizer, model_args: ModelConfig) -> list:
+    """The other members of the ensemble of the reward model at `path`, frozen (reward_ensemble; the reward model
+    itself is loaded as it always is)."""
+    return [load_reward_model(member, policy_tokenizer, model_args, f"reward ensemble member {member}")[0]
+            for member in require_ensemble(path)]
+
+
 def _fingerprint(tokenizer) -> dict:
     return {
         "vocabulary": tokenizer.get_vocab(),

@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from .names import CEILING, STAGE3, STAGES  # noqa: E402
-GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "empty")
-PLOT_FILES = ("lm_loss.png", "reward_model.png", "ppo_training.png", "gold_scores.png")
+GOLD_TERMS = ("sentiment", "asked_title", "other_titles", "repeated_sentences", "unfinished", "rambling", "empty")
+PLOT_FILES = ("lm_loss.png", "reward_model.png", "ppo_training.png", "gold_scores.png", "overoptimization.png")
 # The headline metrics of each stage, in this order; for stage 3 every other metric follows (except samples).
 HEADLINE = {
     "pretrain": ["eval_perplexity"],
@@ -299,6 +299,69 @@ def plot_gold_scores(ppo: dict, path: Path) -> Path | None:
         return _save(fig, path)
 
 
+def curves(results: Mapping[str, dict]) -> dict[str, list[dict]]:
+    """stage -> its over-optimisation curve (pipeline.monitor: points with step, kl_to_sft, gold and RM scores)."""
+    found = {}
+    for stage in (*STAGE3, CEILING):
+        curve = results.get(stage, {}).get("curve") if isinstance(results.get(stage), dict) else None
+        points = [p for p in curve if isinstance(p, dict) and _is_number(p.get("kl_to_sft"))] \
+            if isinstance(curve, list) else []
+        if len(points) > 1:
+            found[stage] = points
+    return found
+
+
+def plot_overoptimization(results: Mapping[str, dict], path: Path) -> Path | None:
+    """Gold and reward-model score of held-out answers against KL to the SFT policy, one line per stage-3 run with a
+    curve (`curve_steps`): where the proxy keeps rising and the gold turns down, the policy is exploiting the reward
+    model (Gao et al. 2022)."""
+    found = curves(results)
+    if not found:
+        return None
+    panels = [(key, label) for key, label in (("gold_score", "gold score (oracle)"),
+                                              ("rm_score", "reward-model score (the proxy)"),
+                                              ("response_length", "answer length (tokens)"))
+              if any(_is_number(p.get(key)) for points in found.values() for p in points)]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.2), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels):
+            for index, (stage, points) in enumerate(found.items()):
+                xy = [(p["kl_to_sft"], p[key]) for p in points if _is_number(p.get(key))]
+                if not xy:
+                    continue
+                ax.plot(*zip(*xy), marker="o", markersize=4, color=f"C{index}",
+                        label="PPO, oracle reward" if stage == CEILING else stage.upper())
+                ax.annotate("end", xy[-1], textcoords="offset points", xytext=(4, 4), fontsize=9)
+            ax.set_xlabel("KL to the SFT policy (nats per answer)")
+            ax.set_title(label)
+            _legend(ax)
+        fig.suptitle("The over-optimisation curve: held-out answers at each evaluation of the run")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def alarm_lines(results: Mapping[str, dict]) -> list[str]:
+    """Which reward-hacking alarms fired in each online stage, at which step, and the curve's gold peak."""
+    lines = []
+    for stage in (*STAGE3, CEILING):
+        metrics = results.get(stage)
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("alarms"), list):
+            continue
+        steps = metrics.get("alarm_steps") if isinstance(metrics.get("alarm_steps"), dict) else {}
+        fired = ", ".join(f"{md_cell(name)} (step {steps.get(name, '?')})" for name in metrics["alarms"]) or "none"
+        peak = ""
+        if _is_number(metrics.get("gold_score_peak")):
+            final = metrics.get("gold_score_ppo" if stage == CEILING else f"gold_score_{stage}")
+            peak = (f"; gold peaked at {_fmt(metrics['gold_score_peak'])} (step {metrics.get('gold_score_peak_step')})"
+                    + (f" and ended at {_fmt(final)}" if _is_number(final) else ""))
+        lines.append(f"- {'ppo-oracle' if stage == CEILING else stage}: {fired}{peak}")
+    if not lines:
+        return []
+    return ["## Reward-hacking alarms", "", "Signs that need no oracle (docs/overoptimization.md): answers longer than "
+            "the SFT policy's, a reward that correlates with length, an ensemble of reward models that disagrees.",
+            "", *lines, ""]
+
+
 # ------------------------------------------------------------------------------------------- markdown
 
 def md_cell(value) -> str:
@@ -359,6 +422,9 @@ PLOT_CAPTIONS = {
                          "the SFT policy, the policy's entropy and the value-function loss."),
     "gold_scores.png": ("SFT vs PPO", "Mean score of the SFT and PPO policies' answers to held-out prompts, by "
                         "the gold oracle and by the learned reward model."),
+    "overoptimization.png": ("Over-optimisation", "Held-out answers at each evaluation during training (curve_steps), "
+                             "against KL to the SFT policy: where the reward model's score keeps rising and the gold "
+                             "score turns down, the policy is exploiting the reward model."),
 }
 
 
@@ -384,6 +450,7 @@ def render_markdown(run_dir: Path, results: Mapping[str, dict], plots: list[Path
             title, caption = PLOT_CAPTIONS.get(plot.name, (plot.stem, ""))
             lines += [f"### {title}", "", caption, "", f"![{title}]({plot.name})", ""]
     lines += ceiling_lines(results)
+    lines += alarm_lines(results)
     lines += gold_terms_table(results)
     lines += few_shot_lines(results)
     for stage in STAGE3:
@@ -505,6 +572,7 @@ def write_report(run_dir, stage_dirs: Mapping[str, str | Path] | None = None, re
         plot_reward_model(states["reward"], results.get("reward", {}), out / "reward_model.png"),
         plot_ppo_training(states["ppo"], out / "ppo_training.png"),
         plot_gold_scores(results.get("ppo", {}), out / "gold_scores.png"),
+        plot_overoptimization(results, out / "overoptimization.png"),
     ]
     report = out / "report.md"
     report.write_text(render_markdown(run_dir, results, [p for p in plots if p is not None]))

@@ -52,6 +52,13 @@ def kl_controller(script_args, kl_coef: float):
     return FixedKLController(kl_coef)
 
 
+def answer_words(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """Each answer's length in words: with a negative weight, a length-penalised reward (a defence against a reward
+    model that pays for length: `reward_functions: [pipeline.rl:answer_words]`, `reward_function_weights: [-0.1]`).
+    The same for PPO, GRPO and RLOO."""
+    return [float(len(completion.split())) for completion in completions]
+
+
 def load_function(spec: str):
     """`package.module:function` -> the callable, or a one-line ValueError naming what is wrong."""
     module_name, sep, name = spec.partition(":")

@@ -15,7 +15,8 @@ from .. import data, hub
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
 from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
-from .policy_eval import evaluate_against_sft, for_evaluation
+from .policy_eval import (MonitorInCheckpoints, check_curve_settings, evaluate_against_sft, for_evaluation, log_final,
+                          monitor_for)
 
 
 def _lengths(dataset: Dataset, column: str) -> np.ndarray:
@@ -52,7 +53,7 @@ def fit_pairs(dataset: Dataset, max_length: int, truncation_mode: str, source: s
     return dataset.select(np.flatnonzero(~no_answer)) if no_answer.any() else dataset
 
 
-class DPOStageTrainer(DPOTrainer):
+class DPOStageTrainer(MonitorInCheckpoints, DPOTrainer):
     """TRL's DPOTrainer, with pairs longer than max_length counted and said (fit_pairs) instead of dropped or cut
     without a word, and one line instead of a sampler's "num_samples=0" when no pair is left."""
 
@@ -93,6 +94,7 @@ def eval_prompts(script_args, test_pairs):
 
 
 def main(script_args, training_args, model_args):
+    check_curve_settings(script_args)
     check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
     if script_args.reward_model_path:
         check_model_kind(script_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
@@ -122,13 +124,20 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    scorer = for_evaluation(reward_model, trainer)
+    sft = trainer.ref_model if trainer.ref_model is not None or not script_args.curve_steps else for_evaluation(
+        load_causal_lm(policy_path, tokenizer, model_args), trainer)  # the curve's KL needs the SFT policy
+    # the over-optimisation curve (no alarms: DPO samples no answers while it trains)
+    monitor = monitor_for(trainer, script_args, tokenizer, prompts, scorer, sft, script_args.eval_max_new_tokens,
+                          script_args.eval_temperature, checkpoint=checkpoint)
+    trainer.monitor = monitor
     train_result = train(trainer, checkpoint, "dpo")
 
     metrics = {"train_loss": train_result.training_loss}
     metrics.update(evaluate_against_sft(
         trainer, "dpo", script_args, model_args, tokenizer, prompts, sft_model_path=policy_path,
-        reward_model=for_evaluation(reward_model, trainer), max_new_tokens=script_args.eval_max_new_tokens,
-        temperature=script_args.eval_temperature, reference=trainer.ref_model))
-    if trainer.accelerator.is_main_process:
-        trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
+        reward_model=scorer, max_new_tokens=script_args.eval_max_new_tokens,
+        temperature=script_args.eval_temperature, reference=sft))
+    metrics.update({key: value for key, value in monitor.results().items() if not key.startswith("alarm")})
+    log_final(trainer, metrics)
     finish(trainer, training_args, source, metrics, tags=["pipeline", "dpo", "alignment"], publication=publication)

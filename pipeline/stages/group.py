@@ -5,18 +5,44 @@ SFT policy (`model_name_or_path`) and are rewarded by the learned reward model (
 `reward_model_weight` and `reward_function_weights`. Then the policy is evaluated against the SFT policy exactly as
 PPO's is (pipeline.stages.policy_eval)."""
 
+import torch
 from trl import get_peft_config
 
 from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
 from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
-from .online import evaluation_prompts, require_reward, tokenize_prompts
-from .policy_eval import evaluate_against_sft, for_evaluation
+from .online import alarms_for, evaluation_prompts, require_reward, tokenize_prompts
+from .policy_eval import (MonitorInCheckpoints, check_curve_settings, evaluate_against_sft, for_evaluation, log_final,
+                          monitor_for)
+
+
+def monitored(trainer_class):
+    """TRL's GRPOTrainer or RLOOTrainer, with the reward-hacking alarms (pipeline.monitor) fed every batch of answers
+    it scores: their lengths and, where it trains against one, the reward model's scores (TRL's first reward
+    function); their state goes into every checkpoint."""
+
+    class Monitored(MonitorInCheckpoints, trainer_class):
+        rm_column = None  # the reward model's column of TRL's rewards_per_func
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if self.monitor is not None and self.model.training:
+                lengths = torch.tensor([float(len(ids)) for ids in completion_ids_list], device=rewards.device)
+                figures = self.monitor.alarms.observe(
+                    self.state.global_step + 1, self.accelerator.gather(lengths),
+                    None if self.rm_column is None else rewards[:, self.rm_column])
+                for key, value in figures.items():
+                    self._metrics["train"][key].append(value)
+            return rewards
+
+    Monitored.__name__ = Monitored.__qualname__ = trainer_class.__name__
+    return Monitored
 
 
 def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     require_reward(stage, script_args, script_args.reward_model_path)
+    check_curve_settings(script_args)
     check_model_kind(model_args.model_name_or_path, CAUSAL_LM, "model_name_or_path", model_args)
     if script_args.reward_model_path:
         check_model_kind(script_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
@@ -48,7 +74,7 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
         rl.for_trl(name, function, tokenizer) for name, function, _ in functions]
     processing = ([reward_tokenizer] if trains_on_model else []) + [None] * len(functions)
 
-    trainer = trainer_class(
+    trainer = monitored(trainer_class)(
         model=policy,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -58,16 +84,23 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
         peft_config=peft_config,
     )
     held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
-    train(trainer, last_checkpoint(training_args), stage)
-
     # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
     # against, made ready the same way
     scorer = trainer.reward_funcs[0] if trains_on_model else for_evaluation(reward_model, trainer)
+    checkpoint = last_checkpoint(training_args)
+    trainer.rm_column = 0 if trains_on_model else None
+    reference = trainer.ref_model if trainer.ref_model is not None or not script_args.curve_steps else for_evaluation(
+        load_causal_lm(policy_path, tokenizer, model_args), trainer)  # the curve's KL needs the SFT policy
+    trainer.monitor = monitor_for(trainer, script_args, tokenizer, held_out, scorer, reference,
+                                  training_args.max_completion_length, training_args.temperature,
+                                  alarms=alarms_for(script_args), checkpoint=checkpoint)
+    train(trainer, checkpoint, stage)
+
     metrics = evaluate_against_sft(
         trainer, stage, script_args, model_args, tokenizer, held_out,
         sft_model_path=policy_path, reward_model=scorer, max_new_tokens=training_args.max_completion_length,
-        temperature=training_args.temperature, reference=trainer.ref_model)
+        temperature=training_args.temperature, reference=reference)
     metrics["eval_held_out"] = eval_prompts is not None
-    if trainer.accelerator.is_main_process:
-        trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
+    metrics.update(trainer.monitor.results())
+    log_final(trainer, metrics)
     finish(trainer, training_args, source, metrics, tags=["pipeline", stage, "rlhf"], publication=publication)

@@ -1,7 +1,15 @@
 """What the online stage-3 algorithms (PPO, GRPO, RLOO) share: prompts to sample from, and a reward."""
 
 from .. import data
+from ..monitor import Alarms
 from .common import logger
+
+
+def alarms_for(script_args) -> Alarms:
+    """The reward-hacking alarms at the recipe's thresholds (alarm_<name>)."""
+    return Alarms({"length_drift": script_args.alarm_length_drift,
+                   "reward_length_correlation": script_args.alarm_reward_length_correlation,
+                   "ensemble_disagreement": script_args.alarm_ensemble_disagreement})
 
 
 def require_reward(stage: str, script_args, reward_model_path: str | None) -> None:

@@ -3,11 +3,17 @@ trained policy against a copy of the SFT policy on the same held-out prompts, un
 (`gold_score_<stage>`, `gold_score_sft`, `gold_win_rate_vs_sft`, `rm_*`, `kl_to_sft`, lengths, EOS rates,
 the gold score's terms, samples)."""
 
+import os
+
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 
 from .. import data, embedded
-from ..evaluate import compare_policies
+from ..evaluate import compare_policies, evaluate_policy
 from ..models import load_causal_lm
+from ..monitor import Alarms, Monitor
+
+CURVE_FIGURES = ("gold_score", "rm_score", "heldout_rm_score", "kl_to_reference", "response_length", "eos_rate",
+                 "repeat_rate", "gold_repeated_sentences", "gold_sentiment")
 
 
 def for_evaluation(model, trainer):
@@ -58,3 +64,72 @@ def evaluate_against_sft(trainer, stage: str, script_args, model_args, tokenizer
             )
         finally:
             policy.train(was_training)
+
+
+def check_curve_settings(script_args) -> None:
+    """Before anything loads: keep_best picks among the curve's points, so it needs curve_steps."""
+    if script_args.keep_best and not script_args.curve_steps:
+        raise ValueError("keep_best needs curve_steps > 0: the best step is chosen among the curve's evaluations")
+    if script_args.curve_steps < 0 or script_args.curve_samples_per_prompt < 1:
+        raise ValueError("curve_steps must be >= 0 and curve_samples_per_prompt >= 1")
+
+
+class MonitorInCheckpoints:
+    """Mixed into a Trainer: its `monitor` state (pipeline.monitor.Monitor) goes into every checkpoint before the
+    trainer marks it complete, so a resumed run keeps its curve, its alarms' baseline and the alarms that fired."""
+
+    monitor = None
+
+    def _save_checkpoint(self, model, trial):
+        if self.monitor is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self.monitor.write(folder)
+        super()._save_checkpoint(model, trial)
+
+
+def monitor_for(trainer, script_args, tokenizer, prompts, reward_model, reference, max_new_tokens: int,
+                temperature: float, policy_of=lambda model: model, heldout_reward_models=(), alarms: Alarms | None = None,
+                checkpoint: str | None = None) -> Monitor:
+    """The run's pipeline.monitor.Monitor, added to the trainer's callbacks and resumed from `checkpoint`: its
+    alarms (online stages feed them), and every `curve_steps` steps the policy on the held-out `prompts`
+    (`curve_samples_per_prompt` answers each, at most eval_max_prompts prompts): gold score on the embedded task,
+    the score of `reward_model` and of `heldout_reward_models`, KL to `reference` (the SFT policy), length.
+    Every process runs the same evaluation (models sharded by ZeRO-3 take part in every forward)."""
+    rows = list(prompts["prompt"])[: script_args.eval_max_prompts]
+    on_embedded_task = script_args.dataset_name.startswith(data.EMBEDDED_PREFIX)
+    gather = getattr(trainer.args, "ds3_gather_for_generation", True)
+
+    def evaluate() -> dict:
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                         gather_deepspeed3_params=gather) as unwrapped:
+            policy = policy_of(unwrapped)
+            policy.eval()
+            results = evaluate_policy(policy, tokenizer, rows, max_new_tokens, temperature, reward_model=reward_model,
+                                      reference=reference, oracle=embedded.ORACLE if on_embedded_task else None,
+                                      samples_per_prompt=script_args.curve_samples_per_prompt, seed=trainer.args.seed,
+                                      heldout_reward_models=heldout_reward_models)
+        point = {key: results[key] for key in CURVE_FIGURES if key in results}
+        if "kl_to_reference" in point:
+            point["kl_to_sft"] = point.pop("kl_to_reference")
+        return point
+
+    if script_args.keep_best and trainer.is_deepspeed_enabled and getattr(
+            trainer.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        raise ValueError("keep_best does not work under ZeRO-3 yet (the policy's weights are sharded): use ZeRO-2, "
+                         "DDP or one process")
+    monitor = Monitor(trainer.args.output_dir, alarms or Alarms(), script_args.curve_steps, evaluate,
+                      policy=lambda: policy_of(trainer.accelerator.unwrap_model(trainer.model)),
+                      keep_best=script_args.keep_best, is_main_process=trainer.accelerator.is_main_process)
+    monitor.alarms.verbose = trainer.accelerator.is_main_process
+    monitor.resume(checkpoint)
+    trainer.add_callback(monitor)
+    return monitor
+
+
+def log_final(trainer, metrics: dict) -> None:
+    """The evaluation's figures on the main process's console (the samples, the curve and the alarms' steps, which
+    are not figures, stay in results.json)."""
+    if trainer.accelerator.is_main_process:
+        trainer.log_metrics("final", {k: (", ".join(v) or "none") if k == "alarms" else v for k, v in metrics.items()
+                                      if k == "alarms" or isinstance(v, (int, float, str))})

@@ -18,11 +18,12 @@ from trl import get_peft_config
 
 from .. import hub, rl
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, check_same_tokenizer,
-                      load_causal_lm, load_scalar_head_model, load_tokenizer, reward_adapter_on)
+                      load_causal_lm, load_ensemble, load_scalar_head_model, load_tokenizer, require_ensemble,
+                      reward_adapter_on)
 from ..trainers.ppo import PPOTrainer
 from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
-from .online import evaluation_prompts, require_reward, tokenize_prompts
-from .policy_eval import evaluate_against_sft
+from .online import alarms_for, evaluation_prompts, require_reward, tokenize_prompts
+from .policy_eval import check_curve_settings, evaluate_against_sft, log_final, monitor_for
 
 logger = logging.getLogger("pipeline")
 
@@ -31,6 +32,12 @@ def main(script_args, training_args, model_args):
     require_reward("ppo", script_args, training_args.reward_model_path)
     check_model_kind(training_args.sft_model_path, CAUSAL_LM, "sft_model_path", model_args)
     check_model_kind(training_args.reward_model_path, SCALAR_HEAD, "reward_model_path", model_args)
+    if script_args.reward_ensemble != "off":
+        require_ensemble(training_args.reward_model_path)
+        if not script_args.reward_model_weight:
+            raise ValueError(f"reward_ensemble: {script_args.reward_ensemble} needs the reward model "
+                             "(reward_model_weight is 0): set reward_ensemble: off")
+    check_curve_settings(script_args)
     check_before_loading("ppo", script_args, training_args, model_args)
     setup(training_args, "ppo")
     publication = hub.prepare("ppo", script_args, training_args, model_args)  # before the trainer
@@ -61,6 +68,8 @@ def main(script_args, training_args, model_args):
     if not one_base:
         value_model = load_scalar_head_model(training_args.reward_model_path, tokenizer, model_args,
                                              "reward_model_path")
+    members = load_ensemble(training_args.reward_model_path, tokenizer, model_args) \
+        if script_args.reward_ensemble != "off" else []
     reward_functions = rl.load_reward_functions(script_args.reward_functions, script_args.reward_function_weights)
     rl.trial_call(reward_functions, tokenizer, prompts)
     ptx = None
@@ -91,8 +100,17 @@ def main(script_args, training_args, model_args):
         kl_control=rl.kl_controller(script_args, training_args.kl_coef),
         ptx=ptx,
         ptx_coef=script_args.ptx_coef,
+        reward_members=members,
+        reward_ensemble=script_args.reward_ensemble,
+        reward_ensemble_k=script_args.reward_ensemble_k,
     )
-    train(trainer, last_checkpoint(training_args), "ppo")
+    checkpoint = last_checkpoint(training_args)
+    trainer.monitor = monitor_for(
+        trainer, script_args, tokenizer, held_out, trainer.reward_model, trainer.reference_model(),
+        training_args.response_length, training_args.temperature, policy_of=lambda model: model.policy,
+        heldout_reward_models=trainer.reward_members if script_args.reward_ensemble == "monitor" else (),
+        alarms=alarms_for(script_args), checkpoint=checkpoint)
+    train(trainer, checkpoint, "ppo")
 
     metrics = evaluate_against_sft(
         trainer, "ppo", script_args, model_args, tokenizer, held_out,
@@ -100,6 +118,6 @@ def main(script_args, training_args, model_args):
         max_new_tokens=training_args.response_length, temperature=training_args.temperature,
         reference=trainer.reference_model(), policy_of=lambda model: model.policy)
     metrics["eval_held_out"] = eval_prompts is not None
-    if trainer.accelerator.is_main_process:
-        trainer.log_metrics("final", {k: v for k, v in metrics.items() if k != "samples"})
+    metrics.update(trainer.monitor.results())
+    log_final(trainer, metrics)
     finish(trainer, training_args, source, metrics, tags=["pipeline", "ppo", "rlhf"], publication=publication)

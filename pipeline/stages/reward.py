@@ -18,7 +18,45 @@ def reward_peft_config(model_args):
     return peft_config
 
 
+def train_ensemble(script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer) -> dict:
+    """ensemble_size - 1 more reward models, after the stage's own is saved: member i trains from the same starting
+    model on its own random half of the training pairs under seed + i, into output_dir/ensemble/member-<i>
+    (checkpoints and resume as any run; a member already written is kept). Returns each member's held-out
+    accuracy (ensemble_member_<i>_eval_accuracy) and their mean."""
+    import dataclasses
+    import os
+
+    from ..models import ENSEMBLE_DIR
+
+    metrics = {}
+    for index in range(1, script_args.ensemble_size):
+        folder = os.path.join(training_args.output_dir, ENSEMBLE_DIR, f"member-{index}")
+        args = dataclasses.replace(training_args, output_dir=folder, seed=training_args.seed + index,
+                                   push_to_hub=False, report_to=[])
+        half = train_dataset.shuffle(seed=training_args.seed + index).select(range(len(train_dataset) // 2))
+        logger.info(f"reward ensemble: member {index} of {script_args.ensemble_size - 1} more, on {len(half)} pairs "
+                    f"(a random half), seed {args.seed} -> {folder}")
+        written = os.path.isfile(os.path.join(folder, "config.json"))
+        model = (load_scalar_head_model(folder, tokenizer, model_args, "a reward ensemble member") if written
+                 else load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args))
+        member = RewardTrainer(model=model, args=args, train_dataset=half, eval_dataset=eval_dataset,
+                               processing_class=tokenizer, peft_config=None if written else reward_peft_config(model_args))
+        if written:
+            logger.info(f"reward ensemble: {folder} is already written: kept")
+        else:
+            train(member, last_checkpoint(args), "reward")
+        if eval_dataset is not None:
+            metrics[f"ensemble_member_{index}_eval_accuracy"] = member.evaluate(member.eval_dataset)["eval_accuracy"]
+    accuracies = [v for k, v in metrics.items() if k.startswith("ensemble_member_")]
+    if accuracies:
+        metrics["ensemble_members_mean_eval_accuracy"] = sum(accuracies) / len(accuracies)
+    metrics["ensemble_size"] = script_args.ensemble_size
+    return metrics
+
+
 def main(script_args, training_args, model_args):
+    if script_args.ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be at least 1 (the stage's own reward model), got {script_args.ensemble_size}")
     check_before_loading("reward", script_args, training_args, model_args)
     setup(training_args, "reward")
     publication = hub.prepare("reward", script_args, training_args, model_args)  # before the trainer
@@ -64,5 +102,7 @@ def main(script_args, training_args, model_args):
             extra = trainer.evaluate(prepared[name], metric_key_prefix=f"eval_{name}")
             metrics.update({key if key.startswith(f"eval_{name}_") else f"eval_{name}_{key.removeprefix('eval_')}": value
                             for key, value in extra.items()})
+    if script_args.ensemble_size > 1:
+        metrics.update(train_ensemble(script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer))
     trainer.log_metrics("final", metrics)
     finish(trainer, training_args, source, metrics, tags=["pipeline", "reward-model"], publication=publication)

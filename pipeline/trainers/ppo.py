@@ -40,6 +40,7 @@ from . import one_base, ppo_math
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
 ROLLOUTS = "rollouts"  # subfolder of a checkpoint taken in the middle of an update: each process's rollouts
 STATE_FILE = "ppo_state.json"  # the KL coefficient in force, in every checkpoint
+ENSEMBLE_MODES = ("off", "monitor", "mean", "mean_minus_std")  # what reward_members are for (PPOTrainer)
 INVALID_LOGPROB = 1.0  # log-prob written at padding (TRL 1.12's value): equal for policy and reference, KL 0
 
 
@@ -254,7 +255,8 @@ class PPOTrainer(Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, reward_model, train_dataset, value_model,
                  data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None,
                  reward_functions=(), reward_model_weight: float = 1.0, kl_control=None, ptx=None,
-                 ptx_coef: float = 0.0, reward_adapter: str | None = None):
+                 ptx_coef: float = 0.0, reward_adapter: str | None = None, reward_members=(),
+                 reward_ensemble: str = "off", reward_ensemble_k: float = 1.0, monitor=None):
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model must be different objects (pass ref_model=None for a copy)")
         if args.stop_token and args.stop_token_id is not None:
@@ -304,6 +306,17 @@ class PPOTrainer(Trainer):
         self.kl_coef = args.kl_coef if kl_control is None else kl_control.value
         self.kl_control = kl_control
         self.ptx, self.ptx_coef = (ptx if ptx_coef else None), ptx_coef
+        # a reward-model ensemble (the reward stage's ensemble_size): the reward model and `reward_members`
+        if reward_ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f"reward_ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {reward_ensemble!r}")
+        if reward_ensemble != "off" and (not reward_members or not reward_model_weight
+                                         or reward_model is None and reward_adapter is None):
+            raise ValueError(f"reward_ensemble: {reward_ensemble} needs a reward model (reward_model_weight not 0) and "
+                             "the members of its ensemble")
+        self.reward_members = list(reward_members) if reward_ensemble != "off" else []
+        self.reward_ensemble, self.reward_ensemble_k = reward_ensemble, float(reward_ensemble_k)
+        self.ensemble_calibration = None  # per member (mean, std) of its scores on the first rollouts
+        self.monitor = monitor  # pipeline.monitor.Monitor: its alarms see every rollout batch
         self._buffer = None  # the current update's rollouts
         self._micro_step = None  # micro-batches trained since the start of the run
         self._metrics: dict[str, list[float]] = {}
@@ -316,8 +329,8 @@ class PPOTrainer(Trainer):
                          optimizers=optimizers,
                          data_collator=data_collator or DataCollatorWithPadding(processing_class))
 
-        for name in ("ref_model", "reward_model"):
-            frozen = getattr(self, name)
+        for name in ("ref_model", "reward_model", *(f"reward_members.{i}" for i in range(len(self.reward_members)))):
+            frozen = self.reward_members[int(name[15:])] if name.startswith("reward_members.") else getattr(self, name)
             if frozen is None:
                 continue
             if isinstance(frozen, one_base.AdapterScalarHead):  # its head alone: the rest is the policy's
@@ -328,7 +341,10 @@ class PPOTrainer(Trainer):
                 frozen = prepare_fsdp(frozen, self.accelerator)
             else:
                 frozen = frozen.to(self.accelerator.device).eval()
-            setattr(self, name, frozen)
+            if name.startswith("reward_members."):
+                self.reward_members[int(name[15:])] = frozen
+            else:
+                setattr(self, name, frozen)
 
     @staticmethod
     def _choose_layout(setting: str, models) -> str:
@@ -463,6 +479,7 @@ class PPOTrainer(Trainer):
         ref_logprobs = torch.full(read.shape, INVALID_LOGPROB, device=queries.device)
         values = torch.zeros(read.shape, device=queries.device)
         scores = torch.zeros(len(queries), device=queries.device)
+        member_scores = torch.zeros(len(self.reward_members), len(queries), device=queries.device)
         for rows, part in laid.parts(1 if self.layout == "flat" else chunk):
             part_read, part_where = read[rows], where[rows]
             with self._reference() as reference:
@@ -477,7 +494,20 @@ class PPOTrainer(Trainer):
                 scores[rows] = self.reward_model_weight * padding_free.scalar_at(self.reward_model, part,
                                                                                  at_last[rows]).float()
                 passes += 1
+            for index, member in enumerate(self.reward_members):
+                member_scores[index, rows] = padding_free.scalar_at(member, part, at_last[rows]).float()
+                passes += 1
             self._count_tokens(part, passes)
+        model_scores = scores / self.reward_model_weight if self.reward_model_weight else None
+        if self.reward_members:  # every member's score, the reward model's first
+            member_scores = torch.cat((model_scores[None], member_scores))
+            if self.reward_ensemble != "monitor":
+                scores = self.reward_model_weight * self._ensemble_score(member_scores)
+        if self.monitor is not None:
+            gather = self.accelerator.gather
+            self._record(self.monitor.alarms.observe(
+                step, gather(mask[:, context:].sum(1)), None if model_scores is None else gather(model_scores),
+                gather(member_scores.T.contiguous()).T if self.reward_members else None))
         if self.reward_functions:
             scores = scores + self._function_rewards(query_responses, context, step)
         self._check_finite(scores, "the reward (objective/scores)", step)
@@ -519,6 +549,22 @@ class PPOTrainer(Trainer):
                 "advantages": advantages, "padding": padding, "padding_p1": padding_p1,
                 "context_length": torch.full((len(queries),), context, device=queries.device),
                 "schedule": schedule}
+
+    def _ensemble_score(self, member_scores: torch.Tensor) -> torch.Tensor:
+        """The ensemble's reward for each answer: every member's score standardised by its mean and spread on the
+        run's first rollouts (members trained apart differ in offset and scale), then their mean (`mean`), or
+        the mean minus reward_ensemble_k times their standard deviation (`mean_minus_std`: uncertain answers
+        earn less), put back on the reward model's own scale."""
+        if self.ensemble_calibration is None:
+            everyone = self.accelerator.gather(member_scores.T.contiguous()).T
+            self.ensemble_calibration = [everyone.mean(1).tolist(), everyone.std(1).clamp_min(1e-6).tolist()]
+        mean, std = (torch.tensor(v, device=member_scores.device)[:, None] for v in self.ensemble_calibration)
+        z = (member_scores - mean) / std
+        combined = z.mean(0)
+        if self.reward_ensemble == "mean_minus_std":
+            combined = combined - self.reward_ensemble_k * z.std(0)
+        self._record({"objective/ensemble_std": z.std(0).mean()})
+        return mean[0] + std[0] * combined
 
     def _print_samples(self, query_responses: torch.Tensor, context: int, scores: torch.Tensor, rows: int = 4):
         """`num_sample_generations` times in a run, a few of this update's rollouts and scores (main process)."""
@@ -665,7 +711,9 @@ class PPOTrainer(Trainer):
                        os.path.join(folder, ROLLOUTS, f"process-{self.accelerator.process_index}.pt"))
         if self.args.should_save:
             with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"kl_coef": self.kl_coef}, f)
+                json.dump({"kl_coef": self.kl_coef, "ensemble_calibration": self.ensemble_calibration}, f)
+            if self.monitor is not None:
+                self.monitor.write(folder)
         super()._save_checkpoint(model, trial)
 
     def _save_rng_state(self, output_dir):
@@ -694,7 +742,8 @@ class PPOTrainer(Trainer):
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.isfile(path):
             with open(path) as f:
-                self.kl_coef = json.load(f)["kl_coef"]
+                saved = json.load(f)
+            self.kl_coef, self.ensemble_calibration = saved["kl_coef"], saved.get("ensemble_calibration")
             if self.kl_control is not None:
                 self.kl_control.value = self.kl_coef
 
