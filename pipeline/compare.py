@@ -38,6 +38,7 @@ ALGORITHMS = {
     "ppo-ensemble": ("ppo", "ensemble"),
     "ppo-best": ("ppo", "best"),
 }
+DEFENCES = ("ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best")
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ppo-oracle": "PPO, oracle reward (ceiling)",
           "ppo-kl": "PPO, KL penalty", "ppo-length": "PPO, length penalty",
           "ppo-ensemble": "PPO, ensemble mean - std", "ppo-best": "PPO, best held-out step"}
@@ -101,6 +102,11 @@ def collect(algorithm: str, seed: int, run_dir: Path) -> dict:
     train_seconds = next((entry["train_runtime"] for entry in reversed(state.get("log_history", []))
                           if "train_runtime" in entry), None)
     units, unit = training_units(stage, recipe, state, results.get("num_processes", 1))
+    if isinstance(results.get("curve"), list):  # the over-optimisation curve (curve_steps), for curve_plot
+        row["curve"] = [{k: v for k, v in point.items() if k in ("step", "kl_to_sft", "gold_score", "rm_score")}
+                        for point in results["curve"] if isinstance(point, dict)]
+    if isinstance(results.get("alarms"), list):
+        row["alarms"] = results["alarms"]
     row.update(wall_seconds=measured.get("wall_seconds"), peak_rss_mb=measured.get("peak_rss_mb"),
                train_seconds=train_seconds, units=units, unit=unit,
                units_per_second=units / train_seconds if train_seconds else None)
@@ -157,6 +163,42 @@ def plot(rows: list[dict], summary: dict, x_key: str, x_label: str, path: Path) 
     return path
 
 
+def curve_plot(rows: list[dict], path: Path) -> Path | None:
+    """Gold score (left) and reward-model score (right) of held-out answers against KL to the SFT policy, along
+    each run (curve_steps): one thin line per seed, one colour per algorithm. None if no run has a curve."""
+    runs = [r for r in rows if len(r.get("curve") or []) > 1]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "gold_score", "gold score (oracle)"),
+                           (axes[1], "rm_score", "reward-model score (the proxy)")):
+        labelled = set()
+        for row in runs:
+            xy = [(p["kl_to_sft"], p[key]) for p in row["curve"]
+                  if isinstance(p.get("kl_to_sft"), (int, float)) and isinstance(p.get(key), (int, float))]
+            if not xy:
+                continue
+            name = row["algorithm"]
+            ax.plot(*zip(*xy), color=COLORS[name], alpha=0.7, linewidth=1.2, marker=".",
+                    label=None if name in labelled else LABELS[name])
+            labelled.add(name)
+        ax.set_xlabel("KL to the SFT policy (nats per answer)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Along each run: held-out answers every curve_steps steps (one line per seed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], markdown_path: Path) -> str:
     """comparison.md: how it was run, the figures per algorithm (mean and min-max over seeds), the gold terms."""
     algorithms = [a for a in ALGORITHMS if a in summary]
@@ -168,7 +210,10 @@ def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], mar
              "train_seconds": "train() time (s)", "units_per_second": "episodes (DPO: pairs) per s",
              "peak_rss_mb": "peak RSS (MB)"}
     sft = [r["gold_score_sft"] for r in rows if isinstance(r.get("gold_score_sft"), (int, float))]
-    lines = ["# Which stage-3 algorithm? PPO, GRPO, RLOO and DPO on ground truth", "",
+    defences = [a for a in algorithms if a in DEFENCES]
+    title = ("Reward hacking on ground truth: undefended PPO and its defences" if defences
+             else "Which stage-3 algorithm? PPO, GRPO, RLOO and DPO on ground truth")
+    lines = [f"# {title}", "",
              f"Written by `{config['command']}` on {config['date']} ({config['machine']}); its runs took "
              f"{config['runs_wall_seconds'] / 60:.0f} min in all (the sum of their wall times). "
              + (f"{config['note']} " if config.get("note") else "") +
@@ -198,12 +243,16 @@ def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], mar
     lines += ["", "## Plots", ""]
     for path in plots:
         lines += [f"![{path.stem}]({os.path.relpath(path, markdown_path.parent)})", ""]
-    lines += ["## Runs", "", "| algorithm | seed | gold score | gold win rate | KL | wall (s) | output |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    alarms = any("alarms" in r for r in rows)
+    lines += ["## Runs", "", "| algorithm | seed | gold score | gold win rate | KL | wall (s) | "
+              + ("alarms fired | " if alarms else "") + "output |",
+              "|---|---:|---:|---:|---:|---:|" + ("---|" if alarms else "") + "---|"]
     for r in rows:
         lines.append(f"| {LABELS[r['algorithm']]} | {r['seed']} | {r.get('gold_score', float('nan')):.2f} | "
                      f"{r.get('gold_win_rate_vs_sft', float('nan')):.2f} | {r.get('kl_to_sft', float('nan')):.2f} | "
-                     f"{(r.get('wall_seconds') or 0):.0f} | `{r['output_dir']}` |")
+                     f"{(r.get('wall_seconds') or 0):.0f} | "
+                     + ((", ".join(r.get("alarms") or []) or "none") + " | " if alarms else "")
+                     + f"`{r['output_dir']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,6 +348,7 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=None,
     plots_dir = Path(plots_dir)
     plots = [plot(rows, summary, "kl_to_sft", "KL to the SFT policy (nats per answer)", plots_dir / "gold_vs_kl.png"),
              plot(rows, summary, "train_seconds", "train() time (s)", plots_dir / "gold_vs_time.png")]
+    plots += [p for p in [curve_plot(rows, plots_dir / "overoptimization.png")] if p is not None]
     config = {
         "command": "python -m pipeline compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"]
         else "pipeline.compare.compare()",

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger("pipeline")
 
-THRESHOLDS = {"length_drift": 1.5, "reward_length_correlation": 0.5, "ensemble_disagreement": 1.5}
+THRESHOLDS = {"length_drift": 1.5, "reward_length_correlation": 0.5, "ensemble_disagreement": 1.2}
 PATIENCE = 3  # batches in a row past a threshold before its alarm fires
 STATE_FILE = "monitor.json"  # in every checkpoint
 BEST_FILE = "best_policy.pt"  # in output_dir, with keep_best: the trainable weights of the best step
