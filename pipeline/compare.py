@@ -156,6 +156,12 @@ def plot(rows: list[dict], summary: dict, x_key: str, x_label: str, path: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     ax.set_title("Each point a run (seed); rings: the mean over seeds")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -192,11 +198,7 @@ def curve_plot(rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Along each run: held-out answers every curve_steps steps (one line per seed)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], markdown_path: Path) -> str:

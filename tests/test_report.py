@@ -25,7 +25,12 @@ PPO_RESULTS = {
     "kl_to_sft": 5.1055970, "eos_rate_sft": 1.0, "eos_rate_ppo": 0.96875, "response_length_sft": 16.340625,
     "response_length_ppo": 19.55625, "eval_prompts": 320, "num_processes": 1, "samples": SAMPLES,
 }
-GOLD_KEYS = ("gold_score_sft", "gold_score_ppo", "gold_win_rate_vs_sft")
+PPO_RESULTS.update(  # the over-optimisation curve (curve_steps) and the alarms that fired (pipeline.monitor)
+    curve=[{"step": 0, "gold_score": -1.66, "rm_score": -0.04, "kl_to_sft": 0.0, "response_length": 16.3},
+           {"step": 20, "gold_score": 0.9, "rm_score": 2.1, "kl_to_sft": 3.2, "response_length": 18.0},
+           {"step": 40, "gold_score": 0.43, "rm_score": 2.45, "kl_to_sft": 5.1, "response_length": 19.6}],
+    gold_score_peak=0.9, gold_score_peak_step=20, alarms=["length_drift"], alarm_steps={"length_drift": 7})
+GOLD_KEYS = ("gold_score_sft", "gold_score_ppo", "gold_win_rate_vs_sft", "gold_score_peak", "gold_score_peak_step")
 
 
 def lm_log(steps=8, start=4.0, eval_every=None):
@@ -108,6 +113,7 @@ def test_full_run_writes_every_plot_and_the_summary(tmp_path):
                                  ("total", "wall_seconds_total", "123.4")]:
         assert f"| {stage} | {metric} | {value} |" in text, (stage, metric, value)
     assert "samples |" not in text  # the samples are a table of their own, not a metric row
+    assert "- ppo: length_drift (step 7); gold peaked at 0.900 (step 20) and ended at 0.430" in text
     for name in PLOT_FILES:
         assert f"]({name})" in text
     # the samples table: one row per sample, `|` escaped, newlines kept inside the cell

@@ -39,7 +39,7 @@ from . import one_base, ppo_math
 
 VALUE_MODEL = "value_model"  # subfolder of the output folder and of every checkpoint
 ROLLOUTS = "rollouts"  # subfolder of a checkpoint taken in the middle of an update: each process's rollouts
-STATE_FILE = "ppo_state.json"  # the KL coefficient in force, in every checkpoint
+STATE_FILE = "ppo_state.json"  # the KL coefficient in force and the ensemble's calibration, in every checkpoint
 ENSEMBLE_MODES = ("off", "monitor", "mean", "mean_minus_std")  # what reward_members are for (PPOTrainer)
 INVALID_LOGPROB = 1.0  # log-prob written at padding (TRL 1.12's value): equal for policy and reference, KL 0
 
@@ -329,22 +329,21 @@ class PPOTrainer(Trainer):
                          optimizers=optimizers,
                          data_collator=data_collator or DataCollatorWithPadding(processing_class))
 
-        for name in ("ref_model", "reward_model", *(f"reward_members.{i}" for i in range(len(self.reward_members)))):
-            frozen = self.reward_members[int(name[15:])] if name.startswith("reward_members.") else getattr(self, name)
-            if frozen is None:
-                continue
-            if isinstance(frozen, one_base.AdapterScalarHead):  # its head alone: the rest is the policy's
-                frozen = frozen.to(self.accelerator.device).eval()
-            elif self.is_deepspeed_enabled:
-                frozen = prepare_deepspeed(frozen, self.accelerator)
-            elif self.is_fsdp_enabled:
-                frozen = prepare_fsdp(frozen, self.accelerator)
-            else:
-                frozen = frozen.to(self.accelerator.device).eval()
-            if name.startswith("reward_members."):
-                self.reward_members[int(name[15:])] = frozen
-            else:
-                setattr(self, name, frozen)
+        self.ref_model, self.reward_model = self._ready(self.ref_model), self._ready(self.reward_model)
+        self.reward_members = [self._ready(member) for member in self.reward_members]
+
+    def _ready(self, frozen):
+        """A frozen model (reference, reward, ensemble member) on this process's device, wrapped as the policy is
+        (DeepSpeed, FSDP); None stays None."""
+        if frozen is None:
+            return None
+        if isinstance(frozen, one_base.AdapterScalarHead):  # its head alone: the rest is the policy's
+            return frozen.to(self.accelerator.device).eval()
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(frozen, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(frozen, self.accelerator)
+        return frozen.to(self.accelerator.device).eval()
 
     @staticmethod
     def _choose_layout(setting: str, models) -> str:
