@@ -171,8 +171,10 @@ def _save(fig, path: Path) -> Path:
 
 def curve_plot(rows: list[dict], path: Path) -> Path | None:
     """Gold score (left) and reward-model score (right) of held-out answers against KL to the SFT policy, along
-    each run (curve_steps): one thin line per seed, one colour per algorithm. None if no run has a curve."""
-    runs = [r for r in rows if len(r.get("curve") or []) > 1]
+    each run (curve_steps): one thin line per seed, one colour per algorithm (ppo-best's is PPO's, not drawn again).
+    None if no run has a curve."""
+    # keep_best changes only which step's policy the run keeps: its curve is undefended PPO's own
+    runs = [r for r in rows if len(r.get("curve") or []) > 1 and r["algorithm"] != "ppo-best"]
     if not runs:
         return None
     import matplotlib
