@@ -29,6 +29,15 @@ class PipelineArguments(ScriptArguments):
     """TRL's ScriptArguments (dataset_name, dataset_config, splits) plus the pipeline's own fields."""
 
     embedded_seed: int = field(default=0, metadata={"help": "Seed of the embedded task's generator (embedded:<kind>)."})
+    invalid_rows: str = field(
+        default="error", metadata={"help": "A row that fails validation: 'error' stops, 'drop' drops and counts it.",
+                                   "choices": ["error", "drop"]})
+
+
+@dataclass
+class RaterArguments(PipelineArguments):
+    """The embedded preference data's simulated raters and reviewers (recipes/tiny-biased, docs/overoptimization.md)."""
+
     embedded_length_bias: float = field(default=0.0, metadata={
         "help": "embedded:preference only: the simulated raters also prefer the longer answer, by this many logits "
                 "per word of difference (0: they follow the oracle alone). The held-out pairs stay ordered by the "
@@ -38,11 +47,7 @@ class PipelineArguments(ScriptArguments):
                 "it by this many logits per repeated sentence (the oracle takes 1 point off for each)."})
     embedded_max_sentences: int = field(default=4, metadata={
         "help": "embedded:preference only: the training pairs' reviews have 1 to this many sentences (4: the default "
-                "world; recipes/tiny-biased: 8, verbose writers, so that raters with a length bias meet answers that "
-                "ramble beyond the oracle's five sentences)."})
-    invalid_rows: str = field(
-        default="error", metadata={"help": "A row that fails validation: 'error' stops, 'drop' drops and counts it.",
-                                   "choices": ["error", "drop"]})
+                "world; recipes/tiny-biased: 12, so that raters with a length bias meet answers that ramble)."})
 
 
 @dataclass
@@ -101,14 +106,11 @@ class PolicyEvalArguments(PipelineArguments):
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt and policy."})
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Cap on held-out prompts evaluated."})
     curve_steps: int = field(default=0, metadata={
-        "help": "Every this many optimizer steps (and at the start and the end), evaluate the policy on the held-out "
-                "prompts: gold score (embedded task), reward-model score, KL to the SFT policy, length. The "
-                "over-optimisation curve, in results.json (`curve`, `gold_score_peak`) and the report. 0: off."})
+        "help": "Every N optimizer steps, evaluate the policy on held-out prompts: the over-optimisation curve "
+                "(results.json `curve`, the report; docs/overoptimization.md). 0: off."})
     curve_samples_per_prompt: int = field(default=2, metadata={"help": "Answers per held-out prompt at each point."})
     keep_best: bool = field(default=False, metadata={
-        "help": "Keep the policy of the curve's best held-out reward (the held-out reward models' score where the "
-                "reward stage trained an ensemble, else the reward model's on held-out prompts; never the oracle) "
-                "as the stage's model instead of the last step's. Needs curve_steps."})
+        "help": "Keep the policy of the curve point with the best held-out reward, not the last step's."})
 
 
 @dataclass
@@ -125,12 +127,11 @@ class OnlineArguments(PolicyEvalArguments):
     reward_model_weight: float = field(default=1.0, metadata={
         "help": "Weight of the reward model's score; 0 leaves the reward to the functions alone."})
     alarm_length_drift: float = field(default=THRESHOLDS["length_drift"], metadata={
-        "help": "Alarm when the answers' mean length exceeds this multiple of the SFT policy's (the first rollouts')."})
+        "help": "Alarm above this multiple of the SFT policy's mean answer length."})
     alarm_reward_length_correlation: float = field(default=THRESHOLDS["reward_length_correlation"], metadata={
-        "help": "Alarm when the reward model's score correlates with answer length above this, within a batch."})
+        "help": "Alarm above this correlation of reward with length."})
     alarm_ensemble_disagreement: float = field(default=THRESHOLDS["ensemble_disagreement"], metadata={
-        "help": "Alarm when the reward ensemble's members disagree this many times as much as on the first rollouts "
-                "(needs reward_ensemble other than off)."})
+        "help": "Alarm above this multiple of the ensemble's first disagreement."})
 
 
 @dataclass
@@ -148,10 +149,8 @@ class PPOArguments(OnlineArguments):
         "help": "PPO-ptx: pretraining or SFT data (any name dataset_name accepts, e.g. embedded:corpus)."})
     ptx_block_size: int = field(default=128, metadata={"help": "PPO-ptx: tokens per ptx sequence."})
     reward_ensemble: str = field(default="off", metadata={
-        "help": "The reward stage's ensemble (its ensemble_size: <reward_model_path>/ensemble/member-*): 'monitor' "
-                "scores every batch with it for the disagreement alarm and the held-out reward of the curve; 'mean' "
-                "rewards the mean of the members' standardised scores; 'mean_minus_std' that mean minus "
-                "reward_ensemble_k x their standard deviation; 'off' does not load it.",
+        "help": "The reward stage's ensemble (ensemble_size): 'monitor' (alarm and held-out reward only), 'mean' or "
+                "'mean_minus_std' (reward_ensemble_k x the members' spread off) as the reward; 'off'.",
         "choices": ["off", "monitor", "mean", "mean_minus_std"]})
     reward_ensemble_k: float = field(default=1.0, metadata={"help": "reward_ensemble mean_minus_std: k."})
 
@@ -166,7 +165,7 @@ class GroupArguments(OnlineArguments):
 
 
 @dataclass
-class DPOArguments(PolicyEvalArguments):
+class DPOArguments(RaterArguments, PolicyEvalArguments):
     """DPO (TRL's DPOTrainer) on preference pairs from the SFT policy (`model_name_or_path`, also the
     reference). The reward model is not trained against; it only scores the evaluation (rm_* results)."""
 
@@ -180,7 +179,7 @@ class DPOArguments(PolicyEvalArguments):
 
 
 @dataclass
-class RewardArguments(PipelineArguments):
+class RewardArguments(RaterArguments):
     """An ensemble of reward models beside the one the stage trains (for PPO's reward_ensemble and its alarm)."""
 
     ensemble_size: int = field(default=1, metadata={

@@ -59,8 +59,12 @@ def test_a_repeated_sentence_adds_no_sentiment_and_costs_a_point():
 
 
 def test_oracle_caps_sentiment_so_praise_cannot_grow_without_bound():
-    many = " ".join(f"It felt {w}." for w in world.POSITIVE)
-    assert gold_score(ASK, "The Lost River felt superb. " + many) == world.SENTIMENT_CAP + 1
+    many = " ".join(f"It felt {w}." for w in world.POSITIVE)  # 7 distinct sentences of praise in all
+    terms = world.gold_terms(ASK, "The Lost River felt superb. " + many)
+    assert terms["sentiment"] == world.SENTIMENT_CAP
+    # and the two sentences beyond the fifth cost what rambling costs: more praise only lowers the score
+    assert terms["rambling"] == -2 * world.RAMBLING
+    assert gold_score(ASK, "The Lost River felt superb. " + many) == world.SENTIMENT_CAP + 1 - 2 * world.RAMBLING
 
 
 def test_raters_flip_about_ten_percent_and_test_labels_follow_the_oracle():

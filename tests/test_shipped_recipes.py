@@ -4,7 +4,7 @@ spending GPU hours would: the model for a tiny one of the same architecture (a H
 tiny chain's own models are tiny already), a Hub dataset for a few local rows in its format, and the budget for a
 few steps (`BUDGET`). A GPU recipe also gets `use_cpu: true`, the one switch this CPU needs. Each folder's chain
 runs through the runner (`python -m pipeline run`), its LoRA chain through `run --lora`, and a recipe the runner
-does not run by name (ppo-ptx) through its script; `test_every_shipped_recipe_is_run` fails when a recipe is added
+does not run by name (ppo-ptx, the defences of tiny-biased) through its script; `test_every_shipped_recipe_is_run` fails when a recipe is added
 that no run here covers."""
 
 import json
@@ -20,7 +20,8 @@ from conftest import ROOT, run_python
 
 RECIPES = ROOT / "recipes"
 FOLDERS = sorted(p.name for p in RECIPES.iterdir() if p.is_dir() and p.name != "accelerate")
-SCRIPT_RUN = ("ppo-ptx",)  # recipes the runner does not run by name: run through scripts/ppo.py
+# recipes the runner does not run by name: run through scripts/ppo.py (tiny's PPO-ptx, tiny-biased's defences)
+SCRIPT_RUN = ("ppo-ptx", "ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best")
 
 # the only training-length fields changed; everything else is as shipped
 BUDGET = {

@@ -73,7 +73,7 @@ def test_gold_terms_sum_to_the_gold_score():
     # 4 sentences of -1 (capped at -3), the wrong title, "It is dull." twice (one repeat), no final stop
     terms = embedded.gold_terms(ask, "The Iron Crown is dull. It is dull. It is dull. It is dull")
     assert terms == {"sentiment": -3.0, "asked_title": -1.0, "other_titles": -1.0, "repeated_sentences": -1.0,
-                     "unfinished": -1.0, "empty": 0.0}
+                     "unfinished": -1.0, "rambling": 0.0, "empty": 0.0}
     assert embedded.gold_terms(ask, "  ") == {**dict.fromkeys(world.GOLD_TERMS, 0.0), "empty": -2.0}
     means = embedded.ORACLE.term_means([ask, ask], ["The Lost River is superb.", "The Lost River and The Iron Crown."])
     assert means["title_only_rate"] == 0.5 and means["gold_other_titles"] == -0.5
