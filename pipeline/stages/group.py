@@ -5,6 +5,9 @@ SFT policy (`model_name_or_path`) and are rewarded by the learned reward model (
 `reward_model_weight` and `reward_function_weights`. Then the policy is evaluated against the SFT policy exactly as
 PPO's is (pipeline.stages.policy_eval)."""
 
+import copy
+import logging
+
 import torch
 from trl import get_peft_config
 
@@ -40,6 +43,28 @@ def monitored(trainer_class):
     return Monitored
 
 
+logger = logging.getLogger("pipeline")
+
+
+def left_truncating(tokenizer, max_length: int):
+    """A copy of `tokenizer` whose calls cut each text to its last `max_length` tokens. TRL's GRPO and RLOO score an
+    answer by decoding it and tokenizing prompt and answer again through the reward model's chat template, without
+    truncation: the end-of-turn tokens (or a different split of the decoded text) can take a prompt of
+    max_prompt_length and an answer of max_completion_length past the reward model's positions, which crashes it.
+    Cut from the left, the reward model still reads the whole answer and its last token."""
+
+    class LeftTruncating(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            kwargs.setdefault("truncation", True)
+            kwargs.setdefault("max_length", max_length)
+            return super().__call__(*args, **kwargs)
+
+    truncating = copy.deepcopy(tokenizer)
+    truncating.__class__ = LeftTruncating
+    truncating.truncation_side = "left"
+    return truncating
+
+
 def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     require_reward(stage, script_args, script_args.reward_model_path)
     check_curve_settings(script_args)
@@ -72,7 +97,13 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
 
     reward_funcs = ([reward_model] if trains_on_model else []) + [
         rl.for_trl(name, function, tokenizer) for name, function, _ in functions]
-    processing = ([reward_tokenizer] if trains_on_model else []) + [None] * len(functions)
+    positions = getattr(reward_model.config, "max_position_embeddings", None) if trains_on_model else None
+    if positions and script_args.max_prompt_length + training_args.max_completion_length >= positions:
+        logger.info(f"{stage}: max_prompt_length + max_completion_length fill the reward model's {positions} "
+                    "positions; where the chat template's tokens take a prompt and answer past them, the prompt's "
+                    "start is cut when they are scored")
+    processing = ([left_truncating(reward_tokenizer, positions) if positions else reward_tokenizer]
+                  if trains_on_model else []) + [None] * len(functions)
 
     trainer = monitored(trainer_class)(
         model=policy,
