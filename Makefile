@@ -63,7 +63,7 @@ compare: setup
 	$(PY) -m pipeline compare
 
 # The biased world (docs/overoptimization.md): raters who over-reward length, the chain and its over-optimisation
-# curve (outputs/tiny-biased/results.json and report/); then PPO and its defences there, 3 seeds each:
+# curve (outputs/tiny-biased/results.json and report/); then PPO, its defences, GRPO, RLOO and DPO there, 3 seeds each:
 # bench/results/comparison-biased.md and .json, docs/comparison-biased/*.png
 .PHONY: demo-biased compare-biased
 demo-biased: setup

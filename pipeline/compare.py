@@ -37,14 +37,16 @@ ALGORITHMS = {
     "ppo-length": ("ppo", "length"),
     "ppo-ensemble": ("ppo", "ensemble"),
     "ppo-best": ("ppo", "best"),
+    "ppo-kl-ensemble": ("ppo", "kl-ensemble"),
 }
-DEFENCES = ("ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best")
+DEFENCES = ("ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best", "ppo-kl-ensemble")
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO", "ppo-oracle": "PPO, oracle reward (ceiling)",
           "ppo-kl": "PPO, KL penalty", "ppo-length": "PPO, length penalty",
-          "ppo-ensemble": "PPO, ensemble mean - std", "ppo-best": "PPO, best held-out step"}
+          "ppo-ensemble": "PPO, ensemble mean - std", "ppo-best": "PPO, best held-out step",
+          "ppo-kl-ensemble": "PPO, KL penalty + ensemble mean"}
 COLORS = {"ppo": "tab:green", "grpo": "tab:blue", "rloo": "tab:purple", "dpo": "tab:red", "ppo-oracle": "tab:gray",
           "ppo-kl": "tab:olive", "ppo-length": "tab:brown", "ppo-ensemble": "tab:pink",
-          "ppo-best": "black"}
+          "ppo-best": "black", "ppo-kl-ensemble": "tab:cyan"}
 SEEDS = (42, 43, 44)
 # How the shipped tiny recipes were set: said in comparison.md when they are the ones compared
 TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared setting. GRPO and RLOO take ppo.yaml's "
@@ -215,7 +217,8 @@ def render(config: dict, rows: list[dict], summary: dict, plots: list[Path], mar
              "peak_rss_mb": "peak RSS (MB)"}
     sft = [r["gold_score_sft"] for r in rows if isinstance(r.get("gold_score_sft"), (int, float))]
     defences = [a for a in algorithms if a in DEFENCES]
-    title = ("Reward hacking on ground truth: undefended PPO and its defences" if defences
+    undefended = [LABELS[a] for a in algorithms if a not in DEFENCES and a != "ppo-oracle"]
+    title = (f"Reward hacking on ground truth: {', '.join(undefended)} undefended, and PPO's defences" if defences
              else "Which stage-3 algorithm? PPO, GRPO, RLOO and DPO on ground truth")
     lines = [f"# {title}", "",
              f"Written by `{config['command']}` on {config['date']} ({config['machine']}); its runs took "

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, run_python
 from pipeline import rl
@@ -147,8 +148,9 @@ def test_the_biased_reward_recipe_trains_an_ensemble(biased_runs):
 
 
 def test_every_biased_ppo_recipe_writes_its_curve_and_alarms(biased_runs):
-    for name in ("ppo", "ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best", "ppo-oracle"):
+    for name in ("ppo", "ppo-kl", "ppo-length", "ppo-ensemble", "ppo-best", "ppo-oracle", "ppo-kl-ensemble"):
         results = _results(biased_runs, name)
+        assert (biased_runs["base"] / name / "model.safetensors").is_file(), name  # saved as test_shipped_recipes checks
         assert [p["step"] for p in results["curve"]] == [0, 2, 4, 6, 8], name  # 4 updates of 2 steps
         assert {"gold_score", "kl_to_sft", "response_length"} <= set(results["curve"][1]), name
         assert results["curve"][0]["kl_to_sft"] == 0, name
@@ -168,12 +170,15 @@ def test_every_biased_ppo_recipe_writes_its_curve_and_alarms(biased_runs):
 def test_each_defence_changes_what_it_says(biased_runs):
     base = biased_runs["base"]
     assert all("objective/ensemble_std" in row for row in updates(base / "ppo-ensemble"))
+    assert all("objective/ensemble_std" in row for row in updates(base / "ppo-kl-ensemble"))
     assert all("objective/ensemble_std" not in row for row in updates(base / "ppo"))
     assert all(row["rewards/answer_words"] > 0 for row in updates(base / "ppo-length"))
     assert _results(biased_runs, "ppo-best")["best_step"] in (0, 2, 4, 6, 8)
     assert "keep_best: the policy of step" in biased_runs["logs"]["ppo-best"]
-    kl = [row["objective/kl_coef"] for row in updates(base / "ppo-kl")]
-    assert kl == pytest.approx([0.05] * len(kl))
+    for name in ("ppo-kl", "ppo-kl-ensemble"):  # the recipe's coefficient throughout
+        kl = [row["objective/kl_coef"] for row in updates(base / name)]
+        assert kl == pytest.approx([yaml.safe_load((BIASED / f"{name}.yaml").read_text())["kl_coef"]] * len(kl))
+        assert kl[0] > 0, name
     assert [row["objective/kl_coef"] for row in updates(base / "ppo")] == [0.0] * len(kl)
     oracle = updates(base / "ppo-oracle")
     assert all("rewards/gold_reward" in row for row in oracle)

@@ -204,3 +204,21 @@ def test_summarise_takes_mean_and_spread_over_seeds():
     assert summary["dpo"]["gold_score"]["n"] == 1 and "seed" not in summary["ppo"]
     assert compare._cell(summary["ppo"]["gold_score"]) == "1.50 (1.00 to 2.00)"
     assert compare._cell(summary["dpo"]["gold_score"]) == "-1.00"
+
+
+def test_grpo_and_rloo_score_through_a_tokenizer_that_keeps_the_end_of_a_long_text(tiny_run):
+    """TRL's GRPO/RLOO re-tokenize prompt + answer for the reward model without truncation; the pipeline's reward
+    tokenizer cuts from the left to the reward model's positions, so the answer's end is what it scores."""
+    from transformers import AutoTokenizer
+
+    from pipeline.stages.group import left_truncating
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["outputs"] / "reward")
+    text = " ".join(f"The film number {i} was superb." for i in range(60)) + " The end."
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = left_truncating(tokenizer, 32)
+    batch = cut(text=[text, "Short."], return_tensors="pt", padding=True, padding_side="right",
+                add_special_tokens=False)
+    assert len(whole) > 32 and batch["input_ids"].shape == (2, 32)
+    assert batch["input_ids"][0].tolist() == whole[-32:]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == whole  # the original is left as it was
