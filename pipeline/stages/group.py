@@ -19,6 +19,8 @@ from .online import alarms_for, evaluation_prompts, require_reward, tokenize_pro
 from .policy_eval import (MonitorInCheckpoints, check_curve_settings, evaluate_against_sft, for_evaluation, log_final,
                           monitor_for)
 
+logger = logging.getLogger("pipeline")
+
 
 def monitored(trainer_class):
     """TRL's GRPOTrainer or RLOOTrainer, with the reward-hacking alarms (pipeline.monitor) fed every batch of answers
@@ -41,9 +43,6 @@ def monitored(trainer_class):
 
     Monitored.__name__ = Monitored.__qualname__ = trainer_class.__name__
     return Monitored
-
-
-logger = logging.getLogger("pipeline")
 
 
 def left_truncating(tokenizer, max_length: int):
