@@ -89,7 +89,8 @@ class Alarms:
                     logger.warning(f"alarm {name} at step {step}: {MEANING[name].format(value=value)} (threshold "
                                f"{self.thresholds[name]:g}, {self.patience} batches in a row): the policy may be "
                                    "buying reward the reward model gives wrongly (docs/overoptimization.md)")
-        return {f"alarm/{name}": value for name, value in values.items()}
+        # nan (all answers of one length: no correlation) is left out, not logged as a gap the loggers warn about
+        return {f"alarm/{name}": value for name, value in values.items() if not math.isnan(value)}
 
     def state_dict(self) -> dict:
         return {"baseline": self.baseline, "streak": self.streak, "fired": self.fired}

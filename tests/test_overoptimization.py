@@ -75,6 +75,9 @@ def test_alarms_fire_after_patience_and_stay_quiet_below_their_thresholds():
     assert restored.results()["alarms"] == ["length_drift", "reward_length_correlation"]
     assert restored.baseline["sft_length"] == 9.5
     assert pearson(torch.arange(5.0), torch.arange(5.0)) == pytest.approx(1.0)
+    # every answer of one length (all cut at the limit): no correlation to log, and no None for the loggers
+    same = Alarms().observe(1, torch.full((8,), 96.0), torch.randn(8))
+    assert "alarm/reward_length_correlation" not in same and same["alarm/length_drift"] == 1.0
 
 
 def test_monitor_keeps_the_curve_peak_and_puts_the_best_policy_back(tmp_path):
