@@ -12,7 +12,9 @@ import copy
 
 import torch
 from transformers import GenerationConfig
-from trl.trainer.utils import pad
+from trl.trainer.utils import pad, selective_log_softmax
+
+from . import sampler
 
 
 def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
@@ -80,31 +82,50 @@ def sampling_config(response_length: int, temperature: float, stop_token_ids,
                             top_k=0, top_p=1.0, do_sample=True, eos_token_id=stops or None, pad_token_id=pad_token_id)
 
 
+def _plain_sampling(config: GenerationConfig) -> bool:
+    """Whether `config` only samples at a temperature (transformers 5 leaves unset fields None)."""
+    return bool(config.do_sample and (config.num_beams or 1) == 1 and not config.top_k
+                and config.top_p in (None, 1.0) and config.repetition_penalty in (None, 1.0)
+                and not config.min_new_tokens and not config.min_p and config.typical_p in (None, 1.0)
+                and config.temperature)
+
+
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, pad_token_id: int, config: GenerationConfig, batch_size: int,
-             return_logits: bool = False):
+             return_logprobs: bool = False):
     """Sample a response for every query, `batch_size` queries at a time. Returns the right-padded
-    `query + response` rows and, with `return_logits`, the processed logits of every generated token (the
-    temperature applied: what the sampled tokens were drawn from)."""
-    rows, logits = [], []
+    `query + response` rows and, with `return_logprobs`, each response token's log-probability under the
+    temperature (what it was drawn from; any value on the padding after a stop token). Plain sampling runs
+    through `pipeline.sampler` where the model allows it, else through transformers' `generate`."""
+    if _plain_sampling(config) and sampler.supported(model) is None:
+        rows, logprobs = sampler.sample(model, queries, pad_token_id, config.max_new_tokens, config.temperature,
+                                        config.eos_token_id, batch_size)
+    else:
+        rows, logprobs = _generate(model, queries, pad_token_id, config, batch_size, return_logprobs)
+    # trl's `pad` stacks the chunks (chunks, rows, ...), padded to the longest: flattened back to rows
+    query_responses = pad(rows, padding_value=pad_token_id, padding_side="right")
+    query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
+    if not return_logprobs:
+        return query_responses
+    logprobs = pad(logprobs, padding_value=0, padding_side="right")
+    return query_responses, logprobs.view(-1, logprobs.shape[-1])[: len(queries)]
+
+
+def _generate(model, queries, pad_token_id, config, batch_size, return_logprobs):
+    rows, logprobs = [], []
     # in the config, not as generate() kwargs beside it (which transformers warns about)
     step_config = copy.deepcopy(config)
-    step_config.return_dict_in_generate, step_config.output_scores = True, return_logits
+    step_config.return_dict_in_generate, step_config.output_scores = True, return_logprobs
     for start in range(0, len(queries), batch_size):
         query = queries[start:start + batch_size]
         mask = query_mask(query, pad_token_id)
         output = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask,
                                 generation_config=step_config)
-        rows.append(torch.cat((query, output.sequences[:, query.shape[1]:]), 1))
-        if return_logits:
-            logits.append(torch.stack(output.scores, 1))
-    # trl's `pad` stacks the chunks (chunks, rows, ...), padded to the longest: flattened back to rows
-    query_responses = pad(rows, padding_value=pad_token_id, padding_side="right")
-    query_responses = query_responses.view(-1, query_responses.shape[-1])[: len(queries)]
-    if not return_logits:
-        return query_responses
-    logits = pad(logits, padding_value=0, padding_side="right")
-    return query_responses, logits.view(-1, *logits.shape[2:])[: len(queries)]
+        responses = output.sequences[:, query.shape[1]:]
+        rows.append(torch.cat((query, responses), 1))
+        if return_logprobs:  # the scores are the processed logits: the temperature applied
+            logprobs.append(selective_log_softmax(torch.stack(output.scores, 1), responses))
+    return rows, logprobs
 
 
 def scalar_head(model, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

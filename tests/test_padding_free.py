@@ -93,7 +93,7 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     results = {}
     for layout in ("off", "rows", "packed", "flat"):
         trainer = _trainer(setting, layout, tmp_path)
-        torch.manual_seed(7)  # the same samples from every trainer
+        torch.manual_seed(1)  # the same samples from every trainer
         buffer = trainer._make_rollouts(queries)
         inputs = {key: value[buffer["schedule"][0]] for key, value in buffer.items()
                   if isinstance(value, torch.Tensor)}

@@ -456,11 +456,9 @@ class PPOTrainer(Trainer):
         config = rollout.sampling_config(args.response_length, args.temperature, self.stop_token_ids, pad)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
-            query_responses, logits = rollout.generate(unwrapped.policy, queries, pad, config,
-                                                       args.local_rollout_forward_batch_size, return_logits=True)
+            query_responses, logprobs = rollout.generate(unwrapped.policy, queries, pad, config,
+                                                         args.local_rollout_forward_batch_size, return_logprobs=True)
         responses = rollout.truncate_after(self.stop_token_ids, pad, query_responses[:, context:])
-        logprobs = selective_log_softmax(logits, responses)
-        del logits
         query_responses = torch.cat((queries, responses), 1)
         mask = rollout.attention_mask(query_responses, context, pad, self.stop_token_ids)
 

@@ -1,0 +1,122 @@
+"""The rollouts' sampler (pipeline/sampler.py): what it draws is what the model's own forward pass gives, on GPT-2
+(absolute positions), Llama (rotary) and Gemma 3 (sliding-window cache layers beside full ones), with left-padded
+prompts, answers that stop at different steps (so the batch drops its finished rows) and several chunks; at a
+temperature near 0 it answers what transformers' greedy `generate` does; its draws follow softmax(logits /
+temperature)."""
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+from transformers.cache_utils import DynamicCache
+from trl.trainer.utils import selective_log_softmax
+
+from pipeline import rollout, sampler
+
+PAD, STOPS = 1, [0, 7]
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1)).eval()
+
+
+def _gemma3():  # two sliding-window layers of 4 tokens and a full one: both kinds of cache layer
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])).eval()
+
+
+def _gpt2():  # learned absolute positions: a row's must count from its first real token
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def _queries():
+    torch.manual_seed(1)
+    queries = torch.randint(8, 50, (12, 9))
+    queries[::3, :4], queries[1::3, :2] = PAD, PAD  # left padding of three widths
+    return queries
+
+
+@pytest.mark.parametrize("make", [_llama, _gemma3, _gpt2])
+def test_draws_and_logprobs_are_the_models_own(make, monkeypatch):
+    model, queries = make(), _queries()
+    assert sampler.supported(model) is None
+    selections, placed = [], []
+    original, place = DynamicCache.batch_select_indices, sampler.GrowingLayer.place
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, keep: (selections.append(len(keep)), original(cache, keep))[1])
+    # prompts through the model 2 rows at a time, by length (the 5-row chunks' padding is not worth it otherwise)
+    monkeypatch.setattr(sampler, "PREFILL_GROUP", 2)
+    monkeypatch.setattr(sampler, "PREFILL_WORTH", 1.0)
+    monkeypatch.setattr(sampler.GrowingLayer, "place", lambda layer, rows, *a: (placed.append(rows.tolist()),
+                                                                                place(layer, rows, *a))[1])
+    with torch.no_grad():  # stop tokens made likely enough for answers to end anywhere in 20 tokens
+        model.lm_head.weight[STOPS] = model.lm_head.weight.mean(0) + 0.5 * model.lm_head.weight.std()
+    config = rollout.sampling_config(20, 0.7, STOPS, PAD)
+    torch.manual_seed(2)
+    rows, logprobs = rollout.generate(model, queries, PAD, config, 5, return_logprobs=True)  # 3 chunks
+    context = queries.shape[1]
+    assert torch.equal(rows[:, :context], queries)
+    mask = rollout.attention_mask(rows, context, PAD, STOPS)
+    lengths = mask[:, context:].sum(1)
+    assert lengths.min() < 10 and lengths.max() == 20 and rollout.ended(rows[:, context:], STOPS).any()
+    assert selections  # finished rows left the batch
+    # Gemma 3's sliding-window layers keep transformers' own cache: its prompts go through whole
+    if make is _gemma3:
+        assert not placed
+    else:  # the first chunk's rows of 5, 7 and 9 prompt tokens, shortest first, into each layer
+        layers = model.config.num_hidden_layers
+        assert [sorted(rows) for rows in placed[:3 * layers:layers]] == [[0, 3], [1, 4], [2]]
+    assert (rows[:, context:][~mask[:, context:]] == PAD).all()  # after the stop token: padding
+    with torch.no_grad():
+        logits = rollout.forward(model, rows, mask).logits[:, context - 1:-1]
+    expected = selective_log_softmax(logits / config.temperature, rows[:, context:])
+    torch.testing.assert_close(logprobs[mask[:, context:]], expected[mask[:, context:]], atol=2e-5, rtol=1e-4)
+    # the same through transformers' generate (top_k 50 of a 50-token vocabulary is no filter, but not plain)
+    generated, generated_logprobs = rollout.generate(model, queries, PAD, GenerationConfig(
+        **{**config.to_dict(), "top_k": 50}), 5, return_logprobs=True)
+    generated_mask = rollout.attention_mask(generated, context, PAD, STOPS)[:, context:]
+    with torch.no_grad():
+        logits = rollout.forward(model, generated, rollout.attention_mask(generated, context, PAD, STOPS)).logits
+    expected = selective_log_softmax(logits[:, context - 1:-1] / config.temperature, generated[:, context:])
+    torch.testing.assert_close(generated_logprobs[generated_mask], expected[generated_mask], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_llama, _gemma3, _gpt2])
+def test_at_temperature_near_zero_it_answers_as_greedy_generate(make):
+    model, queries = make(), _queries()
+    with torch.no_grad():  # a random model's logits lie within 0.1 of each other: spread them past any near-tie
+        model.lm_head.weight *= 100
+    config = rollout.sampling_config(12, 1e-4, [], PAD)
+    rows = rollout.generate(model, queries, PAD, config, 5)
+    mask = rollout.query_mask(queries, PAD)
+    greedy = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask, do_sample=False,
+                            max_new_tokens=12, min_new_tokens=12, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(rows[:, queries.shape[1]:], greedy[:, queries.shape[1]:])
+
+
+def test_draws_follow_the_distribution_and_never_a_token_of_probability_zero():
+    logits = torch.tensor([[2.0, 0.0, -float("inf"), 1.0, -1.0]]).repeat(40_000, 1)
+    torch.manual_seed(0)
+    tokens, logprobs = sampler.draw(logits, 0.7)
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    frequencies = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert frequencies[2] == 0
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(logprobs, expected.log()[tokens])
+
+
+def test_models_it_cannot_run_go_through_generate():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    assert sampler.supported(model) is None
+    model.forward = lambda input_ids=None, attention_mask=None, **kwargs: None  # no `cache` parameter
+    assert "takes no `cache`" in sampler.supported(model)
+    assert not rollout._plain_sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
+    assert rollout._plain_sampling(rollout.sampling_config(8, 0.7, STOPS, PAD))
