@@ -120,3 +120,20 @@ def test_models_it_cannot_run_go_through_generate():
     assert "takes no `cache`" in sampler.supported(model)
     assert not rollout._plain_sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
     assert rollout._plain_sampling(rollout.sampling_config(8, 0.7, STOPS, PAD))
+
+
+def test_a_policy_in_training_with_gradient_checkpointing_still_decodes_through_its_cache():
+    """PPO samples from the policy in training mode; with gradient checkpointing (the gpt2-hh recipes) transformers
+    drops the cache of a layer run with gradients, which would silently decode without the past."""
+    model, queries = _llama(), _queries()
+    model.gradient_checkpointing_enable()
+    model.train()
+    config = rollout.sampling_config(12, 0.7, [], PAD)
+    torch.manual_seed(3)
+    rows, logprobs = rollout.generate(model, queries, PAD, config, 12, return_logprobs=True)
+    model.eval()
+    context = queries.shape[1]
+    with torch.no_grad():
+        logits = rollout.forward(model, rows, rollout.attention_mask(rows, context, PAD, [])).logits
+    expected = selective_log_softmax(logits[:, context - 1:-1] / config.temperature, rows[:, context:])
+    torch.testing.assert_close(logprobs, expected, atol=2e-5, rtol=1e-4)
