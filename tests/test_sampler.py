@@ -6,8 +6,8 @@ temperature)."""
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 from transformers.cache_utils import DynamicCache
 from trl.trainer.utils import selective_log_softmax
 
@@ -118,6 +118,16 @@ def test_models_it_cannot_run_go_through_generate():
     assert sampler.supported(model) is None
     model.forward = lambda input_ids=None, attention_mask=None, **kwargs: None  # no `cache` parameter
     assert "takes no `cache`" in sampler.supported(model)
+    # a hybrid of linear and full attention (Qwen3.5): its cache's linear-attention layers are not the sampler's
+    torch.manual_seed(0)
+    hybrid = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen3_5_text", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    assert sampler.supported(hybrid) == "its cache has LinearAttentionLayer layers"
+    queries = _queries()
+    rows, logprobs = rollout.generate(hybrid, queries, PAD, rollout.sampling_config(6, 0.7, STOPS, PAD), 5,
+                                      return_logprobs=True)  # through transformers' generate
+    assert torch.equal(rows[:, :queries.shape[1]], queries) and logprobs.shape == (12, rows.shape[1] - 9)
     assert not rollout._plain_sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
     assert rollout._plain_sampling(rollout.sampling_config(8, 0.7, STOPS, PAD))
 
