@@ -136,7 +136,8 @@ def updates(output_dir) -> list[dict]:
 
 def test_reward_function_values_reach_ppo_scores_and_adaptive_kl_is_logged(tiny_run, tmp_path):
     ppo(tiny_run, tmp_path / "ppo", "--reward_functions", "reward_fns:constant", "--reward_model_weight", "0",
-        "--missing_eos_penalty", "0", "--kl_control", "adaptive", "--kl_target", "0.001", "--kl_horizon", "100")
+        "--missing_eos_penalty", "0", "--kl_control", "adaptive", "--kl_target", "0.001", "--kl_horizon", "100",
+        "--kl_coef", "0.05")
     rows = updates(tmp_path / "ppo")
     assert len(rows) == 4
     for row in rows:
@@ -144,7 +145,7 @@ def test_reward_function_values_reach_ppo_scores_and_adaptive_kl_is_logged(tiny_
         assert row["rewards/constant"] == pytest.approx(2.5)
         assert row["objective/rlhf_reward"] == pytest.approx(2.5 + row["objective/non_score_reward"])
     coefs = [row["objective/kl_coef"] for row in rows]
-    assert coefs[0] == pytest.approx(0.05)  # the recipe's kl_coef first
+    assert coefs[0] == pytest.approx(0.05)  # the given kl_coef first
     for before, after, row in zip(coefs, coefs[1:], rows):  # each update's KL moves the next coefficient
         error = min(max(row["objective/kl"] / 0.001 - 1, -0.2), 0.2)
         assert after == pytest.approx(before * (1 + error * 16 / 100))  # 16 episodes per update
