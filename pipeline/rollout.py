@@ -78,16 +78,26 @@ def sampling_config(response_length: int, temperature: float, stop_token_ids,
     """Plain sampling at `temperature` (no top-k/top-p), as PPO's log-probabilities assume, stopping at any of
     `stop_token_ids` (none: `response_length` tokens every time)."""
     stops = _ids(stop_token_ids)
-    return GenerationConfig(max_new_tokens=response_length, min_new_tokens=0, temperature=temperature + 1e-7,
-                            top_k=0, top_p=1.0, do_sample=True, eos_token_id=stops or None, pad_token_id=pad_token_id)
+    # every logits processor a model's own generation_config.json may switch on is set off here: `generate` fills
+    # the fields left unset from it (a Hub model's repetition_penalty would otherwise change what is sampled)
+    return GenerationConfig(max_new_tokens=response_length, min_new_tokens=0, min_length=0,
+                            temperature=temperature + 1e-7, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
+                            epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                            encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, do_sample=True,
+                            eos_token_id=stops or None, pad_token_id=pad_token_id)
 
 
 def _plain_sampling(config: GenerationConfig) -> bool:
     """Whether `config` only samples at a temperature (transformers 5 leaves unset fields None)."""
-    return bool(config.do_sample and (config.num_beams or 1) == 1 and not config.top_k
-                and config.top_p in (None, 1.0) and config.repetition_penalty in (None, 1.0)
-                and not config.min_new_tokens and not config.min_p and config.typical_p in (None, 1.0)
-                and config.temperature)
+    unset = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+             "forced_bos_token_id", "forced_eos_token_id", "stop_strings", "guidance_scale", "watermarking_config")
+    return bool(config.do_sample and config.temperature and config.max_new_tokens
+                and (config.num_beams or 1) == 1 and (config.num_return_sequences or 1) == 1
+                and not config.top_k and not config.min_p and config.top_p in (None, 1.0)
+                and config.typical_p in (None, 1.0) and config.repetition_penalty in (None, 1.0)
+                and not config.no_repeat_ngram_size and not config.min_new_tokens and not config.min_length
+                and not config.epsilon_cutoff and not config.eta_cutoff
+                and all(getattr(config, name, None) is None for name in unset))
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 PPO's rollouts (and the evaluation's answers) draw every token from softmax(logits / temperature), nothing else:
 no top-k, top-p, penalties or beams. `generate` does that through its general machinery; at the shapes users
-run four of its costs dominate generation on a CPU (bench/results/ppo.md, *long*), and none is arithmetic
-the answer needs:
+run four of its costs dominate generation on a CPU (bench/results/ppo.md, *long*; the shares below are from
+informal side measurements at those shapes, not committed), and none is arithmetic the answer needs:
 
 * **the key/value cache grows by concatenation**: `DynamicLayer.update` copies every layer's whole cache at every
   token (at 6 x 512 with 120-token prompts, a buffer written in place alone made `generate` a fifth faster).
@@ -24,7 +24,8 @@ the answer needs:
 The log-probability of each drawn token (under the temperature, what PPO's old log-probs are) comes back with it,
 so the whole vocabulary's logits of every step are never kept. Models this cannot run (a cache that is not made
 of full-attention and sliding-window layers, a forward without `cache` or `logits_to_keep`, or parameters
-sharded by ZeRO-3 that every process must step through together) go through `generate`: `supported` says why.
+sharded by ZeRO-3 or FSDP over several processes, which must step through every pass together) go through
+`generate`: `supported` says why.
 """
 
 import inspect
@@ -92,12 +93,15 @@ def _causal_lm(model):
 
 def supported(model) -> str | None:
     """None when `sample` can run `model`, else why not (the reason `generate` is used instead)."""
+    from transformers.distributed.fsdp import is_fsdp_managed_module
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     inner = _causal_lm(model)
-    if is_deepspeed_zero3_enabled() and any(getattr(p, "ds_numel", 0) and p.numel() == 0 for p in
-                                            inner.parameters()):
-        return "the weights are sharded by ZeRO-3 (every process must decode in step)"
+    # what makes transformers' generate step every process together (synced_gpus): each forward pass may gather
+    # sharded weights, and this loop's passes differ from process to process (finished rows, prefill groups)
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if processes > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(inner)):
+        return "the weights are sharded by ZeRO-3 or FSDP (every process must decode in step)"
     parameters = inspect.signature(inner.forward).parameters
     if "cache" not in parameters or "logits_to_keep" not in parameters:
         return f"{type(inner).__name__}.forward takes no `cache` or `logits_to_keep`"
@@ -154,6 +158,9 @@ def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.
     """A token from softmax(logits / temperature) for each row, by the inverse of its cumulative distribution,
     and its log-probability."""
     logprobs = torch.log_softmax(logits.float() / temperature, -1)
+    if not torch.isfinite(logprobs.max(-1).values).all():  # torch.multinomial refuses these too
+        raise FloatingPointError("sampling: the policy's next-token logits hold NaN or inf (a diverged or broken "
+                                 "model)")
     cumulative = logprobs.exp().cumsum(-1)
     threshold = torch.rand(len(logits), 1, device=logits.device) * cumulative[:, -1:]
     # the first token whose cumulative probability passes the threshold: never one of probability 0

@@ -14,6 +14,7 @@ from trl.trainer.utils import selective_log_softmax
 from pipeline import rollout, sampler
 
 PAD, STOPS = 1, [0, 7]
+SAMPLE = sampler.sample
 
 
 def _llama():
@@ -78,9 +79,13 @@ def test_draws_and_logprobs_are_the_models_own(make, monkeypatch):
         logits = rollout.forward(model, rows, mask).logits[:, context - 1:-1]
     expected = selective_log_softmax(logits / config.temperature, rows[:, context:])
     torch.testing.assert_close(logprobs[mask[:, context:]], expected[mask[:, context:]], atol=2e-5, rtol=1e-4)
-    # the same through transformers' generate (top_k 50 of a 50-token vocabulary is no filter, but not plain)
-    generated, generated_logprobs = rollout.generate(model, queries, PAD, GenerationConfig(
-        **{**config.to_dict(), "top_k": 50}), 5, return_logprobs=True)
+    # the same through transformers' generate (top_k 50 of a 50-token vocabulary is no filter, but not plain),
+    # though the model's own generation config asks for penalties: sampling_config sets them off
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 2
+    model.generation_config.min_p = 0.2
+    through_generate = GenerationConfig(**{**config.to_dict(), "top_k": 50})
+    assert not rollout._plain_sampling(through_generate)
+    generated, generated_logprobs = rollout.generate(model, queries, PAD, through_generate, 5, return_logprobs=True)
     generated_mask = rollout.attention_mask(generated, context, PAD, STOPS)[:, context:]
     with torch.no_grad():
         logits = rollout.forward(model, generated, rollout.attention_mask(generated, context, PAD, STOPS)).logits
@@ -89,12 +94,15 @@ def test_draws_and_logprobs_are_the_models_own(make, monkeypatch):
 
 
 @pytest.mark.parametrize("make", [_llama, _gemma3, _gpt2])
-def test_at_temperature_near_zero_it_answers_as_greedy_generate(make):
+def test_at_temperature_near_zero_it_answers_as_greedy_generate(make, monkeypatch):
     model, queries = make(), _queries()
     with torch.no_grad():  # a random model's logits lie within 0.1 of each other: spread them past any near-tie
         model.lm_head.weight *= 100
     config = rollout.sampling_config(12, 1e-4, [], PAD)
+    calls = []
+    monkeypatch.setattr(sampler, "sample", lambda *a, **k: (calls.append(1), SAMPLE(*a, **k))[1])
     rows = rollout.generate(model, queries, PAD, config, 5)
+    assert calls  # through the sampler, not generate
     mask = rollout.query_mask(queries, PAD)
     greedy = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask, do_sample=False,
                             max_new_tokens=12, min_new_tokens=12, pad_token_id=PAD, eos_token_id=None)
@@ -110,6 +118,18 @@ def test_draws_follow_the_distribution_and_never_a_token_of_probability_zero():
     assert frequencies[2] == 0
     torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
     torch.testing.assert_close(logprobs, expected.log()[tokens])
+
+
+def test_a_cache_layer_grows_past_its_capacity_and_refuses_nan_logits():
+    layer, keys = sampler.GrowingLayer(capacity=2), torch.randn(3, 2, 5, 4)
+    for start, end in ((0, 1), (1, 3), (3, 5)):  # the buffer of 2 doubles to 4, then to 8
+        returned, _ = layer.update(keys[..., start:end, :], -keys[..., start:end, :])
+        assert torch.equal(returned, keys[..., :end, :]) and torch.equal(layer.values, -keys[..., :end, :])
+    assert layer.buffers[0].shape[-2] == 8 and layer.get_seq_length() == 5
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, keys[[2, 0]])
+    with pytest.raises(FloatingPointError, match="logits hold NaN or inf"):
+        sampler.draw(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 0.7)
 
 
 def test_models_it_cannot_run_go_through_generate():
@@ -139,6 +159,7 @@ def test_a_policy_in_training_with_gradient_checkpointing_still_decodes_through_
     model.gradient_checkpointing_enable()
     model.train()
     config = rollout.sampling_config(12, 0.7, [], PAD)
+    assert sampler.supported(model) is None and rollout._plain_sampling(config)  # through the sampler
     torch.manual_seed(3)
     rows, logprobs = rollout.generate(model, queries, PAD, config, 12, return_logprobs=True)
     model.eval()
