@@ -109,7 +109,7 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
     through `pipeline.sampler` where the model allows it, else through transformers' `generate`."""
     if _plain_sampling(config) and sampler.supported(model) is None:
         rows, logprobs = sampler.sample(model, queries, pad_token_id, config.max_new_tokens, config.temperature,
-                                        config.eos_token_id, batch_size)
+                                        _ids(config.eos_token_id), batch_size)
     else:
         rows, logprobs = _generate(model, queries, pad_token_id, config, batch_size, return_logprobs)
     # trl's `pad` stacks the chunks (chunks, rows, ...), padded to the longest: flattened back to rows

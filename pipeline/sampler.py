@@ -83,9 +83,6 @@ class GrowingLayer(DynamicLayer):
             length = self.get_seq_length()
             self.keys, self.values = self.buffers[0][..., :length, :], self.buffers[1][..., :length, :]
 
-    def get_seq_length(self) -> int:
-        return 0 if not self.is_initialized or self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-
 
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -170,8 +167,10 @@ def draw(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def _sample_chunk(model, queries, pad_token_id, response_length, temperature, stops):
+    from .rollout import query_mask  # rollout imports this module
+
     rows, device = len(queries), queries.device
-    mask = (queries != pad_token_id).cumsum(1) > 0  # left padding (rollout.query_mask)
+    mask = query_mask(queries, pad_token_id)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     cache = _cache(model, queries.shape[1] + response_length)
     full_mask = torch.cat((mask, torch.ones(rows, response_length, dtype=torch.bool, device=device)), 1).long()
@@ -205,12 +204,11 @@ def _sample_chunk(model, queries, pad_token_id, response_length, temperature, st
 
 
 def sample(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float,
-           stop_token_ids, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+           stop_token_ids: list[int], batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Answers to left-padded `queries`, `batch_size` at a time: per chunk the `query + response` rows (the
     responses right-padded with `pad_token_id` after the stop token that ended them, as long as the chunk's
     longest) and each response token's log-probability (0 on the padding)."""
-    stops = None if not stop_token_ids else torch.tensor(
-        [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids), device=queries.device)
+    stops = torch.tensor(stop_token_ids, device=queries.device) if stop_token_ids else None
     rows, logprobs = [], []
     for start in range(0, len(queries), batch_size):
         chunk_rows, chunk_logprobs = _sample_chunk(model, queries[start:start + batch_size], pad_token_id,
