@@ -52,16 +52,17 @@ class RaterArguments(PipelineArguments):
 
 @dataclass
 class LMHeadArguments(PipelineArguments):
-    """How TRL's SFTTrainer computes the causal LM loss (pretrain and SFT)."""
+    """How TRL's trainers compute per-token log-probabilities through the LM head: the causal LM loss (pretrain,
+    SFT) and GRPO's and RLOO's log-probabilities of the answers."""
 
     lm_head: str = field(
         default="auto", metadata={
             "help": "'tiled': TRL's fused LM head, which computes the log-probabilities in tiles and recomputes the "
                     "logits in its backward (memory-lean for large vocabularies; a Triton kernel on GPUs). 'auto' "
-                    "(default): on the CPU, a micro-batch whose logits take at most 64 MiB in float32 (a few "
-                    "times that at peak) gets them whole, which is faster there for small vocabularies "
-                    "(pipeline/lm_head.py); TRL's tiled head otherwise. The loss and the metrics are the same "
-                    "either way, to float rounding.",
+                    "(default): on the CPU, a micro-batch whose logits (at the positions that have a label) take "
+                    "at most 64 MiB in float32 (a few times that at peak) gets them whole, which is faster there "
+                    "for small vocabularies (pipeline/lm_head.py); TRL's tiled head otherwise. The loss and the "
+                    "metrics are the same either way, to float rounding.",
             "choices": ["auto", "tiled"]})
 
 
@@ -156,12 +157,21 @@ class PPOArguments(OnlineArguments):
 
 
 @dataclass
-class GroupArguments(OnlineArguments):
+class GroupArguments(OnlineArguments, LMHeadArguments):
     """GRPO and RLOO (TRL's trainers): the policy is `model_name_or_path` (the SFT policy); the reward model is
     `reward_model_path`, given to TRL as a `reward_funcs` entry beside the reward functions."""
 
     reward_model_path: str | None = field(default=None, metadata={
         "help": "The learned reward model (a sequence classifier); needed unless reward_model_weight is 0."})
+    padding_free: str = field(default="auto", metadata={
+        "help": "How prompt + answer rows go through the policy and the reference when TRL scores their answers' "
+                "log-probabilities: 'packed' (several rows' real tokens per row, kept apart by restarting position "
+                "ids), 'flat' (all in one row, for flash attention's variable-length kernels), 'rows' (each row's "
+                "real tokens alone), 'off' (TRL's padded rows); 'auto': flat with flash attention, else packed where "
+                "the model keeps packed rows apart, else rows. Every way, each token is at its position in its own "
+                "sequence, as in generation (TRL 1.16 scores left-padded rows at positions shifted by their padding, "
+                "which changes GPT-2's log-probabilities; docs/stages.md).",
+        "choices": ["auto", "flat", "packed", "rows", "off"]})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Forward passes over rollout rows that compute only real tokens (PPO's epochs and its scoring passes).
+"""Forward passes over rollout rows that compute only real tokens (PPO's epochs and its scoring passes; GRPO's and
+RLOO's log-probability passes, `fused_log_probs`).
 
 A rollout row is `query + response`: the query left-padded to the batch's longest prompt, the response
 right-padded after its stop token (pipeline.rollout). Run as it is, every pass computes those pads: 23% of TRL
@@ -115,11 +116,12 @@ def _two_widths(fills: list[int], width: int) -> int:
     return min(range(len(fills) + 1), key=lambda keep: (cost[keep], -keep))
 
 
-def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | None = None) -> Layout:
+def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | None = None,
+           one_block: bool = False) -> Layout:
     """`rows` (rollout rows, columns) whose real tokens are `mask`, laid out `how` (one of LAYOUTS). A row's real
     tokens are contiguous (left-padded query, right-padded response). `flat` puts them all in one layout row, or,
     with `capacity`, in rows of at most that many tokens (the longest rollout row's, at least). `packed` and `rows`
-    cut their least filled rows to a narrower block where that computes fewer tokens."""
+    cut their least filled rows to a narrower block where that computes fewer tokens, unless `one_block`."""
     if how not in LAYOUTS:
         raise ValueError(f"padding_free must be one of {', '.join(LAYOUTS)}, got {how!r}")
     device = rows.device
@@ -142,7 +144,7 @@ def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | Non
     order = sorted(range(count), key=lambda b: -fills[b])  # fullest first
     rank = {b: r for r, b in enumerate(order)}
     fills = [fills[b] for b in order]
-    keep = _two_widths(fills, width) if how in ("packed", "rows") else count
+    keep = _two_widths(fills, width) if how in ("packed", "rows") and not one_block else count
     shapes = [(keep, width)] + ([(count - keep, fills[keep])] if keep < count else [])
     # each bin's first flat position, and its width
     bin_start = [r * width if r < keep else keep * width + (r - keep) * fills[keep] for r in range(count)]
@@ -160,6 +162,25 @@ def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | Non
     sequence_start[start] = start
     sequence_start = torch.maximum(sequence_start.cummax(0).values, row_start)
     return Layout(input_ids, flat - sequence_start, None, index, shapes)
+
+
+def lockstep(trainer) -> bool:
+    """Whether every process must run the same forward passes: the weights are sharded over several processes
+    (DeepSpeed ZeRO-3, FSDP), and each pass of a sharded layer gathers its weights from all of them. A layout's
+    blocks and parts then must not depend on the rows' lengths, which differ from process to process: `groups`
+    and `one_block` keep their count to what the batch sizes give."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return trainer.accelerator.num_processes > 1 and (
+        trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+
+
+def groups(rows: torch.Tensor, mask: torch.Tensor, how: str, size: int):
+    """`rows` in groups of `size` rollout rows in order, each laid out alone in one block (see `lockstep`): (the
+    rollout rows of the group, its Layout), as `Layout.parts` gives them."""
+    for start in range(0, len(rows), size):
+        members = torch.arange(start, min(start + size, len(rows)), device=rows.device)
+        yield members, layout(rows[members], mask[members], how, one_block=True)
 
 
 def body(model):
@@ -231,3 +252,57 @@ def keeps_packed_examples_apart(model) -> bool:
         model.train(training)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
     return torch.allclose(packed, alone, atol=tolerance * max(1.0, alone.abs().max().item()), rtol=0)
+
+
+def choose_layout(setting: str, models) -> str:
+    """The layout `padding_free` asks for ('auto', 'flat', 'packed', 'rows' or 'off'; None models are skipped):
+    'auto' packs where every model keeps packed rows apart (one probe per architecture and attention), flat with
+    flash attention, else lays each row out alone."""
+    if setting not in ("auto", "flat", "packed", "rows", "off"):
+        raise ValueError(f"padding_free must be auto, flat, packed, rows or off, got {setting!r}")
+    if setting in ("rows", "off"):
+        return {"rows": "rows", "off": "padded"}[setting]
+    probed = {}
+    for model in models:
+        if model is None:
+            continue
+        key = (type(model).__name__, getattr(model.config, "_attn_implementation", None))
+        if key not in probed:
+            probed[key] = keeps_packed_examples_apart(model)
+    leaking = sorted(name for (name, _), apart in probed.items() if not apart)
+    if leaking and setting in ("packed", "flat"):
+        raise ValueError(f"padding_free: {setting} needs models that keep rows packed together apart by their "
+                         f"position ids; {', '.join(leaking)} does not: set padding_free to auto or rows")
+    if leaking:
+        return "rows"
+    flash = all("flash" in str(attention) for _, attention in probed)
+    return "flat" if setting == "flat" or flash else "packed"
+
+
+def fused_log_probs(model, rows: torch.Tensor, mask: torch.Tensor, logits_to_keep: int, how: str,
+                    entropy: bool = False, one_block: bool = False) -> tuple:
+    """TRL's GRPO/RLOO per-token log-probabilities (and entropies) of the last `logits_to_keep` columns of `rows`
+    (prompt left-padded, completion right-padded; real tokens `mask`), through the model's fused LM head
+    (`trl.trainer.utils.add_fused_lm_head`: `model(..., labels=..., fused_lm_head=True)`, temperature included),
+    on the layout `how`. Every layout, `padded` too, gives each real token its position in its own sequence, as
+    generation did. Returns ((rows, logits_to_keep) log-probs, entropies or None), 0 where no real token is."""
+    mask = mask.bool()
+    laid = layout(rows, mask, how, one_block=one_block)
+    scored = mask.clone()
+    scored[:, :-logits_to_keep] = False
+    labels = torch.full_like(laid.input_ids, -100)
+    labels[laid.index[scored]] = rows[scored]
+    labels[laid.position_ids == 0] = -100  # a sequence's first token has nothing of its own before it
+    outputs, start = [], 0
+    for block, (count, width) in zip(laid.blocks(), laid.shapes):
+        end = start + count * width
+        out = model(**block, labels=labels[start:end].view(count, width), fused_lm_head=True)
+        fields = [out.log_probs] + ([out.entropy] if entropy else [])
+        # the head scores position t + 1 from position t: shifted so that column t holds the token at t
+        outputs.append(torch.nn.functional.pad(torch.stack(fields, -1), (0, 0, 1, 0)))
+        start = end
+    values = laid.read(outputs, scored)  # (scored tokens, fields)
+    kept = scored[:, -logits_to_keep:]
+    result = values.new_zeros(*kept.shape, values.shape[-1])
+    result[kept] = values
+    return result[..., 0], result[..., 1] if entropy else None

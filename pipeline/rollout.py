@@ -87,7 +87,7 @@ def sampling_config(response_length: int, temperature: float, stop_token_ids,
                             eos_token_id=stops or None, pad_token_id=pad_token_id)
 
 
-def _plain_sampling(config: GenerationConfig) -> bool:
+def plain_sampling(config: GenerationConfig) -> bool:
     """Whether `config` only samples at a temperature (transformers 5 leaves unset fields None)."""
     unset = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
              "forced_bos_token_id", "forced_eos_token_id", "stop_strings", "guidance_scale", "watermarking_config")
@@ -107,7 +107,7 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, config: Generation
     `query + response` rows and, with `return_logprobs`, each response token's log-probability under the
     temperature (what it was drawn from; any value on the padding after a stop token). Plain sampling runs
     through `pipeline.sampler` where the model allows it, else through transformers' `generate`."""
-    if _plain_sampling(config) and sampler.supported(model) is None:
+    if plain_sampling(config) and sampler.supported(model) is None:
         rows, logprobs = sampler.sample(model, queries, pad_token_id, config.max_new_tokens, config.temperature,
                                         _ids(config.eos_token_id), batch_size)
     else:

@@ -111,3 +111,15 @@ def test_gpu_bench_smoke_runs_every_row_on_the_cpu(tmp_path):
     assert rows["ppo"]["padding_fraction"] < 0.5 * rows["ppo-padded"]["padding_fraction"]
     assert all(row["sequences_per_s"] > 0 for name, row in rows.items() if name != "sft")
     assert "its figures mean nothing" in md.read_text() and "| `ppo-lora` |" in md.read_text()
+
+
+def test_group_bench_runs_trls_log_probs_and_ours_and_writes_its_table(tiny_run, tmp_path):
+    """bench/group.py in its smoke mode, from the tiny run's models: both settings train GRPO, and ours computes
+    less padding than TRL's padded rows."""
+    md, js = tmp_path / "group.md", tmp_path / "group.json"
+    run_python("bench/group.py", "--quick", "--steps", "2", "--eval-prompts", "2", "--models", tiny_run["outputs"],
+               "--md", md, "--json", js, timeout=300)
+    rows = json.loads(js.read_text())["stages"]["grpo"]["rows"]
+    assert rows["ours"]["padding_fraction"]["median"] < rows["trl"]["padding_fraction"]["median"]
+    assert all(rows[s]["train_s"]["median"] > 0 and rows[s]["log_probs_grad_s"]["median"] > 0 for s in rows)
+    assert "| train() s |" in md.read_text() and "## GRPO" in md.read_text()

@@ -11,12 +11,12 @@ from pipeline.lm_head import is_materialised, materialise_small_logits
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 
 
-def _model(seed=0, **config):
+def _model(seed=0, temperature=1.0, **config):
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_layer=2, n_head=2, n_embd=32, n_positions=40,
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                             bos_token_id=0, eos_token_id=0, **config))
-    add_fused_lm_head(model, outputs=OUTPUTS)
+    add_fused_lm_head(model, temperature=temperature, outputs=OUTPUTS)
     return model
 
 
@@ -29,10 +29,11 @@ def _batch():
     return input_ids, labels
 
 
-@pytest.mark.parametrize("num_items_in_batch", [None, 50])
-def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch):
-    tiled, whole = _model(), _model()
-    assert materialise_small_logits(whole)
+@pytest.mark.parametrize("num_items_in_batch, temperature", [(None, 1.0), (50, 0.7)])
+def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch, temperature):
+    """At GRPO's sampling temperature too (TRL's head divides the logits by it), entropy's gradient included."""
+    tiled, whole = _model(temperature=temperature), _model(temperature=temperature)
+    assert materialise_small_logits(whole, temperature=temperature)
     input_ids, labels = _batch()
     with torch.no_grad():  # row 1's labels are the model's own top-1 tokens: is_top1 is compared on hits too
         labels[1, 1:] = tiled(input_ids=input_ids).logits[1, :-1].argmax(-1)
@@ -44,7 +45,7 @@ def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch)
     assert torch.equal(outputs[1].label_mask, outputs[0].label_mask)
     assert outputs[1].is_top1[1].all()
     for output in outputs:
-        output.loss.backward()
+        (output.loss + output.entropy.sum()).backward()
     for (name, a), (_, b) in zip(tiled.named_parameters(), whole.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -63,8 +64,9 @@ def _spy_on_trl(model, calls: list):
 def test_large_logits_and_plain_calls_go_to_trl():
     model, calls = _model(), []
     _spy_on_trl(model, calls)
-    assert materialise_small_logits(model, max_logits_bytes=3 * 19 * 97 * 4)  # the batch's logits fit exactly
     input_ids, labels = _batch()
+    scored = int((labels[:, 1:] != -100).sum())  # 45 of the 57 positions: logits only where a label is
+    assert materialise_small_logits(model, max_logits_bytes=scored * 97 * 4)  # the batch's logits fit exactly
     model(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == []
     model(input_ids=input_ids, labels=labels)  # the model's own forward (generation, evaluation of logits)
@@ -72,7 +74,7 @@ def test_large_logits_and_plain_calls_go_to_trl():
 
     tight = _model()  # one byte less than the batch's logits: TRL's tiles
     _spy_on_trl(tight, calls)
-    assert materialise_small_logits(tight, max_logits_bytes=3 * 19 * 97 * 4 - 1)
+    assert materialise_small_logits(tight, max_logits_bytes=scored * 97 * 4 - 1)
     tight(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == [False, True]
 

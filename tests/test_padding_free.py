@@ -56,6 +56,15 @@ def test_layouts_hold_every_real_token_once_and_count_their_padding():
         assert tokens(part, mask[members]) == rows[members][mask[members]].tolist()
     assert [members.tolist() for members, _ in alone.parts(3)] == [[2], [0, 1, 3]]
     assert [members.tolist() for members, _ in padded.parts(3)] == [[0, 1, 2], [3]]
+    # with the weights sharded over processes (`lockstep`), every process must make the same passes: one block,
+    # and groups of a fixed number of rollout rows, whatever the lengths
+    assert padding_free.layout(rows, mask, "packed", one_block=True).shapes == [(3, 8)]
+    assert padding_free.layout(rows, mask, "rows", one_block=True).shapes == [(4, 8)]
+    grouped = list(padding_free.groups(rows, mask, "packed", 3))
+    assert [members.tolist() for members, _ in grouped] == [[0, 1, 2], [3]]
+    assert [part.shapes for _, part in grouped] == [[(2, 8)], [(1, 3)]]
+    for members, part in grouped:
+        assert tokens(part, mask[members]) == rows[members][mask[members]].tolist()
     with pytest.raises(ValueError, match="padding_free must be one of flat, packed, rows, padded, got 'dense'"):
         padding_free.layout(rows, mask, "dense")
 
@@ -91,8 +100,9 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     tokenizer, _, _, dataset = setting
     queries = tokenizer.pad({"input_ids": dataset["input_ids"]}, return_tensors="pt")["input_ids"]
     results = {}
-    for layout in ("off", "rows", "packed", "flat"):
-        trainer = _trainer(setting, layout, tmp_path)
+    for layout in ("off", "rows", "packed", "flat", "packed lockstep", "flat lockstep"):
+        trainer = _trainer(setting, layout.split()[0], tmp_path)
+        trainer.lockstep = "lockstep" in layout  # as with weights sharded over processes: groups, one block each
         torch.manual_seed(1)  # the same samples from every trainer
         buffer = trainer._make_rollouts(queries)
         inputs = {key: value[buffer["schedule"][0]] for key, value in buffer.items()
@@ -108,7 +118,7 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
     assert padded["padding"].any() and not padded["padding"].all()  # answers of several lengths
     micro_batch = padded["schedule"][0]
     assert len(padding_free.layout(padded["query_responses"][micro_batch], mask[micro_batch], "packed").shapes) == 2
-    for layout in ("rows", "packed", "flat"):
+    for layout in ("rows", "packed", "flat", "packed lockstep", "flat lockstep"):
         buffer, loss, grads, counts = results[layout]
         assert torch.equal(buffer["query_responses"], padded["query_responses"])  # the same samples
         for key in ("logprobs", "values", "returns", "advantages"):
@@ -159,3 +169,119 @@ def test_logits_are_the_models_own_at_the_positions_read():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         assert got.shape == (int(where.sum()), 16)
     assert expected.abs().max() <= 0.5  # the cap was applied
+
+
+def _group_trainer(trainer_class, layout):
+    """The stage's GRPO/RLOO trainer class (pipeline.stages.group) without its setup: the log-probability method
+    reads only `layout` and the accelerator's autocast."""
+    import types
+    from contextlib import nullcontext
+
+    from pipeline.stages.group import monitored
+
+    trainer = monitored(trainer_class).__new__(monitored(trainer_class))
+    trainer.layout, trainer.lockstep = layout.split()[0], "lockstep" in layout
+    trainer.accelerator = types.SimpleNamespace(autocast=nullcontext, is_main_process=True)
+    return trainer
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(family):
+    """TRL's GRPO/RLOO score prompt + answer rows (prompts left-padded) through the fused LM head. The stage's
+    layouts give each answer token the log-probability (and entropy) the model gives it with the row alone, at
+    temperature 0.7, the same gradients every way, whole logits (lm_head: auto) or TRL's tiles. TRL 1.16's own
+    scoring shifts a left-padded row's positions: on GPT-2's learned positions that changes the numbers; on
+    Llama's rotary positions it does not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import GRPOTrainer, RLOOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.lm_head import materialise_small_logits
+
+    def micro(whole):
+        torch.manual_seed(0)
+        if family == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32,
+                                               bos_token_id=1, eos_token_id=2))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                 max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                                                 pad_token_id=0))
+        model.eval()  # no dropout; gradients still flow
+        add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+        assert not whole or materialise_small_logits(model, temperature=0.7)
+        return model
+
+    generator = torch.Generator().manual_seed(3)
+    prompt, answer = 6, 5
+    rows = torch.randint(3, 40, (4, prompt + answer), generator=generator)
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    mask[0, :3] = mask[1, :1] = mask[3, :2] = False  # left-padded prompts
+    mask[2, -2:] = mask[3, -4:] = False  # answers that stopped early
+    rows = rows.masked_fill(~mask, 0)
+    model = micro(whole=False)
+    truth_logps, truth_entropy = torch.zeros(4, answer), torch.zeros(4, answer)
+    with torch.no_grad():
+        for b in range(4):
+            alone = rows[b][mask[b]][None]
+            log_softmax = (model(input_ids=alone).logits[0, :-1] / 0.7).log_softmax(-1)
+            n = int(mask[b, prompt:].sum())
+            truth_logps[b, :n] = log_softmax.gather(-1, alone[0, 1:, None])[-n:, 0]
+            truth_entropy[b, :n] = -(log_softmax.exp() * log_softmax).sum(-1)[-n:]
+    weights = torch.randn(4, answer, generator=generator)
+    gradients = {}
+    for trainer_class in (GRPOTrainer, RLOOTrainer):
+        for layout in ("padded", "rows", "packed", "flat", "packed lockstep"):
+            for whole in (False, True):
+                model = micro(whole)
+                logps, entropy, aux = _group_trainer(trainer_class, layout)._get_per_token_logps_and_entropies(
+                    model, rows, mask.long(), answer, batch_size=3, compute_entropy=True)
+                torch.testing.assert_close(logps, truth_logps, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(entropy, truth_entropy, atol=1e-5, rtol=1e-5)
+                assert aux is None
+                ((logps * weights).sum() + entropy.sum()).backward()
+                gradients[trainer_class, layout, whole] = [p.grad for p in model.parameters()]
+        trl_logps = trainer_class._get_per_token_logps_and_entropies(
+            _group_trainer(trainer_class, "padded"), micro(False), rows, mask.long(), answer)[0].detach()
+        shifted = (trl_logps - truth_logps).abs().max(1).values
+        assert shifted[2] < 1e-5  # the one row without left padding
+        if family == "gpt2":
+            assert shifted[[0, 1, 3]].min() > 1e-2
+        else:
+            assert shifted.max() < 1e-5
+    reference = gradients[GRPOTrainer, "padded", False]
+    for key, grads in gradients.items():
+        for got, expected in zip(grads, reference):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=str(key))
+
+
+def test_grpo_hands_multimodal_rows_to_trl():
+    """Images (or MoE's auxiliary loss) go to TRL's own scoring, unchanged."""
+    from trl import GRPOTrainer
+
+    seen = []
+    original = GRPOTrainer._get_per_token_logps_and_entropies
+    try:
+        GRPOTrainer._get_per_token_logps_and_entropies = lambda self, *args, **kwargs: seen.append(kwargs) or "trl"
+        trainer = _group_trainer(GRPOTrainer, "packed")
+        assert trainer._get_per_token_logps_and_entropies(None, None, None, 3, pixel_values=torch.zeros(1)) == "trl"
+        assert trainer._get_per_token_logps_and_entropies(None, None, None, 3, compute_aux_loss=True) == "trl"
+    finally:
+        GRPOTrainer._get_per_token_logps_and_entropies = original
+    assert len(seen) == 2
+
+
+def test_lockstep_only_where_the_weights_are_sharded_over_processes():
+    """ZeRO-3 and FSDP gather a sharded layer's weights from every process at each pass: only then must every
+    process make the same passes (pipeline.padding_free.lockstep)."""
+    import types
+
+    def trainer(processes, fsdp=False, deepspeed=False):
+        return types.SimpleNamespace(accelerator=types.SimpleNamespace(num_processes=processes),
+                                     is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed)
+
+    assert padding_free.lockstep(trainer(2, fsdp=True))
+    assert not padding_free.lockstep(trainer(1, fsdp=True))
+    assert not padding_free.lockstep(trainer(2))  # DDP: every process holds all the weights
+    assert not padding_free.lockstep(trainer(2, deepspeed=True))  # ZeRO-2 here (no ZeRO-3 config is active)

@@ -84,7 +84,7 @@ def test_draws_and_logprobs_are_the_models_own(make, monkeypatch):
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 2
     model.generation_config.min_p = 0.2
     through_generate = GenerationConfig(**{**config.to_dict(), "top_k": 50})
-    assert not rollout._plain_sampling(through_generate)
+    assert not rollout.plain_sampling(through_generate)
     generated, generated_logprobs = rollout.generate(model, queries, PAD, through_generate, 5, return_logprobs=True)
     generated_mask = rollout.attention_mask(generated, context, PAD, STOPS)[:, context:]
     with torch.no_grad():
@@ -148,8 +148,8 @@ def test_models_it_cannot_run_go_through_generate():
     rows, logprobs = rollout.generate(hybrid, queries, PAD, rollout.sampling_config(6, 0.7, STOPS, PAD), 5,
                                       return_logprobs=True)  # through transformers' generate
     assert torch.equal(rows[:, :queries.shape[1]], queries) and logprobs.shape == (12, rows.shape[1] - 9)
-    assert not rollout._plain_sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
-    assert rollout._plain_sampling(rollout.sampling_config(8, 0.7, STOPS, PAD))
+    assert not rollout.plain_sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9))
+    assert rollout.plain_sampling(rollout.sampling_config(8, 0.7, STOPS, PAD))
 
 
 def test_a_policy_in_training_with_gradient_checkpointing_still_decodes_through_its_cache():
@@ -159,7 +159,7 @@ def test_a_policy_in_training_with_gradient_checkpointing_still_decodes_through_
     model.gradient_checkpointing_enable()
     model.train()
     config = rollout.sampling_config(12, 0.7, [], PAD)
-    assert sampler.supported(model) is None and rollout._plain_sampling(config)  # through the sampler
+    assert sampler.supported(model) is None and rollout.plain_sampling(config)  # through the sampler
     torch.manual_seed(3)
     rows, logprobs = rollout.generate(model, queries, PAD, config, 12, return_logprobs=True)
     model.eval()
@@ -168,3 +168,39 @@ def test_a_policy_in_training_with_gradient_checkpointing_still_decodes_through_
         logits = rollout.forward(model, rows, rollout.attention_mask(rows, context, PAD, [])).logits
     expected = selective_log_softmax(logits[:, context - 1:-1] / config.temperature, rows[:, context:])
     torch.testing.assert_close(logprobs, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_grpo_and_rloo_generate_through_the_sampler_only_for_plain_sampling(monkeypatch):
+    """The GRPO/RLOO stage (pipeline.stages.group) lets TRL's `_generate_single_turn` run, with its `generate` call
+    on the policy drawn by the sampler: for TRL's default config (temperature, top_p 1, top_k 0); with top_p 0.9
+    transformers' `generate` draws. The policy's own `generate` is back once the call returns."""
+    import types
+
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from pipeline.stages.group import monitored
+
+    model, queries = _gpt2(), _queries()
+    drawn = []
+    monkeypatch.setattr(sampler, "sample", lambda *args, **kwargs: drawn.append(args[1].shape) or SAMPLE(*args,
+                                                                                                           **kwargs))
+    for trainer_class in (GRPOTrainer, RLOOTrainer):
+        def trl_generate_single_turn(self, prompt_ids, images, multimodal_fields, *args):  # what TRL's does
+            unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+            return unwrapped.generate(input_ids=prompt_ids, attention_mask=rollout.query_mask(prompt_ids, PAD),
+                                      generation_config=self.generation_config)
+
+        monkeypatch.setattr(trainer_class, "_generate_single_turn", trl_generate_single_turn)
+        trainer = monitored(trainer_class).__new__(monitored(trainer_class))
+        trainer.accelerator = types.SimpleNamespace(unwrap_model=lambda wrapped: wrapped)
+        trainer.model_wrapped, trainer.processing_class = model, types.SimpleNamespace(pad_token_id=PAD)
+        for top_p, through_sampler in ((1.0, True), (0.9, False)):
+            trainer.generation_config = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.7,
+                                                         top_p=top_p, top_k=0, repetition_penalty=1.0,
+                                                         pad_token_id=PAD, eos_token_id=STOPS)
+            drawn.clear()
+            torch.manual_seed(0)
+            rows = trainer._generate_single_turn(queries, None, {})
+            assert drawn == ([queries.shape] if through_sampler else [])
+            assert torch.equal(rows[:, :queries.shape[1]], queries) and rows.shape[1] <= queries.shape[1] + 6
+            assert "generate" not in model.__dict__

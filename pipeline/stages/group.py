@@ -11,7 +11,7 @@ import logging
 import torch
 from trl import get_peft_config
 
-from .. import hub, rl
+from .. import hub, lm_head, padding_free, rl, rollout, sampler
 from ..models import (CAUSAL_LM, SCALAR_HEAD, check_before_loading, check_model_kind, load_causal_lm,
                       load_reward_model, load_tokenizer)
 from .common import check_template_roles, finish, last_checkpoint, load_data, setup, train
@@ -29,6 +29,8 @@ def monitored(trainer_class):
 
     class Monitored(MonitorInCheckpoints, trainer_class):
         rm_column = None  # the reward model's column of TRL's rewards_per_func
+        layout = "padded"  # pipeline.padding_free's layout of the log-probability passes (main_for chooses)
+        lockstep = False  # one block per chunk of rows: the weights are sharded (pipeline.padding_free.lockstep)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -40,6 +42,52 @@ def monitored(trainer_class):
                 for key, value in figures.items():
                     self._metrics["train"][key].append(value)
             return rewards
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                               compute_entropy=False, compute_aux_loss=False, **inputs):
+            """TRL's, on the `padding_free` layout (pipeline.padding_free.fused_log_probs): each token at its own
+            position, only real tokens computed where the layout packs. Multimodal inputs and MoE models' auxiliary
+            loss (which counts every token of a row) go to TRL's own."""
+            if compute_aux_loss or any(value is not None for value in inputs.values()):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                    **inputs)
+            batch_size = batch_size or len(input_ids)
+            logps, entropies = [], []
+            for start in range(0, len(input_ids), batch_size):
+                rows, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size].bool()
+                with self.accelerator.autocast():
+                    chunk = padding_free.fused_log_probs(model, rows, mask, logits_to_keep, self.layout,
+                                                         compute_entropy, one_block=self.lockstep)
+                logps.append(chunk[0])
+                entropies.append(chunk[1])
+            return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+            """TRL's, with its `generate` call drawn by pipeline.sampler where that can run the policy and the
+            generation config asks for plain sampling at a temperature (TRL's defaults: top_p 1, top_k 0, no
+            repetition penalty): the same distribution, less work per token (pipeline.rollout.generate). Any other
+            setting, inputs beside the token ids (images), vLLM and transformers' continuous batching (which do
+            not call `generate`) go through TRL's own path unchanged."""
+            policy = self.accelerator.unwrap_model(self.model_wrapped)
+            transformers_generate = policy.generate
+            pad_token_id = getattr(self.processing_class, "pad_token_id", None)
+            if pad_token_id is None:  # a processor: its tokenizer's
+                pad_token_id = self.processing_class.tokenizer.pad_token_id
+
+            def generate(input_ids=None, attention_mask=None, generation_config=None, **other):
+                if (other or generation_config is None or not rollout.plain_sampling(generation_config)
+                        or sampler.supported(policy) is not None
+                        or not torch.equal(attention_mask.bool(), rollout.query_mask(input_ids, pad_token_id))):
+                    return transformers_generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                 generation_config=generation_config, **other)
+                return rollout.generate(policy, input_ids, pad_token_id, generation_config, len(input_ids))
+
+            policy.generate = generate  # for this call only
+            try:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            finally:
+                del policy.generate
 
     Monitored.__name__ = Monitored.__qualname__ = trainer_class.__name__
     return Monitored
@@ -113,6 +161,12 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
         reward_processing_classes=processing,
         peft_config=peft_config,
     )
+    trainer.layout = padding_free.choose_layout(script_args.padding_free, [policy])  # the reference: the same kind
+    trainer.lockstep = padding_free.lockstep(trainer)
+    logger.info(f"{stage}: log-probabilities on the {trainer.layout} layout (padding_free: {script_args.padding_free})")
+    if script_args.lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles
+        logger.info(f"{stage}: lm_head: auto: %s", lm_head.describe(lm_head.materialise_models(
+            [trainer.model, trainer.ref_model], temperature=training_args.temperature)))
     held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
     # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
     # against, made ready the same way

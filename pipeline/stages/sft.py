@@ -7,14 +7,13 @@ import math
 import numpy as np
 import pyarrow.compute as pc
 from accelerate import PartialState
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from jinja2 import TemplateError
 from trl import SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .. import data, hub
-from ..lm_head import DEFAULT_MAX_LOGITS_BYTES, materialise_small_logits
+from .. import lm_head as lm_head_module
 from ..models import CAUSAL_LM, check_before_loading, check_model_kind, load_causal_lm, load_tokenizer
 from ..padding_free import keeps_packed_examples_apart
 from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
@@ -220,12 +219,7 @@ class SFTStageTrainer(SFTTrainer):
         finally:
             trl_logger.removeFilter(_ROWS_WARNINGS)
         if lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles (pipeline/lm_head.py)
-            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-            wrapped = materialise_small_logits(base)
-            limit = DEFAULT_MAX_LOGITS_BYTES // 2 ** 20
-            logger.info("lm_head: auto: %s", f"whole logits on the CPU where a micro-batch's take at most {limit} MiB, "
-                        "else TRL's tiled LM head" if wrapped else "TRL's tiled LM head (this model or TRL version "
-                        "has no fused head the pipeline can stand in for)")
+            logger.info("lm_head: auto: %s", lm_head_module.describe(lm_head_module.materialise_models([self.model])))
         if self.packed_rows:
             self.data_collator = PackedRowsCollator(self._tokenizer.pad_token_id, training_args.pad_to_multiple_of)
             logger.info("sft: bfd-packed rows of max_length=%s, batched as rows (examples kept apart by position_ids)",

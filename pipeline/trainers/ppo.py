@@ -321,7 +321,8 @@ class PPOTrainer(Trainer):
         self._micro_step = None  # micro-batches trained since the start of the run
         self._metrics: dict[str, list[float]] = {}
         self._resume_from = None
-        self.layout = self._choose_layout(args.padding_free, (model, ref_model, value_model, reward_model))
+        self.layout = padding_free.choose_layout(args.padding_free, [  # an adapter's head: probed with the policy's body
+            m for m in (model, ref_model, value_model, reward_model) if not isinstance(m, one_base.AdapterScalarHead)])
         self.token_counts = {"computed": 0, "real": 0}  # tokens through the models in scoring and epochs
 
         super().__init__(model=PolicyAndValue(model, value_model, adapters), args=args, train_dataset=train_dataset,
@@ -330,6 +331,7 @@ class PPOTrainer(Trainer):
                          data_collator=data_collator or DataCollatorWithPadding(processing_class))
 
         self.ref_model, self.reward_model = self._ready(self.ref_model), self._ready(self.reward_model)
+        self.lockstep = padding_free.lockstep(self)  # sharded weights: layouts whose passes every process makes
         self.reward_members = [self._ready(member) for member in self.reward_members]
 
     def _ready(self, frozen):
@@ -344,30 +346,6 @@ class PPOTrainer(Trainer):
         if self.is_fsdp_enabled:
             return prepare_fsdp(frozen, self.accelerator)
         return frozen.to(self.accelerator.device).eval()
-
-    @staticmethod
-    def _choose_layout(setting: str, models) -> str:
-        """The pipeline.padding_free layout `padding_free` asks for: 'auto' packs where every model keeps packed
-        rows apart (one probe per architecture), else lays each row out alone."""
-        if setting not in ("auto", "flat", "packed", "rows", "off"):
-            raise ValueError(f"padding_free must be auto, flat, packed, rows or off, got {setting!r}")
-        if setting in ("rows", "off"):
-            return {"rows": "rows", "off": "padded"}[setting]
-        probed = {}
-        for model in models:
-            if model is None or isinstance(model, one_base.AdapterScalarHead):  # the policy's body: probed with it
-                continue
-            key = (type(model).__name__, getattr(model.config, "_attn_implementation", None))
-            if key not in probed:
-                probed[key] = padding_free.keeps_packed_examples_apart(model)
-        leaking = sorted(name for (name, _), apart in probed.items() if not apart)
-        if leaking and setting in ("packed", "flat"):
-            raise ValueError(f"padding_free: {setting} needs models that keep rows packed together apart by their "
-                             f"position ids; {', '.join(leaking)} does not: set padding_free to auto or rows")
-        if leaking:
-            return "rows"
-        flash = all("flash" in str(attention) for _, attention in probed)
-        return "flat" if setting == "flat" or flash else "packed"
 
     def _count_tokens(self, laid, passes: int) -> None:
         self.token_counts["computed"] += passes * laid.computed_tokens
@@ -468,7 +446,7 @@ class PPOTrainer(Trainer):
         chunk = args.local_rollout_forward_batch_size
         # flat: one layout row per part, of at most the tokens of `chunk` rows of the longest
         budget = chunk * int(mask.sum(1).max()) if self.layout == "flat" else None
-        laid = padding_free.layout(query_responses, mask, self.layout, capacity=budget)
+        laid = None if self.lockstep else padding_free.layout(query_responses, mask, self.layout, capacity=budget)
         read = mask[:, context - 1:-1]  # the positions before each response token, and its last one
         where = _at_columns(read, context - 1, query_responses.shape[1])
         last = context + mask[:, context:].sum(1) - 1  # each row's last real token
@@ -477,7 +455,9 @@ class PPOTrainer(Trainer):
         values = torch.zeros(read.shape, device=queries.device)
         scores = torch.zeros(len(queries), device=queries.device)
         member_scores = torch.zeros(len(self.reward_members), len(queries), device=queries.device)
-        for rows, part in laid.parts(1 if self.layout == "flat" else chunk):
+        parts = (padding_free.groups(query_responses, mask, self.layout, chunk) if self.lockstep
+                 else laid.parts(1 if self.layout == "flat" else chunk))
+        for rows, part in parts:
             part_read, part_where = read[rows], where[rows]
             with self._reference() as reference:
                 ref_logits = padding_free.logits_at(reference, part, part_where)
@@ -613,7 +593,7 @@ class PPOTrainer(Trainer):
         rows, mask = inputs["query_responses"], inputs["attention_mask"]
         padding, padding_p1 = inputs["padding"], inputs["padding_p1"]
         read = ~padding_p1  # the positions before each response token, and its last one (the value's)
-        laid = padding_free.layout(rows, mask, self.layout)
+        laid = padding_free.layout(rows, mask, self.layout, one_block=self.lockstep)
         self._count_tokens(laid, 2)
         logits, values, ptx_loss = model(layout=laid, where=_at_columns(read, context - 1, rows.shape[1]),
                                          ptx_input_ids=inputs.get("ptx_input_ids"))
