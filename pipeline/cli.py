@@ -241,30 +241,86 @@ NOT_FINGERPRINTED = {"disable_tqdm", "report_to", "logging_steps", "logging_firs
                      "save_total_limit", "num_sample_generations"}
 
 
-def fingerprint(parsed) -> str:
-    """A short hash of a stage's resolved recipe (every field of its three parsed dataclasses)."""
+def recipe_of(parsed) -> dict:
+    """A stage's resolved recipe as the runner compares it: every field of its three parsed dataclasses but those
+    that only change how a run is watched, in JSON's types."""
     from .hub import resolved_recipe
 
     recipe = {k: v for k, v in resolved_recipe(*parsed).items() if k not in NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
+
+
+def fingerprint(parsed) -> str:
+    """A short hash of a stage's resolved recipe (`recipe_of`)."""
+    return hashlib.sha256(json.dumps(recipe_of(parsed), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def defaults_of(parsed) -> dict:
+    """The default of every field of a stage's three dataclasses that has one, in `recipe_of`'s types."""
+    import dataclasses
+
+    from .hub import _plain
+
+    defaults = {}
+    for args in parsed:
+        for field in dataclasses.fields(args):
+            if field.init and field.default is not dataclasses.MISSING:
+                defaults[field.name] = _plain(field.default)
+            elif field.init and field.default_factory is not dataclasses.MISSING:
+                defaults[field.name] = _plain(field.default_factory())
+    return json.loads(json.dumps(defaults, default=str))
+
+
+def recipe_changes(old: dict, new: dict, defaults: dict) -> list[str]:
+    """The fields of `new` that `old` (a finished run's recipe) did not have so: set to another value, or new since
+    that run (a newer pipeline, TRL or transformers added them) and not at their default. Fields only `old` has
+    (the installed versions dropped them) and those that only change how a run is watched are not changes."""
+    return sorted(key for key, value in new.items() if key not in NOT_FINGERPRINTED and (
+        old[key] != value if key in old else key not in defaults or defaults[key] != value))
+
+
+def _recorded_recipe(done: dict, output_dir: str) -> dict | None:
+    """The recipe a finished stage ran with: the state's record, or for a run recorded before the state kept it,
+    the recipe.yaml it saved (which also holds what the stage computed, e.g. PPO's batch sizes: a field it changed
+    then reads as changed, and the stage reruns)."""
+    if "recipe" in done:
+        return done["recipe"]
+    try:
+        import yaml
+
+        with open(os.path.join(output_dir, "recipe.yaml")) as f:
+            recorded = yaml.safe_load(f)
+    except (OSError, ValueError):
+        return None
+    return json.loads(json.dumps(recorded, default=str)) if isinstance(recorded, dict) else None
 
 
 def plan_stage(stage: str, fingerprints: dict, state: dict, output_dir: str, force: bool,
-               stale: bool = False) -> tuple[str, str]:
+               stale: bool = False, recipe: dict | None = None, defaults: dict | None = None) -> tuple[str, str]:
     """("skip" | "run", why): a stage is skipped when it finished with the same recipe and the same
     recipes before it, after the models it reads were written (`stale`: one was written after it finished, e.g.
-    by a --force rerun of a stage before it); otherwise it runs again, its old output moved aside."""
+    by a --force rerun of a stage before it); otherwise it runs again, its old output moved aside. With `recipe`
+    and `defaults` (`recipe_of`, `defaults_of`), a recipe whose only new fields are at their defaults (an upgrade
+    added them) is the same recipe."""
     done = state.get(stage)
     inputs = {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}
     finished = os.path.isfile(os.path.join(output_dir, "results.json"))
-    if (done and finished and not force and not stale and done["fingerprint"] == fingerprints[stage]
-            and done["upstream"] == inputs):
+    changes = []
+    if done and done["fingerprint"] != fingerprints[stage]:
+        old = _recorded_recipe(done, output_dir) if recipe is not None else None
+        changes = ["(not recorded)"] if old is None else recipe_changes(old, recipe, defaults or {})
+    if done and finished and not force and not stale and not changes and done["upstream"] == inputs:
         return "skip", "finished with this recipe and these inputs (--force reruns it)"
     if done and os.path.isdir(output_dir):
-        aside = f"{output_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = stamped = f"{output_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(2, 1000):  # a second replacement within the same second
+            if not os.path.exists(aside):
+                break
+            aside = f"{stamped}-{n}"
         os.rename(output_dir, aside)
         del state[stage]  # no longer finished: if this run is interrupted, the next one resumes it
-        why = "forced" if force else ("its recipe changed" if done["fingerprint"] != fingerprints[stage]
+        named = "" if changes == ["(not recorded)"] else f" ({', '.join(changes[:5])}{', ...' * (len(changes) > 5)})"
+        why = "forced" if force else (f"its recipe changed{named}" if changes
                                       else "a stage before it changed" if done["upstream"] != inputs
                                       else "a model it reads was written after it finished")
         return "run", f"{why}; the previous output was moved to {aside}"
@@ -375,6 +431,7 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
                 if any(o.split("=")[0] in ("--output_dir", "--output-dir") for o in overrides)
                 else ": give each stage its own output_dir in its recipe") + "; nothing was run")
     fingerprints = {s: fingerprint(args) for s, args in parsed.items()}
+    recipes = {s: recipe_of(args) for s, args in parsed.items()}
     results_path = Path(results_path or run_folder(list(output_dirs.values())) / "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     state_path = results_path.with_name(STATE_FILE)
@@ -386,7 +443,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
         todo = []
         for stage in wave:
             stale = bool(stale_stages({stage: model_inputs(parsed[stage])}, output_dirs))
-            action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force, stale)
+            action, why = plan_stage(stage, fingerprints, state, output_dirs[stage], force, stale,
+                                     recipes[stage], defaults_of(parsed[stage]))
             state_path.parent.mkdir(parents=True, exist_ok=True)
             state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
             print(f"\n=== [{numbers[stage]}/{len(plan)}] {stage}: {recipe_file(recipe_dir, stage, variant)} -> "
@@ -433,7 +491,8 @@ def run(recipe_dir: str, stages: list[str] | None = None, accelerate_config: str
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
                 state[stage] = {"fingerprint": fingerprints[stage], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state}}
+                                "upstream": {s: state[s]["fingerprint"] for s in upstream(stage) if s in state},
+                                "recipe": recipes[stage]}
                 state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
         except KeyboardInterrupt:
             stopped = [child for child in children if child.log and child.stage not in ended]

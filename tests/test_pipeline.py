@@ -183,12 +183,48 @@ def test_rerun_skips_finished_stages_and_reruns_a_changed_one(tmp_path):
     (recipes / "sft.yaml").write_text(yaml.safe_dump(sft))
     changed = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain,sft", "--skip_eval").stdout
     assert "pretrain" in changed and changed.count("skip: ") == 1
-    assert "run: its recipe changed; the previous output was moved to" in changed
+    assert "run: its recipe changed (learning_rate); the previous output was moved to" in changed
     moved = list(outputs.glob("sft.replaced-*"))
     assert len(moved) == 1 and (moved[0] / "model.safetensors").exists()
     assert (outputs / "sft" / "model.safetensors").exists()
     forced = run_python("-m", "pipeline", "run", recipes, "--stages", "pretrain", "--skip_eval", "--force").stdout
     assert "run: forced" in forced
+
+
+def test_an_upgrade_that_adds_fields_at_their_defaults_does_not_rerun_a_stage(tmp_path):
+    """A newer pipeline, TRL or transformers adds config fields: a finished stage whose recorded recipe lacks them,
+    and whose other fields are unchanged, is still finished; a new field set to another value, or a changed one,
+    reruns it, named. A run recorded before the state kept recipes is compared with the recipe.yaml it saved."""
+    from pipeline import cli
+    from pipeline.config import parse
+
+    parsed = parse("sft", ["--config", "recipes/tiny/sft.yaml", "--output_dir", str(tmp_path / "sft")])
+    recipe, defaults = cli.recipe_of(parsed), cli.defaults_of(parsed)
+    older = {k: v for k, v in recipe.items() if k not in ("overlong_rows", "packed_batch_layout")}  # at defaults
+    assert recipe["overlong_rows"] == defaults["overlong_rows"] and "packed_batch_layout" in defaults
+    fingerprints = {"sft": cli.fingerprint(parsed)}
+
+    def plan(recorded, new=recipe):
+        output = tmp_path / "sft"
+        output.mkdir(exist_ok=True)
+        (output / "results.json").write_text("{}")
+        done = {"fingerprint": "an older one", "upstream": {}, **({"recipe": recorded} if recorded else {})}
+        return cli.plan_stage("sft", fingerprints, {"sft": done}, str(output), force=False, recipe=new,
+                              defaults=defaults)
+
+    assert plan(older)[0] == "skip"
+    assert cli.recipe_changes(older, {**recipe, "overlong_rows": "drop"}, defaults) == ["overlong_rows"]
+    action, why = plan(older, {**recipe, "learning_rate": 1e-5})
+    assert action == "run" and why.startswith("its recipe changed (learning_rate); the previous output was moved")
+    assert cli.recipe_changes({**older, "a_field_dropped_since": 1}, recipe, defaults) == []
+    import yaml
+
+    (tmp_path / "sft").mkdir(exist_ok=True)
+    (tmp_path / "sft" / "recipe.yaml").write_text(yaml.safe_dump(older))  # no recipe in the state: the file's
+    assert plan(None)[0] == "skip"
+    (tmp_path / "sft" / "recipe.yaml").unlink()
+    action, why = plan(None)
+    assert action == "run" and why.startswith("its recipe changed; the previous output was moved")
 
 
 def test_reward_stage_with_every_pair_too_long_says_so(tiny_run, tmp_path):
