@@ -119,7 +119,7 @@ def test_group_bench_runs_trls_log_probs_and_ours_and_writes_its_table(tiny_run,
     md, js = tmp_path / "group.md", tmp_path / "group.json"
     run_python("bench/group.py", "--quick", "--steps", "2", "--eval-prompts", "2", "--models", tiny_run["outputs"],
                "--md", md, "--json", js, timeout=300)
-    rows = json.loads(js.read_text())["stages"]["grpo"]["rows"]
+    rows = json.loads(js.read_text())["tiny"]["stages"]["grpo"]["rows"]
     assert rows["ours"]["padding_fraction"]["median"] < rows["trl"]["padding_fraction"]["median"]
     assert all(rows[s]["train_s"]["median"] > 0 and rows[s]["log_probs_grad_s"]["median"] > 0 for s in rows)
     assert "| train() s |" in md.read_text() and "## GRPO" in md.read_text()
