@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,21 @@ def write_recipes(dest: Path, outputs: Path, overrides: dict = TINY_OVERRIDES) -
 
 
 def run_python(*args, check=True, timeout=900, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, **kwargs)
+    """`python ARGS` from the repository root; past `timeout`, its whole process group is killed (a hung launcher's
+    workers too, which would otherwise stay behind and slow every later test) and the test fails."""
+    given = kwargs.pop("input", None)
+    kwargs.setdefault("cwd", ROOT)
+    with subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.PIPE if given is not None else None, text=True, start_new_session=True,
+                          **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(given, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"timed out after {timeout} s: python {' '.join(map(str, args))}\n"
+                                 f"{stdout[-3000:]}\n{stderr[-5000:]}") from None
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

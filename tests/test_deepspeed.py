@@ -226,3 +226,29 @@ def test_ppo_as_two_machines_on_loopback_through_the_slurm_script_is_preempted_r
     assert results["eval_prompts"] == 8
     AutoModelForCausalLM.from_pretrained(output)
     AutoModelForSequenceClassification.from_pretrained(output / "value_model")
+
+
+def test_ppo_and_grpo_with_every_weight_sharded_make_the_same_passes_on_every_process(tiny_run, tmp_path):
+    """ZeRO-3 keeps small weights whole on every process (`stage3_param_persistence_threshold`); with none kept,
+    each forward pass of a layer gathers its weights from both processes, which must then make the same passes. The
+    padding-free layouts hold one or two blocks and the scoring passes' parts follow the answers' lengths, which
+    differ from process to process: before `padding_free.lockstep` this PPO run (seed 1) hung."""
+    import yaml
+
+    deepspeed_config = tmp_path / "zero3_all_sharded.json"
+    deepspeed_config.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": False}}))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_machines": 1,
+        "num_processes": 2, "machine_rank": 0, "main_process_port": 29543, "rdzv_backend": "static",
+        "same_network": True, "use_cpu": False,
+        "deepspeed_config": {"deepspeed_config_file": str(deepspeed_config), "zero3_init_flag": False}}))
+    for stage, extra in (("ppo", ["--total_episodes", "64"]), ("grpo", [])):
+        output = tmp_path / stage
+        run_python("-m", "accelerate.commands.launch", "--config_file", config,
+                   *stage_args(tiny_run, stage, output, "--seed", "1", *extra), env=ENV, timeout=240)
+        check_trained_under_deepspeed(tiny_run, output, stage)
