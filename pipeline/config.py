@@ -59,7 +59,7 @@ class LMHeadArguments(PipelineArguments):
         default="auto", metadata={
             "help": "'tiled': TRL's fused LM head, which computes the log-probabilities in tiles and recomputes the "
                     "logits in its backward (memory-lean for large vocabularies; a Triton kernel on GPUs). 'auto' "
-                    "(default): on the CPU, a micro-batch whose logits (at the positions that have a label) take "
+                    "(default): on the CPU, a micro-batch whose logits (GRPO, RLOO: at the answers' tokens only) take "
                     "at most 64 MiB in float32 (a few times that at peak) gets them whole, which is faster there "
                     "for small vocabularies (pipeline/lm_head.py); TRL's tiled head otherwise. The loss and the "
                     "metrics are the same either way, to float rounding.",

@@ -32,11 +32,15 @@ def _logit_transforms(config) -> bool:
         "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
 
 
-def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES, temperature: float = 1.0) -> bool:
+def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES, temperature: float = 1.0,
+                             labelled_only: bool = False) -> bool:
     """Wrap `model`'s TRL fused forward (see the module's docstring); `temperature` is the one TRL's head divides the
-    logits by (GRPO's and RLOO's sampling temperature; 1 for SFT). Returns whether it was wrapped: not when TRL
-    did not patch the model (a newer TRL may not), nor for a model whose logits are scaled or capped, or that
-    returns MoE router logits."""
+    logits by (GRPO's and RLOO's sampling temperature; 1 for SFT). `labelled_only` (GRPO, RLOO): the logits only at
+    the positions that have a label (the answers, not their prompts), and the entropy with its gradient (GRPO's
+    entropy bonus); else at every position, as SFT has always had them (the same numbers either way but for float
+    rounding, which SFT's long training carries into another model: the demo's chain is sensitive to it,
+    docs/stages.md). Returns whether it was wrapped: not when TRL did not patch the model (a newer TRL may not), nor
+    for a model whose logits are scaled or capped, or that returns MoE router logits."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     tiled = model.__dict__.get("forward")  # add_fused_lm_head sets a bound method on the instance
@@ -53,7 +57,8 @@ def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_B
                  and head.weight.device.type == "cpu" and labels.device.type == "cpu"
                  and type(head.weight.data) is torch.Tensor  # not a sharded DTensor (FSDP2)
                  and not hasattr(head.weight, "ds_id")  # not partitioned by DeepSpeed ZeRO-3
-                 and int((labels[:, 1:] != -100).sum()) * head.out_features * 4 <= max_logits_bytes)
+                 and (int((labels[:, 1:] != -100).sum()) if labelled_only else labels[:, 1:].numel())
+                 * head.out_features * 4 <= max_logits_bytes)
         if not small:
             return tiled(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
@@ -61,18 +66,25 @@ def materialise_small_logits(model, max_logits_bytes: int = DEFAULT_MAX_LOGITS_B
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
         mask = labels != -100
-        targets = labels[mask]
-        logits = head(hidden[mask]).float()  # only where a label is: a prompt's positions are never scored
+        if labelled_only:  # a prompt's positions are never scored
+            hidden, targets = hidden[mask], labels[mask]
+        else:
+            targets = labels.clamp(min=0)
+        logits = head(hidden).float()
         if temperature != 1.0:
             logits = logits / temperature
         log_softmax = logits.log_softmax(-1)
         picked = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        # `masked_scatter` keeps an all-masked batch connected to the model, as TRL's head does
-        log_probs = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1)  # with its gradient: GRPO's entropy bonus reads it
-        entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and labelled_only):  # GRPO's entropy bonus: a gradient
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
         with torch.no_grad():
-            is_top1 = torch.zeros_like(mask).masked_scatter(mask, logits.argmax(-1) == targets)
+            top1 = logits.argmax(-1) == targets
+        if labelled_only:  # `masked_scatter` keeps an all-masked batch connected to the model, as TRL's head does
+            log_probs = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+            entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+            is_top1 = torch.zeros_like(mask).masked_scatter(mask, top1)
+        else:
+            log_probs, entropy, is_top1 = picked.masked_fill(~mask, 0), entropy.masked_fill(~mask, 0), top1 & mask
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
                                    label_mask=mask)
@@ -88,7 +100,7 @@ def is_materialised(model) -> bool:
     return getattr(model.forward, "whole_logits", False)
 
 
-def materialise_models(models, temperature: float = 1.0) -> bool:
+def materialise_models(models, temperature: float = 1.0, labelled_only: bool = False) -> bool:
     """`materialise_small_logits` on each model a trainer patched with TRL's fused head (a PEFT model: its base
     model, which TRL patched). None, and a model inside an engine's wrapper (a DeepSpeed-prepared reference), are
     skipped. Returns whether any was wrapped."""
@@ -98,7 +110,7 @@ def materialise_models(models, temperature: float = 1.0) -> bool:
     for model in models:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if isinstance(base, PreTrainedModel):
-            wrapped = materialise_small_logits(base, temperature=temperature) or wrapped
+            wrapped = materialise_small_logits(base, temperature=temperature, labelled_only=labelled_only) or wrapped
     return wrapped
 
 

@@ -29,11 +29,12 @@ def _batch():
     return input_ids, labels
 
 
-@pytest.mark.parametrize("num_items_in_batch, temperature", [(None, 1.0), (50, 0.7)])
-def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch, temperature):
-    """At GRPO's sampling temperature too (TRL's head divides the logits by it), entropy's gradient included."""
+@pytest.mark.parametrize("num_items_in_batch, temperature, labelled_only", [(None, 1.0, False), (50, 0.7, True)])
+def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch, temperature, labelled_only):
+    """SFT's way (logits at every position), and GRPO's (at its sampling temperature, which TRL's head divides the
+    logits by; logits only where a label is; the entropy's gradient included)."""
     tiled, whole = _model(temperature=temperature), _model(temperature=temperature)
-    assert materialise_small_logits(whole, temperature=temperature)
+    assert materialise_small_logits(whole, temperature=temperature, labelled_only=labelled_only)
     input_ids, labels = _batch()
     with torch.no_grad():  # row 1's labels are the model's own top-1 tokens: is_top1 is compared on hits too
         labels[1, 1:] = tiled(input_ids=input_ids).logits[1, :-1].argmax(-1)
@@ -45,7 +46,7 @@ def test_whole_logits_match_trl_tiled_head_and_its_gradients(num_items_in_batch,
     assert torch.equal(outputs[1].label_mask, outputs[0].label_mask)
     assert outputs[1].is_top1[1].all()
     for output in outputs:
-        (output.loss + output.entropy.sum()).backward()
+        (output.loss + output.entropy.sum() if labelled_only else output.loss).backward()
     for (name, a), (_, b) in zip(tiled.named_parameters(), whole.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -65,8 +66,7 @@ def test_large_logits_and_plain_calls_go_to_trl():
     model, calls = _model(), []
     _spy_on_trl(model, calls)
     input_ids, labels = _batch()
-    scored = int((labels[:, 1:] != -100).sum())  # 45 of the 57 positions: logits only where a label is
-    assert materialise_small_logits(model, max_logits_bytes=scored * 97 * 4)  # the batch's logits fit exactly
+    assert materialise_small_logits(model, max_logits_bytes=3 * 19 * 97 * 4)  # the batch's logits fit exactly
     model(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == []
     model(input_ids=input_ids, labels=labels)  # the model's own forward (generation, evaluation of logits)
@@ -74,9 +74,16 @@ def test_large_logits_and_plain_calls_go_to_trl():
 
     tight = _model()  # one byte less than the batch's logits: TRL's tiles
     _spy_on_trl(tight, calls)
-    assert materialise_small_logits(tight, max_logits_bytes=scored * 97 * 4 - 1)
+    assert materialise_small_logits(tight, max_logits_bytes=3 * 19 * 97 * 4 - 1)
     tight(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert calls == [False, True]
+
+    scored = int((labels[:, 1:] != -100).sum())  # 45 of the 57 positions: GRPO's logits only where a label is
+    labelled = _model()
+    _spy_on_trl(labelled, calls)
+    assert materialise_small_logits(labelled, max_logits_bytes=scored * 97 * 4, labelled_only=True)
+    labelled(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert calls == [False, True]  # whole: they fit
 
 
 def test_a_lora_wrapped_lm_head_goes_to_trl():

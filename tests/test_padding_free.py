@@ -210,7 +210,7 @@ def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(family):
                                                  pad_token_id=0))
         model.eval()  # no dropout; gradients still flow
         add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
-        assert not whole or materialise_small_logits(model, temperature=0.7)
+        assert not whole or materialise_small_logits(model, temperature=0.7, labelled_only=True)  # as the stage
         return model
 
     generator = torch.Generator().manual_seed(3)

@@ -166,7 +166,7 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
     logger.info(f"{stage}: log-probabilities on the {trainer.layout} layout (padding_free: {script_args.padding_free})")
     if script_args.lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles
         logger.info(f"{stage}: lm_head: auto: %s", lm_head.describe(lm_head.materialise_models(
-            [trainer.model, trainer.ref_model], temperature=training_args.temperature)))
+            [trainer.model, trainer.ref_model], temperature=training_args.temperature, labelled_only=True)))
     held_out = evaluation_prompts(prompts, eval_prompts, tokenizer, script_args.max_prompt_length, source)
     # the reward model as the trainer holds it (on its device, prepared for DeepSpeed), or, if it was not trained
     # against, made ready the same way
