@@ -285,3 +285,27 @@ def test_lockstep_only_where_the_weights_are_sharded_over_processes():
     assert not padding_free.lockstep(trainer(1, fsdp=True))
     assert not padding_free.lockstep(trainer(2))  # DDP: every process holds all the weights
     assert not padding_free.lockstep(trainer(2, deepspeed=True))  # ZeRO-2 here (no ZeRO-3 config is active)
+
+
+def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does():
+    """Under DDP each call of the wrapped policy prepares its gradient reduction (and sharded weights are gathered per
+    call): with several processes (`lockstep`) each chunk of rows is laid out in one block, one call per chunk, as
+    TRL makes them; alone, a chunk may take two blocks (its least filled rows cut narrower)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=1, n_head=2, n_embd=16, n_positions=32)).eval()
+    add_fused_lm_head(model)
+    calls = []
+    fused = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(kwargs["input_ids"].shape) or fused(*args, **kwargs)
+    rows = torch.randint(3, 40, (6, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    mask[[0, 1, 3, 4], :8] = False  # per chunk of 3, two short rows beside a long one: packed, a narrower block
+    for layout, expected in (("packed", 4), ("packed lockstep", 2)):
+        calls.clear()
+        _group_trainer(GRPOTrainer, layout)._get_per_token_logps_and_entropies(model, rows, mask.long(), 4,
+                                                                               batch_size=3)
+        assert len(calls) == expected, (layout, calls)

@@ -30,7 +30,7 @@ def monitored(trainer_class):
     class Monitored(MonitorInCheckpoints, trainer_class):
         rm_column = None  # the reward model's column of TRL's rewards_per_func
         layout = "padded"  # pipeline.padding_free's layout of the log-probability passes (main_for chooses)
-        lockstep = False  # one block per chunk of rows: the weights are sharded (pipeline.padding_free.lockstep)
+        lockstep = False  # one block per chunk of rows: several processes (main_for)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -162,7 +162,9 @@ def main_for(stage: str, trainer_class, script_args, training_args, model_args):
         peft_config=peft_config,
     )
     trainer.layout = padding_free.choose_layout(script_args.padding_free, [policy])  # the reference: the same kind
-    trainer.lockstep = padding_free.lockstep(trainer)
+    # several processes: one block per chunk of rows, as many forward calls as TRL makes. Under DDP each call of the
+    # wrapped policy broadcasts its buffers and prepares the gradient reduction; sharded weights are gathered per call
+    trainer.lockstep = trainer.accelerator.num_processes > 1
     logger.info(f"{stage}: log-probabilities on the {trainer.layout} layout (padding_free: {script_args.padding_free})")
     if script_args.lm_head == "auto":  # on the CPU, small logits are cheaper whole than in TRL's tiles
         logger.info(f"{stage}: lm_head: auto: %s", lm_head.describe(lm_head.materialise_models(
