@@ -4,6 +4,8 @@ prompts, answers that stop at different steps (so the batch drops its finished r
 temperature near 0 it answers what transformers' greedy `generate` does; its draws follow softmax(logits /
 temperature)."""
 
+import math
+
 import pytest
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig,
@@ -204,3 +206,91 @@ def test_grpo_and_rloo_generate_through_the_sampler_only_for_plain_sampling(monk
             assert drawn == ([queries.shape] if through_sampler else [])
             assert torch.equal(rows[:, :queries.shape[1]], queries) and rows.shape[1] <= queries.shape[1] + 6
             assert "generate" not in model.__dict__
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<eos>", "<pad>", "<unk>", *(f"w{i}" for i in range(47))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_grpo_and_rloo_take_the_old_policys_log_probs_from_the_sampler(tmp_path, monkeypatch):
+    """The pass TRL makes right after generation for the old policy's log-probabilities (GRPO when its policy moves
+    on before its last pass over the answers, RLOO always) is read from the sampler's draws: no forward pass, the
+    values of the pass within float rounding. It is made wherever the sampled values would not be those: answers
+    other than the ones drawn, the reference of a LoRA policy (its adapters off), dropout."""
+    import copy
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from pipeline import padding_free
+    from pipeline.stages import group
+
+    model = _gpt2()
+    with torch.no_grad():  # EOS (0) about once in 5 tokens: answers that end anywhere in 8 (bench/ppo_long.py's way)
+        direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
+        model.transformer.ln_f.bias.copy_(10 * direction)
+        model.lm_head.weight[0] = direction * 0.7 * math.log(50 / 4) / 10
+    words = [f"w{i}" for i in range(47)]
+    prompts = [" ".join(words[(3 * i + j) % 47] for j in range(2 + i % 5)) for i in range(8)]  # 2 to 6 tokens
+    passes = []
+    fused = padding_free.fused_log_probs
+    monkeypatch.setattr(padding_free, "fused_log_probs", lambda *a, **k: passes.append(len(a[1])) or fused(*a, **k))
+    for trainer_class, config_class, bf16 in ((GRPOTrainer, GRPOConfig, False), (RLOOTrainer, RLOOConfig, False),
+                                              (GRPOTrainer, GRPOConfig, True)):
+        args = config_class(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                            max_completion_length=8, gradient_accumulation_steps=2, num_iterations=2, beta=0.0,
+                            disable_dropout=True, temperature=0.7, use_cpu=True, report_to="none", max_steps=1,
+                            bf16=bf16)
+        trainer = group.monitored(trainer_class)(
+            model=copy.deepcopy(model), reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+            args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=_word_tokenizer())
+        trainer.monitor = None
+        torch.manual_seed(0)
+        passes.clear()
+        out = trainer._generate_and_score_completions([{"prompt": prompt} for prompt in prompts])
+        if bf16:  # under autocast TRL's pass rounds otherwise than the draws: made, as TRL makes it
+            assert passes == [8] and trainer.sampled is None
+            continue
+        assert passes == [] and trainer.sampled is None  # no pass made; the draws used once
+        completion = out["completion_mask"].bool()
+        assert completion.sum(1).min() < 8 and completion.sum(1).max() == 8  # answers of several lengths
+        rows = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():  # the pass, made
+            expected = trainer._get_per_token_logps_and_entropies(trainer.model, rows, mask, completion.shape[1])[0]
+        assert passes == [8]
+        if trainer_class is GRPOTrainer:
+            torch.testing.assert_close(out["old_per_token_logps"][completion], expected[completion], atol=2e-5,
+                                       rtol=1e-4)
+            assert (out["old_per_token_logps"][~completion] == 0).all()
+        else:
+            torch.testing.assert_close(out["old_logps"], (expected * completion).sum(1), atol=1e-4, rtol=1e-4)
+
+    # where the draws' values are not the pass's: None, and TRL's pass runs
+    answers, context = torch.randint(8, 50, (4, 6)), torch.randint(8, 50, (4, 3))
+    rows, mask = torch.cat([context, answers], 1), torch.ones(4, 9, dtype=torch.long)
+    drawn = group.Sampled(answers, -torch.rand(4, 6), ())
+    policy = copy.deepcopy(model).eval()
+    torch.testing.assert_close(group.sampled_log_probs(policy, drawn, rows, mask, 6), drawn.log_probs)
+    changed = rows.clone()
+    changed[2, -1] += 1  # an answer TRL changed after the draw (a tool's output)
+    assert group.sampled_log_probs(policy, drawn, changed, mask, 6) is None
+    assert group.sampled_log_probs(policy, drawn._replace(answers=answers[:, :5]), rows, mask, 6) is None  # longer
+    assert group.sampled_log_probs(policy.double(), drawn, rows, mask, 6) is None  # not float32
+    policy.float()
+    lora = get_peft_model(copy.deepcopy(policy), LoraConfig(r=2, target_modules=["c_attn"]))
+    lora.eval()
+    drawn = drawn._replace(adapters=group.adapter_state(lora))
+    assert group.sampled_log_probs(lora, drawn, rows, mask, 6) is not None
+    with lora.disable_adapter():  # TRL's reference for a LoRA policy
+        assert group.sampled_log_probs(lora, drawn, rows, mask, 6) is None
+    dropping = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    assert group.drops_out(dropping.train()) and not group.drops_out(dropping.eval())
+    assert group.sampled_log_probs(dropping.train(), drawn._replace(adapters=()), rows, mask, 6) is None

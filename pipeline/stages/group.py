@@ -7,6 +7,7 @@ PPO's is (pipeline.stages.policy_eval)."""
 
 import copy
 import logging
+import typing
 
 import torch
 from trl import get_peft_config
@@ -31,6 +32,7 @@ def monitored(trainer_class):
         rm_column = None  # the reward model's column of TRL's rewards_per_func
         layout = "padded"  # pipeline.padding_free's layout of the log-probability passes (main_for chooses)
         lockstep = False  # one block per chunk of rows: several processes (main_for)
+        sampled = None  # the answers the sampler last drew, with their log-probabilities (`sampled_log_probs`)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -48,10 +50,16 @@ def monitored(trainer_class):
             """TRL's, on the `padding_free` layout (pipeline.padding_free.fused_log_probs): each token at its own
             position, only real tokens computed where the layout packs. Multimodal inputs and MoE models' auxiliary
             loss (which counts every token of a row) go to TRL's own."""
+            sampled, self.sampled = self.sampled, None  # for the first pass after generation alone
             if compute_aux_loss or any(value is not None for value in inputs.values()):
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                     **inputs)
+            if (sampled is not None and not compute_entropy and not torch.is_grad_enabled() and model is self.model
+                    and self.accelerator.mixed_precision == "no"):
+                old = sampled_log_probs(model, sampled, input_ids, attention_mask, logits_to_keep)
+                if old is not None:
+                    return old, None, None
             batch_size = batch_size or len(input_ids)
             logps, entropies = [], []
             for start in range(0, len(input_ids), batch_size):
@@ -81,7 +89,10 @@ def monitored(trainer_class):
                         or not torch.equal(attention_mask.bool(), rollout.query_mask(input_ids, pad_token_id))):
                     return transformers_generate(input_ids=input_ids, attention_mask=attention_mask,
                                                  generation_config=generation_config, **other)
-                return rollout.generate(policy, input_ids, pad_token_id, generation_config, len(input_ids))
+                rows, logprobs = rollout.generate(policy, input_ids, pad_token_id, generation_config, len(input_ids),
+                                                  return_logprobs=True)
+                self.sampled = Sampled(rows[:, input_ids.shape[1]:], logprobs, adapter_state(policy))
+                return rows
 
             policy.generate = generate  # for this call only
             try:
@@ -91,6 +102,57 @@ def monitored(trainer_class):
 
     Monitored.__name__ = Monitored.__qualname__ = trainer_class.__name__
     return Monitored
+
+
+class Sampled(typing.NamedTuple):
+    answers: torch.Tensor  # (rows, steps): each answer, padded after the stop token that ended it
+    log_probs: torch.Tensor  # (rows, steps): each drawn token's log-probability under the temperature, 0 on padding
+    adapters: tuple  # the policy's PEFT adapters as they were (`adapter_state`)
+
+
+def adapter_state(model) -> tuple:
+    """Which PEFT adapters shape the policy's outputs: the active ones, and whether they are switched off (TRL's
+    reference for a LoRA policy is the policy with its adapters off); () for a model without adapters."""
+    if not hasattr(model, "peft_config"):
+        return ()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    off = any(layer.disable_adapters for layer in model.modules() if isinstance(layer, BaseTunerLayer))
+    return (str(model.active_adapter), off)
+
+
+def drops_out(model) -> bool:
+    """Whether a forward pass of `model` would drop activations at random (in training mode, a dropout rate above 0
+    in a module or in the attention's config), so that two passes give different log-probabilities."""
+    if not model.training:
+        return False
+    config = getattr(model, "config", None)  # rates models apply functionally (Llama's attention, OPT's layers)
+    rates = [getattr(config, name, 0.0) or 0.0 for name in ("attention_dropout", "dropout")]
+    return any(rate > 0 for rate in rates) or any(
+        isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 for module in model.modules())
+
+
+def sampled_log_probs(model, sampled: Sampled, input_ids, attention_mask, logits_to_keep: int):
+    """The old policy's per-token log-probabilities of TRL's rows (GRPO's when its policy may have moved on before
+    a later pass over them, RLOO's always), read from what the sampler returned with the answers it drew: the same
+    weights and temperature, so the same values as the forward pass TRL makes for them right after generation (up
+    to float rounding: the sampler's keys and values were computed token by token). None (TRL's pass runs) unless
+    the rows' answers are exactly the ones drawn, in order, the policy's adapters are as they were (not the
+    reference's, adapters off), no dropout makes a pass differ from another, and the weights are float32 (the
+    caller: no autocast). In bfloat16 a pass rounds differently from the token-by-token sampler, by about 1e-2;
+    TRL makes this pass so that the first update's probability ratios start at 1 exactly, so it stays there."""
+    answers, log_probs, adapters = sampled
+    mask = attention_mask[:, -logits_to_keep:].bool()
+    steps = min(answers.shape[1], logits_to_keep)
+    if (len(answers) != len(input_ids) or mask[:, steps:].any() or adapter_state(model) != adapters
+            or drops_out(model) or any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point())):
+        return None
+    mask = mask[:, :steps]
+    if not torch.equal(input_ids[:, -logits_to_keep:][:, :steps][mask], answers[:, :steps].to(input_ids.device)[mask]):
+        return None
+    old = log_probs.new_zeros(mask.shape[0], logits_to_keep, device=input_ids.device)
+    old[:, :steps] = log_probs[:, :steps].to(old.device).masked_fill(~mask, 0.0)
+    return old
 
 
 def left_truncating(tokenizer, max_length: int):
