@@ -50,7 +50,7 @@ COLORS = {"ppo": "tab:green", "grpo": "tab:blue", "rloo": "tab:purple", "dpo": "
 SEEDS = (42, 43, 44)
 # How the shipped tiny recipes were set: said in comparison.md when they are the ones compared
 TINY_TUNING = ("Tuning, the same for every algorithm: none beyond one shared setting. GRPO and RLOO take ppo.yaml's "
-               "values (learning rate, 3200 answers, length, temperature, 64 answers per optimizer step, 2 passes) as "
+               "values (learning rate, answers, length, temperature, 64 answers per optimizer step, 2 passes) as "
                "they are, with a KL coefficient of 0.05 (ppo.yaml's before PPO alone moved to 0.07); DPO takes the "
                "reward model's data budget, its 16000 pairs for 1.25 epochs, at ppo.yaml's learning rate.")
 RUN_FILE = "compare_run.json"  # beside a run's results.json: its wall time, peak RSS and command
