@@ -153,6 +153,7 @@ def main(argv=None) -> None:
             **({k: sum(h[k] for h in logged) / len(logged) for k in ("objective/scores", "objective/kl")}
                if logged else {}),
         },
+        "lr_once_per_update": lr_once_per_update(trainer),
         "tokens": dict(trainer.token_counts),  # scoring passes and PPO epochs: computed and real
         "padding_free": trainer.layout,
         "prompts": len(trainer.train_dataset),
@@ -167,6 +168,17 @@ def main(argv=None) -> None:
     }
     with open(args.result, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def lr_once_per_update(trainer) -> bool | None:
+    """Whether the run's learning-rate multiplier stayed the same over every update's optimizer steps (TRL 1.12
+    stepped its scheduler once per update); None for a scheduler that is not multiplier-based."""
+    multipliers = getattr(trainer.lr_scheduler, "lr_lambdas", None)
+    if not multipliers:
+        return None
+    per, steps = trainer.steps_per_update, trainer.args.max_steps
+    rates = [multipliers[0](step) for step in range(steps)]
+    return all(len(set(rates[i:i + per])) == 1 for i in range(0, steps, per))
 
 
 if __name__ == "__main__":

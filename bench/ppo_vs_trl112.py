@@ -630,10 +630,9 @@ def section(summary: dict) -> str:
     add("")
     add("Known differences of the implementations, with these same fields: ours draws each epoch's prompt order "
         "from a generator seeded by `seed` alone (so that a resumed run replays it), TRL 1.12 from the global "
-        "RNG, so the two see the prompts in different orders and sample different responses; ours runs in "
-        "transformers' training loop, which clips the gradient norm at `max_grad_norm` (1.0) and steps the "
-        "learning-rate schedule every optimizer step, where TRL 1.12's own loop never clips and steps the "
-        "schedule once per update; ours' stage checks every gradient norm for NaN/inf.")
+        "RNG, so the two see the prompts in different orders and sample different responses; ours' stage checks "
+        "every gradient norm for NaN/inf. Neither clips the gradient norm (ours' `max_grad_norm` defaults to 0: "
+        "the line above). " + schedule_note(summary["runs"]))
     add("")
     hidden = summary.get("hidden_from_ours") or []
     both = [p for p in OPTIONAL if v_main.get(p) and v112.get(p)]
@@ -662,6 +661,21 @@ def section(summary: dict) -> str:
         "`--workdir DIR` keeps the models, runs and logs (and reuses the models on the next run).")
     add(MARK_END)
     return "\n".join(lines) + "\n"
+
+
+def schedule_note(runs: list) -> str:
+    """How ours' runs moved the learning rate, against TRL 1.12's once per update (`lr_once_per_update`, which
+    runs before 2026-12-07's change did not record: they moved it every optimizer step)."""
+    ours = {r.get("lr_once_per_update", "unrecorded") for r in runs if r["impl"] == "ours"}
+    if ours == {True}:
+        return "Both move the learning rate once per update, over the updates."
+    if ours == {"unrecorded"}:
+        return ("In these runs ours moved the learning rate every optimizer step (over num_ppo_epochs x "
+                "num_mini_batches x the updates), TRL 1.12 once per update (over the updates): within an update "
+                "ours' rate was lower by less than the initial rate / the updates; ours now moves it once per "
+                "update too.")
+    return ("Ours' learning rate did not stay constant over every update (lr_once_per_update: "
+            f"{sorted(ours, key=str)}); TRL 1.12 moves it once per update.")
 
 
 def _pct(runs: list, part: str) -> str:

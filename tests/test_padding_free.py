@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
+from transformers import TrainerCallback, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
 
 from pipeline import padding_free
 from pipeline.models import fit_to_tokenizer
@@ -88,10 +88,10 @@ def setting():
 
 def _trainer(setting, layout, tmp_path, **fields):
     tokenizer, policy, scorer, dataset = setting
+    sizes = dict(gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=1, total_episodes=8)
     args = PPOConfig(output_dir=str(tmp_path / layout), padding_free=layout, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=1, total_episodes=8,
                      response_length=10, stop_token="eos", use_cpu=True, bf16=False, report_to=[],
-                     gradient_checkpointing=False, local_rollout_forward_batch_size=8, seed=1, **fields)
+                     gradient_checkpointing=False, local_rollout_forward_batch_size=8, seed=1, **{**sizes, **fields})
     return PPOTrainer(args=args, processing_class=tokenizer, model=copy.deepcopy(policy), ref_model=None,
                       reward_model=copy.deepcopy(scorer), value_model=copy.deepcopy(scorer), train_dataset=dataset)
 
@@ -130,6 +130,36 @@ def test_ppo_rollouts_losses_and_gradients_equal_the_padded_computation(setting,
         assert counts["real"] == padded_counts["real"] and counts["computed"] < padded_counts["computed"]
     assert results["packed"][3]["computed"] < results["rows"][3]["computed"]
     assert results["flat"][3]["computed"] == results["flat"][3]["real"]  # no padding at all
+
+
+class _Rates(TrainerCallback):
+    """The learning rate each optimizer step uses (read just before the step)."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_the_learning_rate_moves_once_per_update_as_in_trl_1_12(setting, tmp_path):
+    # 3 updates of 2 epochs x 2 mini-batches = 12 optimizer steps; TRL 1.12 stepped its scheduler once per update,
+    # over num_total_batches (3), warmup counted in updates
+    rates = _Rates()
+    trainer = _trainer(setting, "packed", tmp_path, gradient_accumulation_steps=1, num_mini_batches=2,
+                       num_ppo_epochs=2, total_episodes=24, learning_rate=1e-3, lr_scheduler_type="linear",
+                       warmup_steps=1, save_strategy="no", logging_steps=100)
+    trainer.add_callback(rates)
+    trainer.train()
+    assert trainer.args.num_total_batches == 3 and trainer.state.global_step == 12
+    assert rates.rates == pytest.approx([0.0] * 4 + [1e-3] * 4 + [5e-4] * 4)  # warmup 1 update, then linear to 0
+    # the scheduler's checkpoint state keeps no function (as transformers' own) and loads back
+    state = trainer.lr_scheduler.state_dict()
+    trainer.lr_scheduler.load_state_dict(state)
+    assert state["last_epoch"] == 12 and set(trainer.lr_scheduler.get_last_lr()) == {0.0}
+    from bench.ours_ppo import lr_once_per_update  # what the PPO benchmark reports of ours' runs
+
+    assert lr_once_per_update(trainer) is True
 
 
 def test_auto_packs_only_models_that_keep_packed_rows_apart(setting, tmp_path):

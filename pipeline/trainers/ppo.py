@@ -383,6 +383,24 @@ class PPOTrainer(Trainer):
     def micro_batches_per_update(self) -> int:
         return self.steps_per_update * self.args.gradient_accumulation_steps
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """TRL 1.12's schedule: the learning rate moves once per update (its loop stepped the scheduler after
+        each update's epochs, over `num_total_batches` steps, warmup counted in updates), so every optimizer
+        step of an update uses the same rate. transformers steps the scheduler after every optimizer step:
+        each multiplier here is read at the update the step belongs to. Schedulers that are not
+        multiplier-based (e.g. reduce_lr_on_plateau) are left as transformers makes them."""
+        if self.lr_scheduler is not None:  # passed in `optimizers`: the caller's own
+            return self.lr_scheduler
+        scheduler = super().create_scheduler(self.args.num_total_batches, optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            per_update = self.steps_per_update
+
+            def at_update(multiplier):  # a function: LambdaLR's state_dict leaves it out, as it should
+                return lambda step: multiplier(step // per_update)
+
+            scheduler.lr_lambdas = [at_update(m) for m in scheduler.lr_lambdas]  # step 0 is update 0 for both
+        return scheduler
+
     # ---- data: one rollout batch of prompts, once per micro-batch of its update
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["input_ids"]
