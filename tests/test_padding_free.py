@@ -1,13 +1,15 @@
 """Padding-free PPO (pipeline/padding_free.py): the rows and packed layouts compute only real tokens, and PPO's
 rollout scores, advantages, losses and gradients equal TRL 1.12's padded computation's, on micro models of a
-family other than GPT-2 (Llama), in process."""
+family other than GPT-2 (Llama), in process; on the same micro models, the learning rate moves once per update as
+in TRL 1.12."""
 
 import copy
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM,
+                          TrainerCallback)
 
 from pipeline import padding_free
 from pipeline.models import fit_to_tokenizer
