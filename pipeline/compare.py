@@ -7,7 +7,9 @@ seeds, judged on ground truth by the embedded task's oracle.
    model. Flags after `--` go to the algorithms' runs only.
 2. Each algorithm runs once per seed from its recipe (`<stage>.yaml`; the ceiling `ppo-oracle.yaml`), with only
    `--seed` and `--output_dir` changed, into `<output_dir>/<algorithm>/seed-<seed>`. A run that finished is
-   not run again (`--force` reruns); one that was interrupted resumes from its checkpoint.
+   not run again (`--force` reruns); one that was interrupted resumes from its checkpoint. A run folder whose
+   inputs changed since it started (the resolved recipe with its overrides, or the SFT policy or reward model
+   written again) is moved aside and run afresh, as the runner does with its stages.
 3. Every run ends with the same evaluation against the SFT policy (pipeline.stages.policy_eval), so the results
    compare key for key. The stage's wall time and its peak RSS (the process tree's high-water mark, from
    `wait4`) are measured around it; episodes (or pairs) per second over `train()`'s own runtime.
@@ -56,6 +58,8 @@ TINY_TUNING = ("Tuning: the KL coefficient alone, per algorithm, on the demo's S
                "2 passes) as they are; DPO takes the reward model's data budget, its 16000 pairs for 1.25 epochs, at "
                "ppo.yaml's learning rate.")
 RUN_FILE = "compare_run.json"  # beside a run's results.json: its wall time, peak RSS and command
+INPUTS_SUFFIX = ".inputs.json"  # seed-<seed>.inputs.json beside a run's folder, written when it starts: what it
+# runs from (`run_inputs`); beside, not in it, since a stage refuses a new output folder holding files not its own
 # the figures of a run, without the stage's suffix (gold_score_grpo -> gold_score), in the table's order
 FIGURES = ("gold_score", "gold_score_peak", "gold_win_rate_vs_sft", "title_only_rate", "rm_score", "rm_win_rate_vs_sft", "kl_to_sft",
            "response_length", "eos_rate", "wall_seconds", "train_seconds", "units_per_second", "peak_rss_mb")
@@ -337,13 +341,23 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=None,
         stage, variant = ALGORITHMS[algorithm]
         for seed in seeds:
             run_dir = output_dir / algorithm / f"seed-{seed}"
-            if force or not (run_dir / "results.json").is_file() or not (run_dir / RUN_FILE).is_file():
-                if force and run_dir.exists():
-                    os.rename(run_dir, f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_args = [*overrides, "--seed", str(seed), "--output_dir", str(run_dir)]
+            inputs = run_inputs(recipe_dir, stage, variant, run_args)
+            inputs_file = run_dir.with_name(run_dir.name + INPUTS_SUFFIX)
+            changed = run_dir.exists() and _recorded_inputs(inputs_file) != inputs
+            if force or changed or not (run_dir / "results.json").is_file() or not (run_dir / RUN_FILE).is_file():
+                if (force or changed) and run_dir.exists():
+                    aside = f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                    os.rename(run_dir, aside)
+                    if inputs_file.exists():
+                        os.rename(inputs_file, aside + INPUTS_SUFFIX)
+                    if changed and not force:
+                        print(f"\ncompare: {run_dir} ran from another recipe, SFT policy or reward model: moved to "
+                              f"{aside}, run again", flush=True)
                 print(f"\n=== compare: {algorithm}, seed {seed} -> {run_dir}", flush=True)
-                command = stage_command(stage, recipe_file(recipe_dir, stage, variant),
-                                        [*overrides, "--seed", str(seed), "--output_dir", str(run_dir)],
-                                        accelerate_config)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                inputs_file.write_text(json.dumps(inputs, indent=2, sort_keys=True))
+                command = stage_command(stage, recipe_file(recipe_dir, stage, variant), run_args, accelerate_config)
                 code, wall, rss = measured_run(command)
                 if code != 0:
                     print(f"compare: {algorithm} seed {seed} failed (exit {code}); rerun the same command to go on "
@@ -375,6 +389,28 @@ def compare(recipe_dir: str = "recipes/tiny", seeds=SEEDS, algorithms=None,
     markdown.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True))
     print(f"\ncomparison written to {markdown} and {markdown.with_suffix('.json')}; plots in {plots_dir}")
     return data
+
+
+def run_inputs(recipe_dir: Path, stage: str, variant: str | None, run_args: list[str]) -> dict:
+    """What a run computes from: its resolved recipe (the runner's fingerprint, overrides, seed and output folder
+    included) and when the chain's SFT policy and reward model were last written (their results.json)."""
+    from .cli import fingerprint
+    from .config import parse
+
+    parsed = parse(stage, ["--config", str(recipe_file(recipe_dir, stage, variant)), *run_args])
+    models = {}
+    for upstream in ("sft", "reward"):
+        if recipe_file(recipe_dir, upstream).is_file():
+            done = Path(_parsed_output(recipe_dir, upstream)) / "results.json"
+            models[upstream] = done.stat().st_mtime_ns if done.is_file() else None
+    return {"recipe": fingerprint(parsed), "models": models}
+
+
+def _recorded_inputs(inputs_file: Path) -> dict | None:
+    try:
+        return json.loads(inputs_file.read_text())
+    except (OSError, ValueError):
+        return None  # a run from before compare recorded its inputs: run again
 
 
 def _parsed_output(recipe_dir: Path, stage: str) -> str:

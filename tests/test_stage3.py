@@ -187,6 +187,19 @@ def test_compare_summarises_seeds_and_writes_the_table_and_plots(tiny_run, tmp_p
     assert json.loads(markdown.with_suffix(".json").read_text())["runs"] == data["runs"]
     assert f"its runs took {sum(r['wall_seconds'] for r in data['runs']) / 60:.0f} min in all" in markdown.read_text()
 
+    # a recipe changed since: its runs are moved aside and run again, the others kept
+    grpo = yaml.safe_load((recipes / "grpo.yaml").read_text())
+    (recipes / "grpo.yaml").write_text(yaml.safe_dump({**grpo, "beta": grpo.get("beta", 0.0) + 0.05}))
+    changed = run_python("-m", "pipeline", "compare", "--recipes", recipes, "--seeds", "1", "--algorithms",
+                         "grpo,dpo", "--output_dir", tmp_path / "runs", "--markdown", markdown, "--plots_dir",
+                         tmp_path / "plots", "--", "--max_steps", "2")
+    assert "=== compare: grpo, seed 1" in changed.stdout and "=== compare: dpo" not in changed.stdout
+    assert "ran from another recipe, SFT policy or reward model: moved to" in changed.stdout
+    aside = sorted(p.name for p in (tmp_path / "runs" / "grpo").glob("seed-1.replaced-*"))
+    assert len(aside) == 2 and aside[1] == aside[0] + ".inputs.json"  # the old run and what it ran from
+    rerun = json.loads(markdown.with_suffix(".json").read_text())["runs"]
+    assert rerun[1] == data["runs"][2]  # dpo, seed 1: the same run, not rerun
+
 
 def test_compare_refuses_an_unknown_algorithm_and_a_missing_recipe(tmp_path):
     result = run_python("-m", "pipeline", "compare", "--algorithms", "ppo,trpo", check=False)
