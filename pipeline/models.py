@@ -391,6 +391,21 @@ def check_before_loading(stage: str, script_args, training_args, model_args) -> 
                              f"(ids 0 to {vocabulary - 1}): set a token id of that range, or stop_token: eos")
 
 
+def fused_tanh_gelu(model):
+    """GPT-2's activation as PyTorch's fused kernel. GPT-2 (and GPT-Neo, GPT-J, CodeGen) compute their tanh GELU
+    ("gelu_new", "gelu_fast") as about seven elementwise operations each way, a quarter of a PPO step of a
+    6-layer x 512 GPT-2 on the CPU; `F.gelu(approximate="tanh")` is the same function in one (transformers' own
+    GELUTanh, "gelu_pytorch_tanh"), equal to float rounding (3.6e-7 in logits of 1.6). The modules are swapped in
+    the loaded model only: its config, and so every saved checkpoint, still names the model's own activation."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+    return model
+
+
 def load_causal_lm(path: str, tokenizer, model_args: ModelConfig, field: str = "model_name_or_path"):
     check_model_kind(path, CAUSAL_LM, field, model_args)
     if is_adapter(path):
@@ -398,7 +413,7 @@ def load_causal_lm(path: str, tokenizer, model_args: ModelConfig, field: str = "
     else:
         model = fit_to_tokenizer(AutoModelForCausalLM.from_pretrained(path, **model_kwargs(model_args)), tokenizer)
     check_lora_targets(model, model_args, path)
-    return model
+    return fused_tanh_gelu(model)
 
 
 def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig, field: str | None = None):
@@ -413,7 +428,7 @@ def load_scalar_head_model(path: str, tokenizer, model_args: ModelConfig, field:
         model = fit_to_tokenizer(model, tokenizer)
     if field is None:  # a model this stage trains (LoRA adapters included); a frozen reward model gets none
         check_lora_targets(model, model_args, path)
-    return model
+    return fused_tanh_gelu(model)
 
 
 def load_reward_model(path: str, policy_tokenizer, model_args: ModelConfig, field: str = "reward_model_path"):

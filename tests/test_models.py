@@ -79,3 +79,48 @@ def test_missing_local_model_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="'outputs/nowhere/sft' does not exist"):
         require_local_or_hub("outputs/nowhere/sft")
     require_local_or_hub("openai-community/gpt2")  # a Hub id is left to the Hub
+
+
+def test_gpt2_tanh_gelu_runs_fused_only_in_the_loaded_model(tokenizer, tmp_path):
+    """GPT-2's "gelu_new" is loaded as PyTorch's fused tanh GELU (same outputs to float rounding, for the causal LM
+    and the scalar-head model alike); the config, and so what is saved, keeps the model's own activation; a Llama
+    (SiLU) is loaded untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.activations import GELUTanh, NewGELUActivation
+    from trl import ModelConfig
+
+    from pipeline.models import load_causal_lm, load_scalar_head_model
+    from tests.families import write_family_model
+
+    torch.manual_seed(0)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    model_args = ModelConfig()
+    for load, plain_class, kwargs in ((load_causal_lm, AutoModelForCausalLM, {}),
+                                      (load_scalar_head_model, AutoModelForSequenceClassification, {"num_labels": 1})):
+        torch.manual_seed(1)  # the scalar head is new: the same random one in both
+        plain = fit_to_tokenizer(plain_class.from_pretrained(gpt2, **kwargs), tokenizer).eval()
+        torch.manual_seed(1)
+        loaded = load(str(gpt2), tokenizer, model_args).eval()
+        acts = [type(block.mlp.act) for block in loaded.transformer.h]
+        assert acts == [GELUTanh, GELUTanh] and type(plain.transformer.h[0].mlp.act) is NewGELUActivation
+        with torch.no_grad():
+            expected, got = plain(ids).logits, loaded(ids).logits
+        assert not torch.equal(expected, got)  # another kernel ran
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        loaded.save_pretrained(tmp_path / load.__name__)
+        assert '"activation_function": "gelu_new"' in (tmp_path / load.__name__ / "config.json").read_text()
+
+    llama = write_family_model("llama3-untied", tmp_path / "llama")
+    llama_tokenizer = load_tokenizer(str(llama))
+    torch.manual_seed(1)  # rows the tokenizer adds are drawn at random: the same ones in both
+    plain = fit_to_tokenizer(AutoModelForCausalLM.from_pretrained(llama), llama_tokenizer).eval()
+    torch.manual_seed(1)
+    loaded = load_causal_lm(str(llama), llama_tokenizer, model_args).eval()
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in plain.modules()]
+    ids = torch.randint(0, len(llama_tokenizer), (2, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, loaded(ids).logits)
