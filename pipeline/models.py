@@ -393,7 +393,7 @@ def check_before_loading(stage: str, script_args, training_args, model_args) -> 
 
 def fused_tanh_gelu(model):
     """GPT-2's activation as PyTorch's fused kernel. GPT-2 (and GPT-Neo, GPT-J, CodeGen) compute their tanh GELU
-    ("gelu_new", "gelu_fast") as about seven elementwise operations each way, a quarter of a PPO step of a
+    ("gelu_new", "gelu_fast") as about seven elementwise operations each way, 30% of a PPO run's operator time at a
     6-layer x 512 GPT-2 on the CPU; `F.gelu(approximate="tanh")` is the same function in one (transformers' own
     GELUTanh, "gelu_pytorch_tanh"), equal to float rounding (3.6e-7 in logits of 1.6). The modules are swapped in
     the loaded model only: its config, and so every saved checkpoint, still names the model's own activation."""
