@@ -109,7 +109,6 @@ def test_gpt2_tanh_gelu_runs_fused_only_in_the_loaded_model(tokenizer, tmp_path)
         assert acts == [GELUTanh, GELUTanh] and type(plain.transformer.h[0].mlp.act) is NewGELUActivation
         with torch.no_grad():
             expected, got = plain(ids).logits, loaded(ids).logits
-        assert not torch.equal(expected, got)  # another kernel ran
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         loaded.save_pretrained(tmp_path / load.__name__)
         assert '"activation_function": "gelu_new"' in (tmp_path / load.__name__ / "config.json").read_text()
