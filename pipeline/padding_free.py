@@ -161,7 +161,12 @@ def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | Non
     sequence_start = torch.full((total,), -1, dtype=torch.long, device=device)
     sequence_start[start] = start
     sequence_start = torch.maximum(sequence_start.cummax(0).values, row_start)
-    return Layout(input_ids, flat - sequence_start, None, index, shapes)
+    position_ids = flat - sequence_start
+    if how == "flat":  # a token budget's row may end in many unused slots: their count could run past a model's
+        filled = torch.zeros(total, dtype=torch.bool, device=device)  # learned positions (GPT-2's table), so 0
+        filled[index[mask]] = True
+        position_ids = position_ids.masked_fill(~filled, 0)
+    return Layout(input_ids, position_ids, None, index, shapes)
 
 
 def lockstep(trainer) -> bool:

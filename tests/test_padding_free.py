@@ -341,3 +341,23 @@ def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does
         _group_trainer(GRPOTrainer, layout)._get_per_token_logps_and_entropies(model, rows, mask.long(), 4,
                                                                                batch_size=3)
         assert len(calls) == expected, (layout, calls)
+
+
+def test_flat_rows_of_a_token_budget_keep_their_unused_slots_within_the_positions():
+    """`flat` with a token budget (PPO's scoring passes, the reward stage's pairs) fills rows with several sequences;
+    a row left part empty must not count positions past the longest sequence in its unused slots: GPT-2's learned
+    position table ends there (an IndexError on the CPU, a device-side assert on a GPU)."""
+    from transformers import GPT2Config, GPT2Model
+
+    lengths = [8, 8, 8, 2, 1]
+    mask = torch.arange(8)[None] < torch.tensor(lengths)[:, None]
+    rows = torch.randint(1, 30, (5, 8)).masked_fill(~mask, 0)
+    laid = padding_free.layout(rows, mask, "flat", capacity=24)
+    assert laid.shapes == [(2, 24)] and int(laid.position_ids.max()) == 7
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=30, n_layer=1, n_head=2, n_embd=8, n_positions=8)).eval()
+    with torch.no_grad():
+        hidden = torch.cat([model(**block).last_hidden_state.flatten(0, 1) for block in laid.blocks()])
+        for row, length in enumerate(lengths):  # each sequence as it is alone
+            alone = model(input_ids=rows[row:row + 1, :length]).last_hidden_state[0]
+            torch.testing.assert_close(hidden[laid.index[row, :length]], alone, atol=1e-5, rtol=1e-5)
