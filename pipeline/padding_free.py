@@ -155,7 +155,8 @@ def layout(rows: torch.Tensor, mask: torch.Tensor, how: str, capacity: int | Non
     total = sum(r * w for r, w in shapes)
     input_ids = torch.zeros(total, dtype=rows.dtype, device=device)
     input_ids[index[mask]] = rows[mask]
-    # positions count from the start of the sequence a slot belongs to (pads at a row's end: the last sequence's)
+    # positions count from the start of the sequence a slot belongs to (pads at a row's end: the last sequence's;
+    # flat's, below: 0)
     row_start = torch.tensor([bin_start[r] for r in range(count) for _ in range(bin_width[r])], device=device)
     flat = torch.arange(total, device=device)
     sequence_start = torch.full((total,), -1, dtype=torch.long, device=device)

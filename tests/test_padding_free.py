@@ -344,7 +344,7 @@ def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does
 
 
 def test_flat_rows_of_a_token_budget_keep_their_unused_slots_within_the_positions():
-    """`flat` with a token budget (PPO's scoring passes, the reward stage's pairs) fills rows with several sequences;
+    """`flat` with a token budget (PPO's scoring passes) fills rows with several sequences;
     a row left part empty must not count positions past the longest sequence in its unused slots: GPT-2's learned
     position table ends there (an IndexError on the CPU, a device-side assert on a GPU)."""
     from transformers import GPT2Config, GPT2Model
