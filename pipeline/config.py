@@ -195,6 +195,13 @@ class RewardArguments(RaterArguments):
     ensemble_size: int = field(default=1, metadata={
         "help": "Reward models in all: beyond the first (output_dir), ensemble_size - 1 more, each on its own random "
                 "half of the training pairs under its own seed, in output_dir/ensemble/member-<i>."})
+    padding_free: str = field(default="auto", metadata={
+        "help": "How the pairs' rows (TRL's collator pads them on the right to the batch's longest) go through the "
+                "model: 'packed' (several rows' real tokens per row, kept apart by restarting position ids), 'flat' "
+                "(all in one row, for flash attention's variable-length kernels), 'off' (TRL's padded rows); 'auto': "
+                "flat with flash attention, else packed where the model keeps packed rows apart, else off. The "
+                "score is read at the token transformers reads it at, so the loss is the padded one's.",
+        "choices": ["auto", "flat", "packed", "off"]})
 
 
 CLASSES = {

@@ -312,3 +312,36 @@ def fused_log_probs(model, rows: torch.Tensor, mask: torch.Tensor, logits_to_kee
     result = values.new_zeros(*kept.shape, values.shape[-1])
     result[kept] = values
     return result[..., 0], result[..., 1] if entropy else None
+
+
+def packed_classifier(model, how: str) -> None:
+    """Make `model`, a sequence classifier with a 1-label `score` head as TRL's RewardTrainer trains it, run the
+    right-padded rows its preference collator makes (chosen rows, then rejected, padded to the batch's longest)
+    laid out `how` ('packed' or 'flat': only real tokens computed), its score read where transformers' own
+    sequence classifiers read it: each row's last token that is not the pad token. The logits, TRL's loss and its
+    gradients are then the padded forward's, to float rounding (tests/test_padding_free.py). A call it cannot lay
+    out that way (no attention mask, left padding or holes in the mask, inputs_embeds, outputs asked for beyond the
+    logits, a score not read at a real token) goes to the model's own forward."""
+    import functools
+
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    original = model.forward
+    ignored = ("use_cache", "return_dict", "margin")  # TRL passes its margins with the inputs; the model ignores them
+
+    @functools.wraps(original)
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        pad = model.config.pad_token_id
+        asked = [name for name, value in kwargs.items() if value is not None and name not in ignored]
+        if asked or pad is None or input_ids is None or attention_mask is None or input_ids.dim() != 2:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        mask = attention_mask.bool()
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (columns * (input_ids != pad)).argmax(-1)  # transformers' choice of the scored token
+        if not mask[:, 0].all() or (mask[:, 1:] & ~mask[:, :-1]).any() or not mask.gather(1, last[:, None]).all():
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        where = torch.zeros_like(mask).scatter_(1, last[:, None], True)
+        scores = scalar_at(model, layout(input_ids, mask, how), where)
+        return SequenceClassifierOutputWithPast(logits=scores[:, None])
+
+    model.forward = forward

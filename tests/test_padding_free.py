@@ -343,6 +343,62 @@ def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does
         assert len(calls) == expected, (layout, calls)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
+    """The reward stage's padding-free pairs (padding_free.packed_classifier): TRL's preference collator pads chosen
+    and rejected rows on the right; laid out packed or flat, the scores, TRL's loss and every gradient equal the
+    padded forward's, and a call it cannot lay out (left padding) goes to the model's own forward."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32, num_labels=1,
+                            pad_token_id=0)
+        model_class = GPT2ForSequenceClassification
+    else:
+        config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+        model_class = LlamaForSequenceClassification
+    plain = model_class(config).eval()  # no dropout: both ways must draw nothing at random
+    lengths = [(5, 9), (12, 3), (7, 7), (2, 11)]
+    pairs = [{"chosen_ids": torch.randint(1, 40, (c,)).tolist(), "rejected_ids": torch.randint(1, 40, (r,)).tolist()}
+             for c, r in lengths]
+    batch = DataCollatorForPreference(pad_token_id=0)(pairs)
+
+    def run(model):
+        model.zero_grad()
+        scores = model(**batch, use_cache=False).logits
+        chosen, rejected = torch.chunk(scores.squeeze(-1), chunks=2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()  # TRL's RewardTrainer's
+        loss.backward()
+        return scores.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = run(plain)
+    for how in ("packed", "flat"):
+        laid = copy.deepcopy(plain)
+        padding_free.packed_classifier(laid, how)
+        calls = []
+        body = padding_free.body(laid)
+        hook = body.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].numel()),
+                                              with_kwargs=True)
+        got = run(laid)
+        hook.remove()
+        real = sum(c + r for c, r in lengths)  # 56 of the 96 the padded rows compute
+        assert real == sum(calls) if how == "flat" else real <= sum(calls) < batch["input_ids"].numel() * 2 // 3
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], expected[1], atol=1e-6, rtol=1e-5)
+        for name, gradient in expected[2].items():
+            torch.testing.assert_close(got[2][name], gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+    laid = copy.deepcopy(plain)
+    padding_free.packed_classifier(laid, "packed")
+    left = {"input_ids": torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]),
+            "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}
+    with torch.no_grad():
+        torch.testing.assert_close(laid(**left).logits, plain(**left).logits)
+
+
 def test_flat_rows_of_a_token_budget_keep_their_unused_slots_within_the_positions():
     """`flat` with a token budget (PPO's scoring passes) fills rows with several sequences;
     a row left part empty must not count positions past the longest sequence in its unused slots: GPT-2's learned

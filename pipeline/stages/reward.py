@@ -2,7 +2,7 @@
 
 from trl import RewardTrainer, get_peft_config
 
-from .. import data, hub
+from .. import data, hub, padding_free
 from ..models import check_before_loading, load_scalar_head_model, load_tokenizer
 from .common import check_template_roles, finish, last_checkpoint, load_data, logger, setup, train
 
@@ -16,6 +16,17 @@ def reward_peft_config(model_args):
         logger.info(f"reward model LoRA: task_type {peft_config.task_type} -> SEQ_CLS (trains the score head)")
         peft_config.task_type = "SEQ_CLS"
     return peft_config
+
+
+def lay_out_pairs(trainer, model, setting: str) -> str:
+    """The reward model runs its pairs' rows padding-free (`padding_free.packed_classifier`) where `setting`
+    (RewardArguments.padding_free) and the model allow it, and the weights are not sharded over processes (ZeRO-3,
+    FSDP: every process must then run the same passes). Returns the layout: 'packed', 'flat' or 'off'."""
+    how = padding_free.choose_layout(setting, [model])
+    if how not in ("packed", "flat") or padding_free.lockstep(trainer):
+        return "off"
+    padding_free.packed_classifier(model, how)
+    return how
 
 
 def train_ensemble(script_args, training_args, model_args, train_dataset, eval_dataset, tokenizer) -> dict:
@@ -41,6 +52,7 @@ def train_ensemble(script_args, training_args, model_args, train_dataset, eval_d
                  else load_scalar_head_model(model_args.model_name_or_path, tokenizer, model_args))
         member = RewardTrainer(model=model, args=args, train_dataset=half, eval_dataset=eval_dataset,
                                processing_class=tokenizer, peft_config=None if written else reward_peft_config(model_args))
+        lay_out_pairs(member, model, script_args.padding_free)
         if written:
             logger.info(f"reward ensemble: {folder} is already written: kept")
         else:
@@ -81,6 +93,9 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=reward_peft_config(model_args),
     )
+    layout = lay_out_pairs(trainer, model, script_args.padding_free)
+    logger.info(f"reward: the pairs' rows run {'padded' if layout == 'off' else layout} "
+                f"(padding_free: {script_args.padding_free})")
     # RewardTrainer drops pairs longer than max_length: say how many, and stop clearly if none is left.
     dropped = len(train_dataset) - len(trainer.train_dataset)
     if dropped:
