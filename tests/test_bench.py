@@ -123,3 +123,15 @@ def test_group_bench_runs_trls_log_probs_and_ours_and_writes_its_table(tiny_run,
     assert rows["ours"]["padding_fraction"]["median"] < rows["trl"]["padding_fraction"]["median"]
     assert all(rows[s]["train_s"]["median"] > 0 and rows[s]["log_probs_grad_s"]["median"] > 0 for s in rows)
     assert "| train() s |" in md.read_text() and "## GRPO" in md.read_text()
+
+
+def test_reward_long_bench_trains_the_same_pairs_padded_and_padding_free(tmp_path):
+    """bench/reward_long.py in its smoke mode: both settings train the reward stage on the same pairs (the same real
+    tokens), padding-free computes far less padding, and the table is written."""
+    md, js = tmp_path / "reward_long.md", tmp_path / "reward_long.json"
+    run_python("bench/reward_long.py", "--quick", "--md", md, "--json", js, timeout=300)
+    runs = {run["setting"]: run for run in json.loads(js.read_text())["runs"]}
+    assert runs["off"]["tokens"]["real"] == runs["auto"]["tokens"]["real"] > 0
+    assert runs["auto"]["padding_fraction"] < 0.5 * runs["off"]["padding_fraction"]
+    assert all(run["train_s"] > 0 for run in runs.values())
+    assert "| train() s |" in md.read_text() and "padding-free is **" in md.read_text()
