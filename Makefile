@@ -80,7 +80,8 @@ compare-biased: setup
 # startup.md; then TRL's tiled LM head against the whole logits in the tiny pretraining stage: lm_head.md; then
 # ppo and ppo-oracle one after the other against side by side, from the demo's models (made first if missing):
 # jobs.md; then GRPO and RLOO with TRL 1.16's generation and log-probability passes against the stage's, on
-# the demo and at hh-rlhf's shapes: group.md
+# the demo and at hh-rlhf's shapes: group.md; then the reward stage at hh-rlhf's shapes, padded against
+# padding-free: reward_long.md
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
@@ -94,6 +95,7 @@ bench: setup
 	$(PY) bench/jobs.py
 	$(PY) bench/group.py
 	$(PY) bench/group.py --long
+	$(PY) bench/reward_long.py
 
 # The GPU table (bench/results/gpu.md and .json): GPT-2 124M SFT tokens/s and MFU in bf16, PPO sequences/s padded
 # and padding-free, peak GPU memory of full and LoRA PPO, flash attention where installed. On a GPU machine (make
