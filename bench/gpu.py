@@ -5,7 +5,8 @@
 
 Rows, each measured in a process of its own (so that its peak memory is its own):
 
-* `sft`: GPT-2 124M (`GPT2Config()`, random weights) trained on 1024-token rows with AdamW, bf16 autocast:
+* `sft`: GPT-2 124M (`GPT2Config()`, random weights; its `gelu_new` run as PyTorch's fused tanh GELU, as every stage
+  loads GPT-2: `pipeline.models.fused_tanh_gelu`) trained on 1024-token rows with AdamW, bf16 autocast:
   tokens/s and model FLOPs utilisation (MFU: 6 x parameters + 12 x layers x width x sequence FLOPs per token,
   the PaLM appendix's count, over the GPU's dense bf16 peak from `PEAK_TFLOPS`).
 * `ppo-padded`, `ppo`: the pipeline's PPO stage (`bench/ours_ppo.py`: `pipeline.stages.run("ppo", ...)`) on
@@ -56,10 +57,12 @@ def sft_row(sizes: dict, out: str) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from pipeline.models import fused_tanh_gelu
+
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     config = GPT2Config(**sizes["config"])
-    model = GPT2LMHeadModel(config).to(device)
+    model = fused_tanh_gelu(GPT2LMHeadModel(config)).to(device)  # its activation as every stage loads GPT-2
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rows = torch.randint(0, config.vocab_size, (sizes["rows"], sizes["length"]), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
