@@ -364,6 +364,9 @@ def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
     lengths = [(5, 9), (12, 3), (7, 7), (2, 11)]
     pairs = [{"chosen_ids": torch.randint(1, 40, (c,)).tolist(), "rejected_ids": torch.randint(1, 40, (r,)).tolist()}
              for c, r in lengths]
+    # the pad token inside rows, as GPT-2's EOS is when it pads too: at a row's end (transformers then scores the
+    # token before it) and in the middle (a turn's end)
+    pairs[0]["chosen_ids"][-1] = pairs[2]["rejected_ids"][-1] = pairs[3]["rejected_ids"][4] = 0
     batch = DataCollatorForPreference(pad_token_id=0)(pairs)
 
     def run(model):
