@@ -343,11 +343,12 @@ def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does
         assert len(calls) == expected, (layout, calls)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
     """The reward stage's padding-free pairs (padding_free.packed_classifier): TRL's preference collator pads chosen
     and rejected rows on the right; laid out packed or flat, the scores, TRL's loss and every gradient equal the
-    padded forward's, and a call it cannot lay out (left padding) goes to the model's own forward."""
+    padded forward's, and a call it cannot lay out (left padding) goes to the model's own forward. Gemma 2: local
+    attention layers whose window (4 tokens) the rows outrun, and logit soft-capping."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -356,10 +357,17 @@ def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
         config = GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32, num_labels=1,
                             pad_token_id=0)
         model_class = GPT2ForSequenceClassification
-    else:
+    elif family == "llama":
         config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
         model_class = LlamaForSequenceClassification
+    else:
+        from transformers import Gemma2Config, Gemma2ForSequenceClassification
+
+        config = Gemma2Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                              sliding_window=4, num_labels=1, pad_token_id=0)
+        model_class = Gemma2ForSequenceClassification
     plain = model_class(config).eval()  # no dropout: both ways must draw nothing at random
     lengths = [(5, 9), (12, 3), (7, 7), (2, 11)]
     pairs = [{"chosen_ids": torch.randint(1, 40, (c,)).tolist(), "rejected_ids": torch.randint(1, 40, (r,)).tolist()}
