@@ -278,7 +278,7 @@ def choose_layout(setting: str, models) -> str:
     leaking = sorted(name for (name, _), apart in probed.items() if not apart)
     if leaking and setting in ("packed", "flat"):
         raise ValueError(f"padding_free: {setting} needs models that keep rows packed together apart by their "
-                         f"position ids; {', '.join(leaking)} does not: set padding_free to auto or rows")
+                         f"position ids; {', '.join(leaking)} does not: set padding_free to auto (or off)")
     if leaking:
         return "rows"
     flash = all("flash" in str(attention) for _, attention in probed)
