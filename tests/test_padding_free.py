@@ -217,8 +217,8 @@ def _group_trainer(trainer_class, layout):
     return trainer
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(family):
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(architecture):
     """TRL's GRPO/RLOO score prompt + answer rows (prompts left-padded) through the fused LM head. The stage's
     layouts give each answer token the log-probability (and entropy) the model gives it with the row alone, at
     temperature 0.7, the same gradients every way, whole logits (lm_head: auto) or TRL's tiles. TRL 1.16's own
@@ -232,7 +232,7 @@ def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(family):
 
     def micro(whole):
         torch.manual_seed(0)
-        if family == "gpt2":
+        if architecture == "gpt2":
             model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32,
                                                bos_token_id=1, eos_token_id=2))
         else:
@@ -278,7 +278,7 @@ def test_grpo_and_rloo_log_probs_are_each_answers_own_on_every_layout(family):
             _group_trainer(trainer_class, "padded"), micro(False), rows, mask.long(), answer)[0].detach()
         shifted = (trl_logps - truth_logps).abs().max(1).values
         assert shifted[2] < 1e-5  # the one row without left padding
-        if family == "gpt2":
+        if architecture == "gpt2":
             assert shifted[[0, 1, 3]].min() > 1e-2
         else:
             assert shifted.max() < 1e-5
@@ -343,8 +343,8 @@ def test_with_several_processes_grpo_calls_the_policy_once_per_chunk_as_trl_does
         assert len(calls) == expected, (layout, calls)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
-def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "gemma2"])
+def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(architecture):
     """The reward stage's padding-free pairs (padding_free.packed_classifier): TRL's preference collator pads chosen
     and rejected rows on the right; laid out packed or flat, the scores, TRL's loss and every gradient equal the
     padded forward's, and a call it cannot lay out (left padding) goes to the model's own forward. Gemma 2: local
@@ -353,11 +353,11 @@ def test_reward_pairs_packed_give_the_padded_scores_loss_and_gradients(family):
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     torch.manual_seed(0)
-    if family == "gpt2":
+    if architecture == "gpt2":
         config = GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32, num_labels=1,
                             pad_token_id=0)
         model_class = GPT2ForSequenceClassification
-    elif family == "llama":
+    elif architecture == "llama":
         config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
         model_class = LlamaForSequenceClassification
