@@ -29,8 +29,6 @@ import collections
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,23 +105,8 @@ def worker(spec: dict) -> None:
 
 def run_one(gate, stage: str, setting: str, seed: int, argv: list, work: str) -> dict:
     name = f"{stage}-{setting}-{seed}"
-    result_file, log, spec_file = (os.path.join(work, f"{name}.{ext}") for ext in ("json", "log", "spec.json"))
-    with open(spec_file, "w") as f:
-        json.dump({"stage": stage, "setting": setting, "seed": seed, "argv": argv, "out": os.path.join(work, name),
-                   "result_file": result_file}, f)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", spec_file]
-    waited = gate.wait()
-    busy, children, start = base.cpu_busy_s(), base.children_cpu_s(), time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.call(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{name} failed ({code}); {log} (tail):\n{open(log).read()[-4000:]}")
-    result = json.load(open(result_file))
-    own = base.children_cpu_s() - children
-    result.update(waited_for_quiet_s=waited,
-                  other_load_cores=max(0.0, (base.cpu_busy_s() - busy - own) / wall))
+    result = base.run_worker(gate, __file__, name, {"stage": stage, "setting": setting, "seed": seed, "argv": argv,
+                                                    "out": os.path.join(work, name)}, work)
     gold = "" if result["gold_score"] is None else f", gold {result['gold_score']:.2f}"
     base.say(f"{name}: train {result['train_s']:.2f} s{gold}, padding {result['padding_fraction']:.3f}, other load "
              f"{result['other_load_cores']:.2f}")
@@ -132,17 +115,13 @@ def run_one(gate, stage: str, setting: str, seed: int, argv: list, work: str) ->
 
 # ---------------------------------------------------------------------------------------------- the table
 
-def stat(values: list) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
 def summarise(runs: list, info: dict) -> dict:
     out = dict(info, stages={})
     for stage in sorted({r["stage"] for r in runs}):
         rows = {}
         for setting in SETTINGS:
             mine = sorted((r for r in runs if r["stage"] == stage and r["setting"] == setting), key=lambda r: r["seed"])
-            rows[setting] = {key: stat([r[key] for r in mine]) for key in (
+            rows[setting] = {key: base.stat([r[key] for r in mine]) for key in (
                 "train_s", "generation_s", "log_probs_no_grad_s", "log_probs_grad_s", "padding_fraction", *QUALITY,
                 "other_load_cores") if all(r.get(key) is not None for r in mine)}
         pairs = [(o, t) for o in runs for t in runs if o["stage"] == t["stage"] == stage and o["seed"] == t["seed"]
@@ -150,7 +129,8 @@ def summarise(runs: list, info: dict) -> dict:
         speed = [t["train_s"] / o["train_s"] for o, t in pairs]  # ours' steps/s over TRL's: the same steps
         passes = [(t["log_probs_no_grad_s"] + t["log_probs_grad_s"]) / (o["log_probs_no_grad_s"] + o["log_probs_grad_s"])
                   for o, t in pairs]
-        out["stages"][stage] = {"rows": rows, "train_speed_ratio": stat(speed), "log_prob_speed_ratio": stat(passes)}
+        out["stages"][stage] = {"rows": rows, "train_speed_ratio": base.stat(speed),
+                                "log_prob_speed_ratio": base.stat(passes)}
     out["runs"] = runs
     return out
 

@@ -289,6 +289,27 @@ def measured_run(gate: Gate, *args) -> dict:
     return result
 
 
+def run_worker(gate: Gate, script: str, name: str, spec: dict, work: str) -> dict:
+    """`script --worker <spec file>` in a process of its own, after waiting for a quiet machine: the result file
+    it wrote (spec["result_file"], set here), with the wait and the other processes' CPU use meanwhile (bench/group.py
+    and bench/reward_long.py)."""
+    result_file, log, spec_file = (os.path.join(work, f"{name}.{ext}") for ext in ("json", "log", "spec.json"))
+    with open(spec_file, "w") as f:
+        json.dump(dict(spec, result_file=result_file), f)
+    waited = gate.wait()
+    busy, children, start = cpu_busy_s(), children_cpu_s(), time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, os.path.abspath(script), "--worker", spec_file], cwd=ROOT, stdout=f,
+                               stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{name} failed ({code}); {log} (tail):\n{open(log).read()[-4000:]}")
+    result = json.load(open(result_file))
+    own = children_cpu_s() - children
+    result.update(waited_for_quiet_s=waited, other_load_cores=max(0.0, (cpu_busy_s() - busy - own) / wall))
+    return result
+
+
 def run_one(impl: str, seed: int, recipe: dict, work: str, data: dict, python112: str, timeout: float,
             hide: list) -> dict:
     """One training run in its own process; its measurements, and the other processes' CPU use meanwhile."""

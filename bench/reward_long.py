@@ -23,8 +23,6 @@ import datetime
 import json
 import os
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -105,37 +103,20 @@ def worker(spec: dict) -> None:
 
 def run_one(gate, setting: str, seed: int, argv: list, work: str) -> dict:
     name = f"{setting}-{seed}"
-    result_file, log, spec_file = (os.path.join(work, f"{name}.{ext}") for ext in ("json", "log", "spec.json"))
-    with open(spec_file, "w") as f:
-        json.dump({"setting": setting, "seed": seed, "result_file": result_file,
-                   "argv": [*argv, "--padding_free", setting, "--seed", str(seed),
-                            "--output_dir", os.path.join(work, name)]}, f)
-    waited = gate.wait()
-    busy, children, start = base.cpu_busy_s(), base.children_cpu_s(), time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.call([sys.executable, os.path.abspath(__file__), "--worker", spec_file], cwd=ROOT,
-                               stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{name} failed ({code}); {log} (tail):\n{open(log).read()[-4000:]}")
-    result = json.load(open(result_file))
-    own = base.children_cpu_s() - children
-    result.update(waited_for_quiet_s=waited, other_load_cores=max(0.0, (base.cpu_busy_s() - busy - own) / wall))
+    result = base.run_worker(gate, __file__, name, {"setting": setting, "seed": seed, "argv": [
+        *argv, "--padding_free", setting, "--seed", str(seed), "--output_dir", os.path.join(work, name)]}, work)
     base.say(f"{name}: train {result['train_s']:.2f} s, padding {result['padding_fraction']:.3f}, other load "
              f"{result['other_load_cores']:.2f}")
     return result
 
 
-def stat(values: list) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
 def summarise(runs: list, info: dict) -> dict:
-    rows = {setting: {key: stat([r[key] for r in sorted(runs, key=lambda r: r["seed"]) if r["setting"] == setting])
+    by_seed = sorted(runs, key=lambda r: r["seed"])
+    rows = {setting: {key: base.stat([r[key] for r in by_seed if r["setting"] == setting])
                       for key in ("train_s", "padding_fraction", "other_load_cores")} for setting in SETTINGS}
     paired = [p["train_s"] / o["train_s"] for o in runs for p in runs
               if o["setting"] == "auto" and p["setting"] == "off" and o["seed"] == p["seed"]]
-    return dict(info, rows=rows, speed_ratio=stat(paired), runs=runs)
+    return dict(info, rows=rows, speed_ratio=base.stat(paired), runs=runs)
 
 
 def _cell(st: dict, fmt: str) -> str:
